@@ -1,0 +1,57 @@
+# Two entry points for a fresh machine with Python 3.11 (see README): `make demo` and `make test`.
+PYTHON      ?= python3.11
+VENV        ?= .venv
+BIN         := $(VENV)/bin
+# The default DVC remote for `dvc push`/`dvc pull`: a folder outside the repo (override: make remote DVC_REMOTE=...)
+DVC_REMOTE  ?= $(abspath ..)/cpt-dvc-remote
+STAMP       := $(VENV)/.installed
+
+export PATH                             := $(abspath $(BIN)):$(PATH)
+export DVC_NO_ANALYTICS                 := 1
+export MLFLOW_DISABLE_TELEMETRY         := true
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_HOME                     ?= $(abspath .prefect)
+export TOKENIZERS_PARALLELISM           ?= false
+
+.PHONY: help setup demo test test-fast bench remote clean-data
+
+help:
+	@echo "make demo   - create $(VENV), install, run the whole pipeline with 'dvc repro'"
+	@echo "make test   - create $(VENV) if needed, run the test suite (slow integration tests included)"
+	@echo "make test-fast - the suite without the slow integration tests"
+	@echo "make bench  - benchmarks under bench/ (CPU ones; GPU ones need a CUDA machine)"
+	@echo "make remote DVC_REMOTE=/path - point the default DVC remote elsewhere (local config, not committed)"
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[all]"
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/dvc repro
+	@echo
+	@echo "Done. Results:"
+	@echo "  metrics/*.json            one small JSON per stage (dvc metrics show)"
+	@echo "  reports/                  fertility table, data docs, eval report and loss curves"
+	@echo "  data/models/cpt           the continually pretrained model (HF folder)"
+	@echo "  mlflow.db                 MLflow runs: $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db"
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: setup
+	$(BIN)/python bench/run_all.py
+
+remote: setup
+	mkdir -p $(DVC_REMOTE)
+	$(BIN)/dvc remote modify --local local url $(DVC_REMOTE)
+	@echo "dvc push/pull now use $(DVC_REMOTE)"
+
+clean-data:
+	rm -rf data/ .dvc/cache

@@ -1,0 +1,97 @@
+"""``cpt <stage> [-p params.yaml] [-S section.key=value ...]``: one verb per pipeline stage.
+
+Each verb loads params, runs ``cpt.<stage>.run(params, layout)`` and writes the returned metrics to
+``metrics/<stage>.json``. Stage modules are imported lazily so ``cpt --help`` is instant and a stage never pays for
+another stage's dependencies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from cpt import __version__, tracking
+from cpt.errors import CptError
+from cpt.io import write_metrics
+from cpt.layout import Layout
+from cpt.params import ParamsError, load_params
+from cpt.stages import DESCRIPTIONS, STAGES
+
+log = logging.getLogger("cpt")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cpt",
+        description="Continual pretraining pipeline. Stages, in pipeline order:\n"
+        + "\n".join(f"  {s:<10} {DESCRIPTIONS[s]}" for s in STAGES),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"cpt {__version__}")
+    sub = parser.add_subparsers(dest="stage", metavar="<stage>", title="stages (in pipeline order)")
+    for stage in STAGES:
+        p = sub.add_parser(stage, help=DESCRIPTIONS[stage], description=DESCRIPTIONS[stage])
+        p.add_argument("-p", "--params", default="params.yaml", help="params file (default: params.yaml)")
+        p.add_argument(
+            "-S", "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+            help="override a param (value parsed as YAML); repeatable",
+        )
+        p.add_argument("--root", default=".", help="project root: data/, metrics/ and reports/ live here")
+        p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def run_stage(stage: str, params: dict, layout: Layout) -> dict:
+    """Run one stage in-process and write its metrics file. Used by the CLI and by the Prefect tasks' tests."""
+    module = importlib.import_module(f"cpt.{stage}")
+    tracker = tracking.activate(tracking.for_stage(stage, params, layout))
+    started = time.perf_counter()
+    try:
+        metrics = module.run(params, layout) or {}
+    except BaseException:
+        tracker.close(status="FAILED")
+        tracking.activate(tracking.Tracker())
+        raise
+    metrics.setdefault("seconds", round(time.perf_counter() - started, 3))
+    write_metrics(layout.metrics_file(stage), metrics)
+    tracker.close(status="FINISHED", metrics=metrics)
+    tracking.activate(tracking.Tracker())
+    return metrics
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.stage:
+        parser.print_help()
+        return 2
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format=f"%(asctime)s cpt {args.stage}: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    root = Path(args.root)
+    params_path = Path(args.params)
+    if not params_path.is_absolute() and not params_path.exists():
+        params_path = root / params_path
+    try:
+        params = load_params(params_path, args.overrides)
+        metrics = run_stage(args.stage, params, Layout(root))
+    except (CptError, ParamsError) as exc:
+        print(f"cpt {args.stage}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"cpt {args.stage}: interrupted", file=sys.stderr)
+        return 130
+    log.info("done in %.1fs; metrics in %s", metrics.get("seconds", 0.0), Layout(root).metrics_file(args.stage))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

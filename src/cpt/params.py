@@ -1,0 +1,100 @@
+"""params.yaml loading with DVC-style ``-S section.key=value`` overrides.
+
+Values of overrides are parsed as YAML (``-S train.lr=3e-4`` gives a float, ``-S ingest.sources=[]`` a list), the
+same way ``dvc exp run -S`` parses them, so a CLI run and a DVC experiment see identical params.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+
+class ParamsError(ValueError):
+    pass
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML follows YAML 1.1, where ``3e-4`` is a *string*; DVC (ruamel, YAML 1.2) reads it as a float. Resolve
+    floats the YAML 1.2 way so ``lr: 3e-4`` means the same to cpt, to DVC and to ``-S train.lr=3e-4``."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - SafeLoader subclass
+
+
+def load_params(path: str | Path = "params.yaml", overrides: Iterable[str] = ()) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError(f"{path}: params file not found")
+    with path.open(encoding="utf-8") as fh:
+        try:
+            params = parse_yaml(fh.read()) or {}
+        except yaml.YAMLError as exc:
+            raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(params, dict):
+        raise ParamsError(f"{path}: top level must be a mapping, got {type(params).__name__}")
+    return apply_overrides(params, overrides)
+
+
+def apply_overrides(params: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    out = copy.deepcopy(params)
+    for item in overrides:
+        if "=" not in item:
+            raise ParamsError(f"override {item!r}: expected section.key=value")
+        dotted, raw = item.split("=", 1)
+        keys = [k for k in dotted.strip().split(".") if k]
+        if not keys:
+            raise ParamsError(f"override {item!r}: empty key")
+        try:
+            value = parse_yaml(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ParamsError(f"override {item!r}: value is not valid YAML: {exc}") from exc
+        node = out
+        for key in keys[:-1]:
+            nxt = node.get(key)
+            if nxt is None:
+                nxt = node[key] = {}
+            if not isinstance(nxt, dict):
+                raise ParamsError(f"override {item!r}: {key!r} is not a section")
+            node = nxt
+        node[keys[-1]] = value
+    return out
+
+
+def section(params: dict[str, Any], name: str) -> dict[str, Any]:
+    """The stage's own section; a missing section is an empty one (every key then takes its default)."""
+    sec = params.get(name) or {}
+    if not isinstance(sec, dict):
+        raise ParamsError(f"params section {name!r} must be a mapping")
+    return sec
+
+
+def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"lr": 1}}`` -> ``{"train.lr": 1}`` (lists stay whole, as JSON-able values)."""
+    flat: dict[str, Any] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
