@@ -59,9 +59,24 @@ def run_stage(stage: str, params: dict, layout: Layout) -> dict:
         raise
     metrics.setdefault("seconds", round(time.perf_counter() - started, 3))
     write_metrics(layout.metrics_file(stage), metrics)
+    try:
+        _after_stage(stage, params, layout, metrics, tracker)
+    except BaseException:
+        tracker.close(status="FAILED", metrics=metrics)
+        tracking.activate(tracking.Tracker())
+        raise
     tracker.close(status="FINISHED", metrics=metrics)
     tracking.activate(tracking.Tracker())
     return metrics
+
+
+def _after_stage(stage: str, params: dict, layout: Layout, metrics: dict, tracker: tracking.Tracker) -> None:
+    """Post-stage hooks. After eval: the promotion gate (register the model, alias ``champion`` if it earned it,
+    write metrics/gate.json); here rather than in the eval stage so it runs whenever eval runs, tracked or not."""
+    if stage == "eval":
+        from cpt import gate
+
+        gate.run(params, layout, metrics, tracker)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
