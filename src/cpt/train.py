@@ -183,6 +183,13 @@ def export_model(core: torch.nn.Module, hf_model: torch.nn.Module, tokenizer_dir
         return
     prefix = "model."
     state = {k[len(prefix):]: v.to(save_dtype) for k, v in full.items() if k.startswith(prefix)}
+    # A tied head is one tensor under two names; gathered state dicts can hold two copies, which save_pretrained
+    # would then write twice (and as untied). Keep each parameter's first name only.
+    first: dict[int, str] = {}
+    for name, p in hf_model.named_parameters(remove_duplicate=False):
+        first.setdefault(id(p), name)
+    dupes = {name for name, p in hf_model.named_parameters(remove_duplicate=False) if first[id(p)] != name}
+    state = {k: v for k, v in state.items() if k not in dupes}
     tmp = out.parent / f".tmp-{out.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
