@@ -1,0 +1,203 @@
+"""reports/eval/: a one-page markdown report a person can read at a glance, the samples, a CSV for `dvc plots`,
+and one figure (training loss old vs new; bits per byte per source, base vs cpt).
+
+matplotlib is imported lazily: the eval path must run on a box with only the training dependencies; there the
+report is written without the figure and says so.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from cpt.io import atomic_open
+
+log = logging.getLogger("cpt.eval")
+
+LM_EVAL = (
+    "lm_eval --model hf --model_args pretrained=data/models/cpt,dtype=bfloat16 "
+    "--tasks xcopa_vi,xcopa_zh --batch_size 8"
+)
+
+
+def read_curve(path: Path) -> dict[str, list[float]]:
+    """Columns of metrics/train_curve.csv as floats (blank cells -> NaN); {} when the file is absent or empty."""
+    if not path.exists():
+        return {}
+    cols: dict[str, list[float]] = {}
+    with path.open(encoding="utf-8", newline="") as fh:
+        for row in csv.DictReader(fh):
+            for key, value in row.items():
+                if key is None:
+                    continue
+                try:
+                    cols.setdefault(key, []).append(float(value) if value not in (None, "") else math.nan)
+                except ValueError:
+                    cols.setdefault(key, []).append(math.nan)
+    return cols if cols.get("step") else {}
+
+
+def write_figure(path: Path, curve: dict[str, list[float]], rows: list[dict[str, Any]]) -> str | None:
+    """The PNG, or the reason it could not be drawn."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install 'cpt[data]'), so the figure was not drawn"
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
+    if curve:
+        x_key = "tokens" if any(not math.isnan(v) for v in curve.get("tokens", [])) else "step"
+        for key, label, color in (("loss_new", "new language (val)", "tab:blue"),
+                                  ("loss_old", "old language (val, replay)", "tab:orange")):
+            pts = [(x, y) for x, y in zip(curve[x_key], curve.get(key, [])) if not math.isnan(y)]
+            if pts:
+                ax1.plot(*zip(*pts), marker=".", label=label, color=color)
+        ax1.set_xlabel(x_key)
+        ax1.set_ylabel("loss (nats/token, cpt tokenizer)")
+        ax1.legend()
+        ax1.grid(alpha=0.3)
+    else:
+        ax1.text(0.5, 0.5, "metrics/train_curve.csv not found", ha="center", va="center", transform=ax1.transAxes)
+    ax1.set_title("continual pretraining: loss, new vs old")
+    names = [r["source"] for r in rows]
+    ys = range(len(rows))
+    ax2.barh([y + 0.2 for y in ys], [r["base"] for r in rows], height=0.4, label="base", color="tab:gray")
+    ax2.barh([y - 0.2 for y in ys], [r["cpt"] for r in rows], height=0.4, label="cpt", color="tab:green")
+    ax2.set_yticks(list(ys), [f"{n} ({r['domain']})" for n, r in zip(names, rows)])
+    ax2.invert_yaxis()
+    ax2.set_xlabel("bits per UTF-8 byte (lower is better)")
+    ax2.set_title("eval sources: base vs cpt")
+    ax2.legend()
+    ax2.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    with atomic_open(path, "wb", encoding=None) as fh:
+        fig.savefig(fh, format="png", dpi=110)
+    plt.close(fig)
+    return None
+
+
+def _f(x: float, nd: int = 4) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
+
+
+def _signed(x: float) -> str:
+    return "n/a" if x is None or math.isnan(x) else f"{x:+.4f}"
+
+
+def write_all(
+    out_dir: Path, *, metrics: dict, sources: list, scores: dict, xcopa_items: dict, samples: dict, models: dict,
+    curve: Path, cfg: dict,
+) -> None:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = [
+        {"source": s.name, "lang": s.lang, "domain": s.domain, "origin": s.origin, "docs": len(s.texts),
+         "available": s.available, "bytes": scores["base"][s.name].bytes,
+         "base": scores["base"][s.name].bpb, "cpt": scores["cpt"][s.name].bpb,
+         "tok_base": scores["base"][s.name].tokens, "tok_cpt": scores["cpt"][s.name].tokens}
+        for s in sources
+    ]
+    # Long format for `dvc plots` (one bar per source and model).
+    with atomic_open(out_dir / "bpb.csv") as fh:
+        w = csv.writer(fh, lineterminator="\n")
+        w.writerow(["label", "source", "lang", "domain", "model", "bpb"])
+        for r in rows:
+            for model in ("base", "cpt"):
+                w.writerow([f"{r['source']} {model}", r["source"], r["lang"], r["domain"], model, round(r[model], 6)])
+
+    curve_cols = read_curve(curve)
+    figure_note = write_figure(out_dir / "loss_curves.png", curve_cols, rows)
+    if figure_note:
+        log.warning(figure_note)
+    (out_dir / "samples.md").parent.mkdir(parents=True, exist_ok=True)
+    with atomic_open(out_dir / "samples.md") as fh:
+        fh.write(samples_markdown(samples, cfg))
+    with atomic_open(out_dir / "report.md") as fh:
+        fh.write(report_markdown(metrics, rows, models, cfg, figure_note, curve, bool(curve_cols)))
+
+
+def report_markdown(metrics: dict, rows: list[dict], models: dict, cfg: dict, figure_note: str | None,
+                    curve: Path, has_curve: bool) -> str:
+    L = ["# cpt eval: base vs continually pretrained", ""]
+    gain, forg = metrics["gain"], metrics["forgetting"]
+    head = [f"gain **{lang}** {_signed(v)} bpb" for lang, v in gain.items()]
+    head += [f"forgetting **{lang}** {_signed(v)} bpb" for lang, v in forg.items()]
+    L += ["At a glance: " + "; ".join(head) + ".", "",
+          "Bits per UTF-8 byte (bpb) compare models with different tokenizers. gain = bpb(base) - bpb(cpt) on the "
+          "new languages (> 0: learned); forgetting = bpb(cpt) - bpb(base) on the old language (> 0: forgot). "
+          "Pooled over all sources of a language (summed NLL / summed bytes).", ""]
+    L += ["| model | folder | parameters | vocab | window / stride |", "|---|---|---:|---:|---|"]
+    for name, m in models.items():
+        L.append(f"| {name} | `{m['path']}` | {m['params'] / 1e6:.2f}M | {m['vocab']} | {m['max_length']} / {m['stride']} |")
+    L += ["", "## Bits per byte per source", "",
+          "| source | lang | domain | docs | bytes | base bpb | cpt bpb | cpt - base | tokens/byte base | tokens/byte cpt |",
+          "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        docs = f"{r['docs']}" + (f" of {r['available']}" if r["available"] != r["docs"] else "")
+        L.append(
+            f"| {r['source']} | {r['lang']} | {r['domain']} | {docs} | {r['bytes']:,} | {_f(r['base'])} | "
+            f"{_f(r['cpt'])} | {_signed(r['cpt'] - r['base'])} | {r['tok_base'] / max(1, r['bytes']):.3f} | "
+            f"{r['tok_cpt'] / max(1, r['bytes']):.3f} |"
+        )
+    L += ["", "Per-token loss and perplexity (each model's own tokenizer) are in `metrics/eval.json`.", ""]
+    if metrics.get("xcopa"):
+        L += ["## XCOPA (zero-shot, likelihood of the two choices; chance 0.50)", "",
+              "| lang | n | base acc | cpt acc | base acc (per byte) | cpt acc (per byte) |", "|---|---:|---:|---:|---:|---:|"]
+        for lang, x in metrics["xcopa"].items():
+            se = math.sqrt(0.25 / x["n"]) if x["n"] else math.nan
+            L.append(f"| {lang} | {x['n']} | {_f(x['base'], 3)} | {_f(x['cpt'], 3)} | {_f(x['base_per_byte'], 3)} | "
+                     f"{_f(x['cpt_per_byte'], 3)} |")
+        L += ["", f"Standard error at chance with n items is sqrt(0.25/n) (n={x['n']}: {se:.3f}); differences smaller "
+              "than about twice that are noise. Headline accuracy compares summed log-probabilities of the "
+              "continuation; 'per byte' divides each by its UTF-8 length.", "",
+              f"The model folder also runs in lm-evaluation-harness: `{LM_EVAL}`.", ""]
+    L += ["## Training curves", ""]
+    if figure_note:
+        L += [f"No figure: {figure_note}.", ""]
+    else:
+        L += ["![loss curves](loss_curves.png)", ""]
+        if not has_curve:
+            L += [f"(`{curve}` was not found: the left panel is empty.)", ""]
+    ov = metrics.get("overlap", {})
+    L += ["## Contamination check", ""]
+    if ov.get("enabled"):
+        L += [f"{ov['eval_docs_indexed']:,} evaluation and {ov['heldout_docs_indexed']:,} held-out documents looked up "
+              f"in {ov['train_records_checked']:,} training records and {ov['shard_docs_checked']:,} documents decoded "
+              f"from the training shards ({ov['shard_tokens_checked']:,} tokens): "
+              f"{ov['eval_docs_in_train_records'] + ov['eval_docs_in_train_shards']} evaluation and "
+              f"{ov['heldout_docs_in_train_shards']} held-out documents found in training data.", ""]
+    else:
+        L += ["Disabled (eval.overlap.enabled: false).", ""]
+    L += ["## Method", "",
+          f"- Documents are scored whole and separately, each prefixed by BOS (EOS if none); no EOS is scored. "
+          f"Windows of {cfg['max_length']} tokens, stride {cfg['stride']} (each token scored once, with at least "
+          f"window - stride tokens of context after the first window).",
+          f"- bpb = sum of NLL (nats) / (ln 2 x UTF-8 bytes of the scored documents). Budget per source: "
+          f"max_docs={cfg['max_docs']}, max_bytes={cfg['max_bytes']} (whole documents in file order).",
+          "- Generations: [samples.md](samples.md). Numbers: `metrics/eval.json`; plots: `dvc plots show`.", ""]
+    return "\n".join(L)
+
+
+def samples_markdown(samples: dict[str, list[dict[str, str]]], cfg: dict) -> str:
+    s = cfg["samples"]
+    L = ["# Generation samples", "",
+         f"Greedy, and sampled with temperature {s['temperature']}, top-p {s['top_p']}, seed fixed; "
+         f"{s['max_new_tokens']} new tokens at most. The prompt is in bold.", ""]
+    if not samples:
+        return "\n".join(L + ["(samples disabled)", ""])
+    base = samples.get("base", [])
+    cpt = samples.get("cpt", [])
+    for i, row in enumerate(base):
+        L += [f"## [{row['lang']}] {row['prompt']}", ""]
+        for name, rows in (("base", base), ("cpt", cpt)):
+            if i < len(rows):
+                for mode in ("greedy", "sampled"):
+                    text = " ".join(rows[i][mode].split())
+                    L.append(f"- **{name}, {mode}:** **{row['prompt']}** {text}")
+        L.append("")
+    return "\n".join(L)

@@ -1,0 +1,351 @@
+"""Stage `eval`: bits per byte is exact, the sliding window scores every token once with the promised context,
+XCOPA scores what lm-eval scores, and the stage turns two model folders into gain/forgetting and a report.
+
+Fixtures are real: a byte-level BPE trained on a slice of the corpora and tiny Llama models saved with
+save_pretrained; the cpt fixture has a different (larger) tokenizer and is trained a few steps on Vietnamese, so the
+comparison crosses a vocabulary change the way the real pipeline's does.
+"""
+
+from __future__ import annotations
+
+import gzip
+import itertools
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cpt.errors import ConfigError, DataError
+from cpt.evaluation import xcopa
+from cpt.evaluation.bpb import BpbScorer, plan_windows
+from cpt.evaluation.models import load_model
+from cpt.io import read_json, write_jsonl
+from cpt.layout import Layout
+from cpt.records import SourceInfo, write_manifest
+
+
+# ---------------------------------------------------------------- fixtures (also imported by test_eval_overlap.py)
+def corpus_slices(corpora: Path) -> dict[str, list[str]]:
+    with gzip.open(corpora / "viwiki" / "viwiki.jsonl.gz", "rt", encoding="utf-8") as fh:
+        vi = [json.loads(line)["text"][:3000] for line in itertools.islice(fh, 40)]
+    with gzip.open(corpora / "en_gutenberg" / "en_gutenberg_books.jsonl.gz", "rt", encoding="utf-8") as fh:
+        book = json.loads(fh.readline())["text"]
+    en = [book[i : i + 2500] for i in range(0, 60_000, 2500)]
+    ntrex = corpora / "ntrex128"
+    return {
+        "vi": vi,
+        "en": en,
+        "ntrex_vi": (ntrex / "newstest2019-ref.vie.txt").read_text(encoding="utf-8").splitlines()[:60],
+        "ntrex_en": (ntrex / "newstest2019-src.eng.txt").read_text(encoding="utf-8").splitlines()[:60],
+    }
+
+
+def train_tokenizer(texts: list[str], vocab_size: int):
+    """Byte-level BPE (every string encodes, no <unk>), wrapped as an HF fast tokenizer with BOS/EOS/PAD."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def build_model_dir(path: Path, tok_texts: list[str], vocab_size: int, seed: int, train_texts: list[str] = (),
+                    steps: int = 0, max_pos: int = 128) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = train_tokenizer(tok_texts, vocab_size)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=max_pos, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: one thread is faster than two fighting the rest of the suite
+    if steps:
+        ids = [i for t in train_texts for i in [tok.bos_token_id, *tok(t, add_special_tokens=False)["input_ids"]]]
+        data = torch.tensor(ids[: (len(ids) // 64) * 64]).view(-1, 64)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(steps):
+            batch = data[torch.randint(len(data), (8,), generator=gen)]
+            model(input_ids=batch, labels=batch).loss.backward()
+            opt.step()
+            opt.zero_grad()
+    torch.set_num_threads(threads)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def write_shards(folder: Path, tokenizer_dir: Path, streams: dict[str, list[str]]) -> None:
+    """data/shards in the architecture's format: flat uint16 ids, documents joined with EOS, meta.json."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    splits = {}
+    for name, texts in streams.items():
+        ids = []
+        for t in texts:
+            ids += tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        np.asarray(ids, dtype="<u2").tofile(folder / f"{name}.bin")
+        splits[name] = {"tokens": len(ids), "docs": len(texts), "bytes": sum(len(t.encode()) for t in texts)}
+    (folder / "meta.json").write_text(json.dumps({
+        "dtype": "uint16", "block_size": 64, "vocab_size": len(tok), "eos_id": tok.eos_token_id,
+        "tokenizer": str(tokenizer_dir), "splits": splits,
+    }))
+
+
+def make_project(root: Path, corpora: Path, *, leak: bool = False) -> Layout:
+    """A project root as the pipeline leaves it before `eval`: clean records, base + cpt models, shards, curve."""
+    layout = Layout(root)
+    s = corpus_slices(corpora)
+    clean = layout.clean
+    clean.mkdir(parents=True)
+    recs = {
+        "viwiki": [dict(lang="vi", domain="new", role="train", text=t) for t in s["vi"][:30]],
+        "en_books": [dict(lang="en", domain="old", role="train", text=t) for t in s["en"][:16]],
+        "ntrex_vi": [dict(lang="vi", domain="new", role="eval", text=t) for t in s["ntrex_vi"]],
+        "ntrex_en": [dict(lang="en", domain="old", role="eval", text=t) for t in s["ntrex_en"]],
+    }
+    infos = []
+    for name, rows in recs.items():
+        for i, r in enumerate(rows):
+            r.update(id=f"{name}/{i}", source=name)
+        write_jsonl(clean / f"{name}.jsonl", rows)
+        infos.append(SourceInfo(name, rows[0]["lang"], rows[0]["domain"], rows[0]["role"], f"{name}.jsonl", len(rows)))
+    write_manifest(clean, infos)
+    tok_text = s["en"][:10] + s["vi"][:3]
+    build_model_dir(layout.base, tok_text, 400, seed=1, train_texts=s["en"][:16], steps=30)
+    build_model_dir(layout.model, tok_text + s["vi"][:20], 700, seed=2, train_texts=s["vi"][:30] + s["en"][:4], steps=60)
+    heldout = [dict(id=f"viwiki/h{i}", source="viwiki", lang="vi", domain="new", role="train", text=t)
+               for i, t in enumerate(s["vi"][30:36])]
+    heldout += [dict(id=f"en_books/h{i}", source="en_books", lang="en", domain="old", role="train", text=t)
+                for i, t in enumerate(s["en"][16:20])]
+    layout.shards.mkdir(parents=True)
+    write_jsonl(layout.shards / "heldout.jsonl", heldout)
+    new_train = s["vi"][:30] + (s["ntrex_vi"][5:8] if leak else [])
+    write_shards(layout.shards, layout.model, {"new/train": new_train, "old/train": s["en"][:16]})
+    layout.metrics.mkdir(parents=True)
+    (layout.metrics / "train_curve.csv").write_text(
+        "step,tokens,lr,loss_new,loss_old,bpb_new,bpb_old\n0,0,0.0,6.5,5.0,3.1,2.4\n10,640,1e-3,5.2,5.1,2.5,2.45\n"
+        "20,1280,5e-4,4.6,5.15,2.2,2.47\n"
+    )
+    return layout
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models on a shared 2-core box: one intra-op thread is several times faster than two that wait."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def fixture_models(tmp_path_factory, corpora):
+    root = tmp_path_factory.mktemp("evalmodels")
+    s = corpus_slices(corpora)
+    base = build_model_dir(root / "base", s["en"][:10] + s["vi"][:3], 400, seed=1, max_pos=256,
+                           train_texts=s["en"][:16], steps=30)
+    return {"base": base, "texts": s}
+
+
+# ---------------------------------------------------------------- sliding window
+@pytest.mark.parametrize("n,length,stride", [(2, 8, 4), (8, 8, 4), (9, 8, 4), (50, 8, 1), (50, 8, 7), (101, 16, 5)])
+def test_windows_score_every_target_once_with_promised_context(n, length, stride):
+    windows = plan_windows(n, length, stride)
+    scored = [t for w in windows for t in range(w.first, w.end)]
+    assert scored == list(range(1, n))  # every target 1..n-1, once, in order
+    for w in windows:
+        assert 0 <= w.begin < w.first <= w.end <= n and w.end - w.begin <= length
+    for w in windows[1:]:
+        assert w.first - w.begin >= length - stride  # context before the first new target
+
+
+def test_windows_reject_a_stride_that_would_skip_tokens():
+    with pytest.raises(ValueError):
+        plan_windows(20, 8, 8)
+
+
+def _hf_loss(model, ids: list[int]) -> float:
+    """HF's own mean token loss over ids[1:] given ids (labels are shifted inside the model)."""
+    t = torch.tensor([ids])
+    with torch.no_grad():
+        return float(model(input_ids=t, labels=t).loss)
+
+
+def test_bpb_is_token_loss_times_tokens_over_bytes_over_ln2(fixture_models):
+    lm = load_model("base", fixture_models["base"], device="cpu")
+    texts = fixture_models["texts"]["ntrex_vi"][:5] + fixture_models["texts"]["ntrex_en"][:5]
+    score = BpbScorer(lm, max_length=256, stride=32, batch_size=3).score(texts)
+    nll, tokens, nbytes = 0.0, 0, 0
+    for text in texts:
+        ids = [lm.tokenizer.bos_token_id] + lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert len(ids) <= 256, "fixture sentence must fit the window for this test"
+        nll += _hf_loss(lm.model, ids) * (len(ids) - 1)
+        tokens += len(ids) - 1
+        nbytes += len(text.encode("utf-8"))
+    assert score.tokens == tokens and score.bytes == nbytes and score.docs == len(texts)
+    assert score.loss == pytest.approx(nll / tokens, rel=1e-5)
+    assert score.bpb == pytest.approx(nll / tokens * tokens / nbytes / math.log(2), rel=1e-5)
+    assert score.ppl == pytest.approx(math.exp(nll / tokens), rel=1e-5)
+    # Vietnamese costs the English-centric fixture more bits per byte than English does: the unit is not vacuous.
+    vi = BpbScorer(lm, 64, 32).score(texts[:5]).bpb
+    en = BpbScorer(lm, 64, 32).score(texts[5:]).bpb
+    assert vi != pytest.approx(en, rel=0.02)
+
+
+def test_sliding_window_equals_full_context_when_the_text_fits(fixture_models):
+    lm = load_model("base", fixture_models["base"], device="cpu")
+    text = fixture_models["texts"]["en"][0][:150]
+    ids = [lm.tokenizer.bos_token_id] + lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert 20 < len(ids) <= 128
+    full = _hf_loss(lm.model, ids) * (len(ids) - 1)
+    for stride in (1, 50, 127):
+        (nll, n), = BpbScorer(lm, max_length=128, stride=stride).doc_nll([text])
+        assert n == len(ids) - 1 and nll == pytest.approx(full, rel=1e-5)
+    # ... and a window too short for the text does change the number (so the equality above can fail).
+    (short, n), = BpbScorer(lm, max_length=8, stride=4).doc_nll([text])
+    assert n == len(ids) - 1 and abs(short - full) > 1e-3 * full
+
+
+def test_long_document_each_token_sees_exactly_window_minus_one_tokens_with_stride_one(fixture_models):
+    lm = load_model("base", fixture_models["base"], device="cpu")
+    text = fixture_models["texts"]["en"][1][:160]
+    ids = [lm.tokenizer.bos_token_id] + lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+    L = 12
+    assert len(ids) > 3 * L
+    # Reference, one forward per target: the first window predicts 1..L-1 from the full prefix; every later target
+    # t is predicted from exactly ids[t-L+1:t].
+    ref = _hf_loss(lm.model, ids[:L]) * (L - 1)
+    for t in range(L, len(ids)):
+        with torch.no_grad():
+            logits = lm.model(input_ids=torch.tensor([ids[t - L + 1 : t]])).logits[0, -1]
+        ref -= float(torch.log_softmax(logits.float(), -1)[ids[t]])
+    (nll, n), = BpbScorer(lm, max_length=L, stride=1, batch_size=7).doc_nll([text])
+    assert n == len(ids) - 1 and nll == pytest.approx(ref, rel=1e-5)
+
+
+# ---------------------------------------------------------------- XCOPA
+def test_xcopa_prompts_follow_lm_eval_for_vi_and_zh(corpora):
+    vi = xcopa.load_items(corpora / "xcopa", "vi", ["val"])
+    zh = xcopa.load_items(corpora / "xcopa", "zh", ["val"], max_items=3)
+    assert len(vi) == 100 and len(zh) == 3
+    ctx, conts = xcopa.prompt(vi[0], "vi")  # "Người đàn ông bật vòi nước." effect
+    assert ctx == "Người đàn ông bật vòi nước nên" and conts[1] == " nước chảy ra từ vòi."
+    ctx, conts = xcopa.prompt(zh[0], "zh")
+    assert ctx == "那人打开水龙头所以" and conts[1] == "水从水龙头喷口流出。"
+    cause = next(i for i in vi if i.question == "cause")
+    assert xcopa.prompt(cause, "vi")[0].endswith(" vì")
+
+
+def test_xcopa_accuracy_matches_an_independent_computation(fixture_models, corpora):
+    lm = load_model("base", fixture_models["base"], device="cpu")
+    items = xcopa.load_items(corpora / "xcopa", "vi", ["val"], max_items=12)
+    got = xcopa.accuracy(BpbScorer(lm, 64, 32, batch_size=5), items, "vi")
+    tok, correct = lm.tokenizer, 0
+    for item in items:
+        ctx, conts = xcopa.prompt(item, "vi")
+        scores = []
+        for cont in conts:
+            c = tok(ctx, add_special_tokens=False)["input_ids"]
+            w = tok(ctx + cont, add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([[tok.bos_token_id, *w]])
+            with torch.no_grad():
+                logp = torch.log_softmax(lm.model(input_ids=ids).logits[0].float(), -1)
+            scores.append(sum(float(logp[p - 1, ids[0, p]]) for p in range(1 + len(c), ids.shape[1])))
+        correct += int(int(scores[1] > scores[0]) == item.label)
+    assert got["n"] == 12 and got["acc"] == pytest.approx(correct / 12, abs=1e-4)
+
+
+def test_xcopa_bad_line_is_named(tmp_path):
+    (tmp_path / "val.vi.jsonl").write_text('{"premise": "a", "choice1": "b", "choice2": "c", "question": "why", "label": 0}\n')
+    with pytest.raises(DataError, match=r"val\.vi\.jsonl:1: question"):
+        xcopa.load_items(tmp_path, "vi", ["val"])
+
+
+# ---------------------------------------------------------------- the stage
+def test_stage_reports_gain_forgetting_xcopa_and_samples(tmp_path, corpora):
+    from cpt.cli import run_stage
+
+    layout = make_project(tmp_path, corpora)
+    params = {
+        "seed": 7,
+        "ingest": {"corpus_dir": str(corpora)},
+        "eval": {"max_length": 64, "stride": 32, "max_docs": 30, "max_bytes": 20000, "threads": 1,
+                 "xcopa": {"max_items": 10, "langs": ["vi", "zh"]},
+                 "samples": {"max_new_tokens": 8, "prompts": {"vi": ["Hà Nội là"], "en": ["The"]}}},
+    }
+    m = run_stage("eval", params, layout)
+    assert read_json(layout.metrics_file("eval"))["gain"] == m["gain"]
+    sources = {"ntrex_vi", "ntrex_en", "heldout_vi", "heldout_en"}
+    for model in ("base", "cpt"):
+        assert set(m[model]) == sources
+        for r in m[model].values():
+            assert r["bpb"] > 0 and r["tokens"] > 0 and r["bytes"] > 0
+            assert r["bpb"] == pytest.approx(r["loss"] * r["tokens"] / r["bytes"] / math.log(2), rel=1e-4)
+    # bytes are a property of the text, not the tokenizer: identical for both models.
+    assert all(m["base"][s]["bytes"] == m["cpt"][s]["bytes"] for s in sources)
+    # gain/forgetting are the pooled bpb differences, with the documented signs.
+    def pooled(model, names):
+        return sum(m[model][s]["nll_nats"] for s in names) / math.log(2) / sum(m[model][s]["bytes"] for s in names)
+    vi, en = ["ntrex_vi", "heldout_vi"], ["ntrex_en", "heldout_en"]
+    assert m["gain"]["vi"] == pytest.approx(pooled("base", vi) - pooled("cpt", vi), abs=1e-4)
+    assert m["forgetting"]["en"] == pytest.approx(pooled("cpt", en) - pooled("base", en), abs=1e-4)
+    assert set(m["gain"]) == {"vi"} and set(m["forgetting"]) == {"en"}
+    assert m["gain"]["vi"] > 0  # the cpt fixture was trained on Vietnamese
+    assert set(m["xcopa"]) == {"vi", "zh"} and m["xcopa"]["vi"]["n"] == 10
+    assert 0 <= m["xcopa"]["vi"]["cpt"] <= 1
+    assert m["overlap"]["shard_docs_checked"] >= 46 and m["overlap"]["eval_docs_in_train_shards"] == 0
+    out = layout.reports / "eval"
+    report = (out / "report.md").read_text()
+    assert "ntrex_vi" in report and "XCOPA" in report and "loss_curves.png" in report
+    assert (out / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
+    samples = (out / "samples.md").read_text()
+    assert samples.count("greedy:") == 4 and "Hà Nội là" in samples
+    rows = (out / "bpb.csv").read_text().splitlines()
+    assert rows[0] == "label,source,lang,domain,model,bpb" and len(rows) == 1 + 2 * len(sources)
+
+
+def test_unknown_eval_key_and_bad_stride_are_config_errors(tmp_path):
+    from cpt.eval import config
+
+    with pytest.raises(ConfigError, match="eval.strid"):
+        config({"eval": {"strid": 3}})
+    with pytest.raises(ConfigError, match="stride"):
+        config({"eval": {"stride": 512, "max_length": 512}})
+    with pytest.raises(ConfigError, match="xcopa"):
+        config({"eval": {"xcopa": {"lang": ["vi"]}}})
+
+
+def test_eval_path_imports_without_the_data_and_ops_stack():
+    blocked = ["matplotlib", "pandas", "datasets", "datasketch", "great_expectations", "mlflow", "prefect", "dvc"]
+    code = (
+        "import sys\n"
+        f"class Block:\n def find_spec(self, name, path=None, target=None):\n"
+        f"  if name.split('.')[0] in {blocked!r}: raise ImportError('blocked ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import cpt.eval, cpt.evaluation.report as r\n"
+        "import pathlib, tempfile\n"
+        "d = pathlib.Path(tempfile.mkdtemp())\n"
+        "print(r.write_figure(d / 'x.png', {}, []))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "matplotlib is not installed" in out.stdout

@@ -1,0 +1,55 @@
+"""Eval sets never overlap the training shards.
+
+The check decodes the training shards (flat token ids, documents joined by EOS, the architecture's format) back into
+documents and looks up every evaluation and held-out document. What makes the test able to fail: the same project
+with a broken role barrier (three NTREX sentences routed into the new-language training stream) must be caught by
+name, and the stage must refuse to report numbers on it.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cpt.errors import DataError
+from cpt.eval import check_overlap, config
+from cpt.evaluation import overlap
+from test_eval import make_project
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_clean_pipeline_slice_has_no_eval_document_in_the_training_shards(tmp_path, corpora):
+    layout = make_project(tmp_path, corpora)
+    result = check_overlap(layout, config({}))
+    meta = json.loads((layout.shards / "meta.json").read_text())
+    assert result["shard_docs_checked"] == meta["splits"]["new/train"]["docs"] + meta["splits"]["old/train"]["docs"]
+    assert result["shard_tokens_checked"] == sum(s["tokens"] for s in meta["splits"].values())
+    assert result["eval_docs_indexed"] == 120 and result["heldout_docs_indexed"] == 10
+    assert result["eval_docs_in_train_shards"] == 0 and result["eval_docs_in_train_records"] == 0
+    assert result["heldout_docs_in_train_shards"] == 0
+
+
+def test_a_broken_role_barrier_is_caught_by_name_and_stops_the_stage(tmp_path, corpora):
+    layout = make_project(tmp_path, corpora, leak=True)
+    with pytest.raises(DataError, match=r"ntrex_vi': 3"):
+        check_overlap(layout, config({}))
+    result = check_overlap(layout, config({"eval": {"overlap": {"fail": False}}}))
+    assert result["eval_docs_in_train_shards"] == 3 and result["eval_docs_in_train_records"] == 0
+
+
+def test_decoded_documents_match_through_tokenizer_normalisation():
+    """A tokenizer that rewrites spacing / Unicode form still cannot hide a leak: eval docs are also indexed in the
+    tokenizer's own round-trip image."""
+    index = overlap.OverlapIndex()
+    index.add("ntrex_vi", ["Hà Nội  là thủ đô."], roundtrip=lambda texts: [t.upper() for t in texts])
+    _, leaks, _ = index.find(["HÀ NỘI LÀ THỦ ĐÔ.", "something else", "Ha\u0300 Nội là   thủ đô."])
+    assert leaks == {"ntrex_vi": 2}  # the round-trip image, and the raw text in NFD with other spacing
