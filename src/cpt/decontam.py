@@ -1,0 +1,104 @@
+"""Decontamination: drop training documents that share a long n-gram with any evaluation document.
+
+GPT-3 style (13-grams of words), on the same simplified tokens as dedup (lowercase, punctuation dropped) but
+without number folding, so "0 0 0 ..." tables cannot match each other. Chinese and Japanese have no spaces: their
+n-grams are characters (``char_ngram``, default 25, about as much text as 13 words). An eval text shorter than n is
+matched by its exact normalised-text hash instead (NTREX has one-line sentences).
+
+The eval n-grams live in one sorted uint64 array; a training document's n-grams are checked with one
+``np.searchsorted`` (no Python set lookups per n-gram).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cpt.dedup import CHAR_LANGS, TokenHasher, shingles, tokenize
+from cpt.textnorm import text_hash
+
+
+@dataclass
+class Hit:
+    eval_source: str
+    eval_id: str
+    ngram: str
+
+
+@dataclass
+class EvalIndex:
+    word_ngram: int = 13
+    char_ngram: int = 25
+    hasher: TokenHasher = field(default_factory=lambda: TokenHasher(norm_numbers=False))
+    _parts: list[np.ndarray] = field(default_factory=list)
+    _owners: list[np.ndarray] = field(default_factory=list)
+    _ids: list[tuple[str, str]] = field(default_factory=list)
+    _texts: dict[str, int] = field(default_factory=dict)
+    keys: np.ndarray | None = None
+    owner: np.ndarray | None = None
+    bitmap: np.ndarray | None = None  # 2^24-slot presence map of the keys' low bits: a cache-friendly prefilter
+
+    BITMAP_BITS = 24
+
+    def mode(self, lang: str) -> tuple[str, int]:
+        return ("char", self.char_ngram) if lang in CHAR_LANGS else ("word", self.word_ngram)
+
+    def add(self, text: str, lang: str, source: str, doc_id: str) -> None:
+        owner = len(self._ids)
+        self._ids.append((source, doc_id))
+        self._texts.setdefault(text_hash(text), owner)
+        mode, n = self.mode(lang)
+        toks = tokenize(text, mode)
+        if len(toks) >= n:
+            sh = shingles(self.hasher.hashes(toks), n)
+            self._parts.append(sh)
+            self._owners.append(np.full(len(sh), owner, dtype=np.int32))
+        self.keys = None
+
+    def build(self) -> None:
+        if self._parts:
+            keys = np.concatenate(self._parts)
+            owner = np.concatenate(self._owners)
+            order = np.argsort(keys, kind="stable")
+            self.keys, self.owner = keys[order], owner[order]
+        else:
+            self.keys, self.owner = np.zeros(0, np.uint64), np.zeros(0, np.int32)
+        self.bitmap = np.zeros(1 << self.BITMAP_BITS, dtype=bool)
+        self.bitmap[(self.keys & np.uint64((1 << self.BITMAP_BITS) - 1)).astype(np.intp)] = True
+
+    @property
+    def size(self) -> int:
+        if self.keys is None:
+            self.build()
+        return len(self.keys)  # type: ignore[arg-type]
+
+    def find(self, text: str, lang: str, tokens: list[str] | None = None) -> Hit | None:
+        """The first eval n-gram (or whole eval text) found in ``text``; None if the text is clean."""
+        if self.keys is None:
+            self.build()
+        owner = self._texts.get(text_hash(text))
+        if owner is not None:
+            src, eid = self._ids[owner]
+            return Hit(src, eid, text[:80])
+        if not len(self.keys):  # type: ignore[arg-type]
+            return None
+        mode, n = self.mode(lang)
+        toks = tokens if tokens is not None else tokenize(text, mode)
+        if len(toks) < n:
+            return None
+        sh = shingles(self.hasher.hashes(toks), n)
+        # prefilter: only n-grams whose low 24 bits are present can be eval n-grams (a few % of them)
+        maybe = np.flatnonzero(self.bitmap[(sh & np.uint64((1 << self.BITMAP_BITS) - 1)).astype(np.intp)])  # type: ignore[index]
+        if not len(maybe):
+            return None
+        pos = np.searchsorted(self.keys, sh[maybe])  # type: ignore[arg-type]
+        pos[pos == len(self.keys)] = 0  # type: ignore[arg-type]
+        hit = np.flatnonzero(self.keys[pos] == sh[maybe])  # type: ignore[index]
+        if not len(hit):
+            return None
+        i = int(maybe[hit[0]])
+        pos = {i: pos[hit[0]]}
+        src, eid = self._ids[int(self.owner[pos[i]])]  # type: ignore[index]
+        sep = "" if mode == "char" else " "
+        return Hit(src, eid, sep.join(toks[i:i + n]))

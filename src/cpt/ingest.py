@@ -1,0 +1,405 @@
+"""Stage ``ingest``: read the configured sources into ``data/raw/<source>.jsonl`` (document records).
+
+Every source is checked before any work (a missing file, an unknown format or a bad key is a ConfigError/DataError
+naming the source), so a typo in params.yaml fails in a second instead of after minutes of reading. Then each
+source is streamed record by record; bad input never crashes the stage and is never lost silently: invalid UTF-8,
+a line that is not JSON, a record without its text field, an empty text, a duplicate id, a truncated gzip member go
+to ``data/raw/rejects.jsonl`` as ``{source, file, line, reason, detail}`` and are counted in ``metrics/ingest.json``.
+
+Formats: ``.jsonl`` / ``.jsonl.gz`` / ``.json.gz`` (one JSON object per line), ``.parquet``, ``.txt`` (``unit`` says
+what a document is: ``line`` one per line (NTREX), ``wikitext`` one per `` = Title = `` article (WikiText),
+``blank`` blank-line-separated paragraphs, ``file`` the whole file), and ``hf`` (a Hugging Face dataset, streamed).
+``max_docs`` caps a source: ``sample: first`` keeps the first N valid documents, ``sample: uniform`` a seeded,
+order-preserving uniform sample of N (one pass, bounded memory), so a cap on a title-sorted dump such as viwiki
+does not keep only the articles whose titles start with a digit.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import hashlib
+import heapq
+import json
+import logging
+import re
+import shutil
+import zlib
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from cpt.errors import ConfigError, DataError
+from cpt.io import atomic_open, write_jsonl
+from cpt.layout import Layout
+from cpt.params import section
+from cpt.progress import progress
+from cpt.records import DOMAINS, ROLES, SourceInfo, write_manifest
+
+log = logging.getLogger("cpt.ingest")
+
+DEFAULTS: dict[str, Any] = {
+    "corpus_dir": "../shared/corpora",
+    "sources": [],
+}
+SOURCE_KEYS = {
+    "name", "path", "hf", "config", "split", "lang", "domain", "role", "text_field", "id_field", "max_docs", "unit",
+    "sample", "trust_remote_code",
+}
+UNITS = ("line", "wikitext", "blank", "file")
+SAMPLES = ("first", "uniform")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# WikiText article titles: " = Title = " (one '=' each side); sections are " = = Sec = = " and are not matched.
+_WIKITEXT_TITLE = re.compile(r"^ ?= [^=].* = ?$")
+
+
+@dataclass(frozen=True)
+class Source:
+    """One entry of ``ingest.sources``, validated."""
+
+    name: str
+    lang: str
+    domain: str
+    role: str
+    path: str | None = None
+    hf: str | None = None
+    config: str | None = None
+    split: str = "train"
+    text_field: str = "text"
+    id_field: str = "id"
+    max_docs: int | None = None
+    unit: str = "line"
+    sample: str = "first"
+    files: tuple[Path, ...] = field(default=(), compare=False)
+
+    @property
+    def fmt(self) -> str:
+        return "hf" if self.hf else _format_of(self.files[0])
+
+
+@dataclass
+class Reject:
+    """A record that could not become a document; written to rejects.jsonl."""
+
+    file: str
+    line: int
+    reason: str
+    detail: str = ""
+
+
+def _format_of(path: Path) -> str:
+    name = path.name.lower()
+    for suffix, fmt in ((".jsonl.gz", "jsonl"), (".json.gz", "jsonl"), (".jsonl", "jsonl"), (".parquet", "parquet"),
+                        (".txt.gz", "txt"), (".txt", "txt")):
+        if name.endswith(suffix):
+            return fmt
+    return ""
+
+
+def parse_sources(cfg: dict[str, Any], layout: Layout) -> list[Source]:
+    """Validate every source before any work: names, keys, roles, formats, and that the files exist."""
+    raw_sources = cfg.get("sources")
+    if not isinstance(raw_sources, list) or not raw_sources:
+        raise ConfigError("ingest.sources: expected a non-empty list of sources")
+    corpus_dir = layout.resolve(cfg.get("corpus_dir", DEFAULTS["corpus_dir"]))
+    seen: set[str] = set()
+    out: list[Source] = []
+    for i, src in enumerate(raw_sources):
+        where = f"ingest.sources[{i}]"
+        if not isinstance(src, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(src).__name__}")
+        name = src.get("name")
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise ConfigError(f"{where}: 'name' must be a file-name-safe string ([A-Za-z0-9_.-]), got {name!r}")
+        where = f"ingest source {name!r}"
+        if name in seen:
+            raise ConfigError(f"{where}: duplicate source name")
+        seen.add(name)
+        unknown = set(src) - SOURCE_KEYS
+        if unknown:
+            raise ConfigError(f"{where}: unknown keys {sorted(unknown)}; allowed: {sorted(SOURCE_KEYS)}")
+        for key in ("lang", "domain", "role"):
+            if not isinstance(src.get(key), str) or not src[key]:
+                raise ConfigError(f"{where}: '{key}' is required")
+        if src["domain"] not in DOMAINS:
+            raise ConfigError(f"{where}: domain must be one of {DOMAINS}, got {src['domain']!r}")
+        if src["role"] not in ROLES:
+            raise ConfigError(f"{where}: role must be one of {ROLES}, got {src['role']!r}")
+        if ("path" in src) == ("hf" in src):
+            raise ConfigError(f"{where}: give exactly one of 'path' (file or glob) or 'hf' (dataset id)")
+        max_docs = src.get("max_docs")
+        if max_docs is not None and (not isinstance(max_docs, int) or isinstance(max_docs, bool) or max_docs < 1):
+            raise ConfigError(f"{where}: max_docs must be a positive integer or null, got {max_docs!r}")
+        unit = src.get("unit", "line")
+        if unit not in UNITS:
+            raise ConfigError(f"{where}: unit must be one of {UNITS}, got {unit!r}")
+        sample = src.get("sample", "first")
+        if sample not in SAMPLES:
+            raise ConfigError(f"{where}: sample must be one of {SAMPLES}, got {sample!r}")
+        files: tuple[Path, ...] = ()
+        if "path" in src:
+            pattern = str(layout.resolve(corpus_dir / str(src["path"])))
+            files = tuple(sorted(Path(p) for p in glob.glob(pattern)))
+            if not files:
+                raise DataError(f"{where}: no file matches {pattern}")
+            for f in files:
+                if not f.is_file():
+                    raise DataError(f"{where}: {f} is not a file")
+                if not _format_of(f):
+                    raise DataError(
+                        f"{where}: {f}: unknown format; expected .txt, .jsonl, .jsonl.gz, .json.gz or .parquet"
+                    )
+        else:
+            try:
+                import datasets  # noqa: F401
+            except ImportError as exc:  # pragma: no cover - datasets is in the data extra
+                raise ConfigError(f"{where}: 'hf' sources need the `datasets` package (pip install cpt[data])") from exc
+        out.append(Source(
+            name=name, lang=src["lang"], domain=src["domain"], role=src["role"], path=src.get("path"),
+            hf=src.get("hf"), config=src.get("config"), split=src.get("split", "train"),
+            text_field=src.get("text_field", "text"), id_field=src.get("id_field", "id"), max_docs=max_docs,
+            unit=unit, sample=sample, files=files,
+        ))
+    return out
+
+
+# ---------------------------------------------------------------- readers: yield (line, own_id, text) or Reject
+
+
+def _binary_lines(path: Path) -> Iterator[tuple[int, bytes | Reject]]:
+    """Raw lines of a possibly gzipped file; a truncated/corrupt gzip ends the file with one Reject."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    lineno = 0
+    try:
+        with opener(path, "rb") as fh:
+            for lineno, line in enumerate(fh, 1):  # noqa: B007 - lineno used after the loop
+                yield lineno, line
+    except (EOFError, OSError, zlib.error) as exc:
+        yield lineno + 1, Reject(str(path), lineno + 1, "corrupt file", f"{type(exc).__name__}: {exc}")
+
+
+def _decode(path: Path, lineno: int, raw: bytes) -> str | Reject:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return Reject(str(path), lineno, "invalid UTF-8", f"byte {exc.start}: {raw[max(0, exc.start - 20):exc.start + 20]!r}")
+
+
+def read_jsonl(path: Path, src: Source) -> Iterator[tuple[int, str | None, str] | Reject]:
+    for lineno, raw in _binary_lines(path):
+        if isinstance(raw, Reject):
+            yield raw
+            return
+        line = _decode(path, lineno, raw)
+        if isinstance(line, Reject):
+            yield line
+            continue
+        if not line.strip():
+            continue  # blank lines between records are formatting, not data
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield Reject(str(path), lineno, "not JSON", f"{exc.msg} at column {exc.colno}: {line[:80]!r}")
+            continue
+        if not isinstance(obj, dict):
+            yield Reject(str(path), lineno, "not a JSON object", f"got {type(obj).__name__}")
+            continue
+        yield from _record(path, lineno, obj, src)
+
+
+def _record(path: Path, lineno: int, obj: dict, src: Source) -> Iterator[tuple[int, str | None, str] | Reject]:
+    if src.text_field not in obj:
+        yield Reject(str(path), lineno, "no text field", f"missing {src.text_field!r}; keys: {sorted(obj)[:10]}")
+        return
+    text = obj[src.text_field]
+    if not isinstance(text, str):
+        yield Reject(str(path), lineno, "text not a string", f"{src.text_field!r} is {type(text).__name__}")
+        return
+    own = obj.get(src.id_field)
+    yield lineno, (None if own is None else str(own)), text
+
+
+def read_parquet(path: Path, src: Source) -> Iterator[tuple[int, str | None, str] | Reject]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as exc:  # noqa: BLE001 - any pyarrow failure is a corrupt file
+        yield Reject(str(path), 0, "corrupt file", f"{type(exc).__name__}: {exc}")
+        return
+    names = pf.schema_arrow.names
+    if src.text_field not in names:
+        raise DataError(f"ingest source {src.name!r}: {path}: no column {src.text_field!r}; columns: {names}")
+    cols = [src.text_field] + ([src.id_field] if src.id_field in names else [])
+    row = 0
+    for batch in pf.iter_batches(columns=cols, batch_size=4096):
+        data = batch.to_pydict()
+        for i in range(batch.num_rows):
+            row += 1
+            yield from _record(path, row, {k: data[k][i] for k in cols if data[k][i] is not None}, src)
+
+
+def read_hf(src: Source) -> Iterator[tuple[int, str | None, str] | Reject]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(src.hf, src.config, split=src.split, streaming=True)
+        for row, obj in enumerate(ds, 1):
+            yield from _record(Path(f"hf:{src.hf}"), row, obj, src)
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - network, auth, missing config: name the source, stop the stage
+        raise DataError(f"ingest source {src.name!r}: cannot stream hf dataset {src.hf!r}: {exc}") from exc
+
+
+def read_txt(path: Path, src: Source) -> Iterator[tuple[int, str | None, str] | Reject]:
+    """Plain text, one document per ``src.unit``; a line with invalid UTF-8 is rejected, its document kept."""
+    buf: list[str] = []
+    start = 0
+
+    def flush() -> Iterator[tuple[int, str | None, str]]:
+        text = "\n".join(buf).strip("\n")
+        if text.strip():
+            yield start, None, text
+
+    for lineno, raw in _binary_lines(path):
+        if isinstance(raw, Reject):
+            yield raw
+            break
+        line = _decode(path, lineno, raw)
+        if isinstance(line, Reject):
+            yield line
+            continue
+        line = line.rstrip("\r\n")
+        if src.unit == "line":
+            if line.strip():
+                yield lineno, None, line
+            continue
+        boundary = (src.unit == "wikitext" and _WIKITEXT_TITLE.match(line)) or (
+            src.unit == "blank" and not line.strip()
+        )
+        if boundary:
+            yield from flush()
+            buf, start = [], lineno
+        if src.unit == "blank" and not line.strip():
+            continue
+        if not buf:
+            start = lineno
+        buf.append(line)
+    if src.unit != "line":
+        yield from flush()
+
+
+def iter_source(src: Source) -> Iterator[tuple[str, int, str | None, str] | Reject]:
+    """(file, line, own id, text) for every candidate document of a source, in file order."""
+    if src.hf:
+        for item in read_hf(src):
+            yield item if isinstance(item, Reject) else (f"hf:{src.hf}", *item)
+        return
+    reader = {"jsonl": read_jsonl, "parquet": read_parquet, "txt": read_txt}
+    for path in src.files:
+        for item in reader[_format_of(path)](path, src):
+            yield item if isinstance(item, Reject) else (str(path), *item)
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def _sample_key(seed: int, doc_id: str) -> bytes:
+    return hashlib.blake2b(f"{seed}:{doc_id}".encode(), digest_size=8).digest()
+
+
+def ingest_source(src: Source, out_file: Path, seed: int, rejects: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stream one source into its JSONL file; rejected records are appended to ``rejects``."""
+    reasons: Counter[str] = Counter()
+    seen_ids: set[str] = set()
+    kept: list[tuple[bytes, int, dict]] = []  # uniform sampling: a heap of (-key, order, record), bounded by max_docs
+    n_valid = 0
+
+    def reject(r: Reject) -> None:
+        reasons[r.reason] += 1
+        rejects.append({"source": src.name, "file": r.file, "line": r.line, "reason": r.reason, "detail": r.detail})
+
+    def records() -> Iterator[dict[str, Any]]:
+        nonlocal n_valid
+        for item in progress(iter_source(src), desc=f"ingest {src.name}", unit=" docs"):
+            if isinstance(item, Reject):
+                reject(item)
+                continue
+            file, line, own, text = item
+            if not text.strip():
+                reject(Reject(file, line, "empty text", ""))
+                continue
+            doc_id = f"{src.name}/{own if own is not None else n_valid}"
+            if doc_id in seen_ids:
+                reject(Reject(file, line, "duplicate id", doc_id))
+                continue
+            seen_ids.add(doc_id)
+            n_valid += 1
+            yield {"id": doc_id, "source": src.name, "lang": src.lang, "domain": src.domain, "role": src.role,
+                   "text": text}
+            if src.sample == "first" and src.max_docs is not None and n_valid >= src.max_docs:
+                return
+
+    if src.sample == "uniform" and src.max_docs is not None:
+        # Keep the max_docs records with the smallest seeded hash of their id (a uniform sample that does not
+        # depend on file order), then write them back in file order so the output reads like the input.
+        for order, rec in enumerate(records()):
+            key = _sample_key(seed, rec["id"])
+            item = (bytes(255 - b for b in key), order, rec)  # max-heap on key via inverted bytes
+            if len(kept) < src.max_docs:
+                heapq.heappush(kept, item)
+            elif item > kept[0]:
+                heapq.heapreplace(kept, item)
+        rows: Any = (rec for _, _, rec in sorted(kept, key=lambda t: t[1]))
+    else:
+        rows = records()
+
+    n_docs = 0
+    n_bytes = 0
+    with atomic_open(out_file) as fh:
+        for rec in rows:
+            fh.write(json.dumps(rec, ensure_ascii=False))
+            fh.write("\n")
+            n_docs += 1
+            n_bytes += len(rec["text"].encode("utf-8"))
+    if n_docs == 0:
+        raise DataError(f"ingest source {src.name!r}: no valid documents ({dict(reasons) or 'empty input'})")
+    return {"docs": n_docs, "bytes": n_bytes, "candidates": n_valid, "rejected": dict(sorted(reasons.items())),
+            "lang": src.lang, "domain": src.domain, "role": src.role, "format": src.fmt}
+
+
+def run(params: dict[str, Any], layout: Layout) -> dict[str, Any]:
+    cfg = {**DEFAULTS, **section(params, "ingest")}
+    seed = int(params.get("seed", 0))
+    sources = parse_sources(cfg, layout)  # every check before any work
+
+    if layout.raw.exists():
+        shutil.rmtree(layout.raw)  # our output folder: no stale source files from an earlier source list
+    layout.raw.mkdir(parents=True)
+
+    rejects: list[dict[str, Any]] = []
+    infos: list[SourceInfo] = []
+    by_source: dict[str, Any] = {}
+    for src in sources:
+        stats = ingest_source(src, layout.raw / f"{src.name}.jsonl", seed, rejects)
+        by_source[src.name] = stats
+        infos.append(SourceInfo(src.name, src.lang, src.domain, src.role, f"{src.name}.jsonl", stats["docs"]))
+        log.info("%s: %d docs, %.1f MB, %d rejected", src.name, stats["docs"], stats["bytes"] / 1e6,
+                 sum(stats["rejected"].values()))
+    write_jsonl(layout.raw / "rejects.jsonl", rejects)
+    write_manifest(layout.raw, infos)
+
+    reasons: Counter[str] = Counter()
+    for s in by_source.values():
+        reasons.update(s["rejected"])
+    return {
+        "sources": len(infos),
+        "docs": sum(s["docs"] for s in by_source.values()),
+        "bytes": sum(s["bytes"] for s in by_source.values()),
+        "rejected": sum(reasons.values()),
+        "rejected_by_reason": dict(sorted(reasons.items())),
+        "docs_by_role": {r: sum(s["docs"] for s in by_source.values() if s["role"] == r) for r in ROLES},
+        "by_source": by_source,
+    }

@@ -1,0 +1,209 @@
+"""Stage ``validate``: a Great Expectations 1.x gate over data/clean; a broken expectation stops ``dvc repro``.
+
+Two batches, two suites:
+
+* ``clean_docs`` — one row per cleaned document (id, source, lang, role, n_chars, text_hash, is_nfc, script_ratio):
+  text not null / not empty, ids unique, roles and domains known, NFC, per-language length bounds and script
+  ratio for training documents (the bounds of ``clean.filters``, so the gate checks that clean did its job), unique
+  text hash among training documents, and **no eval document in training** (no training text hash equal to an
+  eval text hash).
+* ``clean_sources`` — one row per source: documents within ``validate.row_counts`` bounds (default: at least
+  ``validate.min_docs``), and the fraction of raw documents kept at least ``validate.min_keep_ratio`` (train) /
+  ``validate.min_eval_keep_ratio`` (eval), which catches a filter gone wrong.
+
+Data Docs HTML goes to ``reports/data_docs/`` (index.html). ``metrics/validate.json`` has ``success`` and one entry per
+expectation with its result; on failure ``ValidationFailed`` names each failing expectation with example ids.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from typing import Any
+
+from cpt import filters
+from cpt.errors import ConfigError, DataError, ValidationFailed
+from cpt.io import read_jsonl
+from cpt.layout import Layout
+from cpt.params import section
+from cpt.records import DOMAINS, ROLES, read_manifest
+from cpt.textnorm import nfc, text_hash
+
+log = logging.getLogger("cpt.validate")
+
+DEFAULTS: dict[str, Any] = {
+    "min_docs": 1,
+    "row_counts": {},
+    "min_keep_ratio": 0.5,
+    "min_eval_keep_ratio": 0.99,
+    "examples": 5,
+}
+
+
+def _frames(layout: Layout) -> tuple[Any, Any]:
+    import pandas as pd
+
+    try:
+        sources = read_manifest(layout.clean)
+    except FileNotFoundError as exc:
+        raise DataError(str(exc)) from exc
+    raw = {s.name: s.docs for s in read_manifest(layout.raw)} if (layout.raw / "manifest.json").exists() else {}
+    rows: list[dict[str, Any]] = []
+    for s in sources:
+        scripts = filters.LANG_SCRIPTS.get(s.lang)
+        for doc in read_jsonl(layout.clean / s.file):
+            text = doc.get("text")
+            ok = isinstance(text, str)
+            rows.append({
+                "id": doc.get("id"), "source": s.name, "lang": doc.get("lang"), "domain": doc.get("domain"),
+                "role": doc.get("role"), "text": text if ok else None,
+                "n_chars": len(text) if ok else 0,
+                "text_hash": text_hash(text) if ok else None,
+                "is_nfc": ok and nfc(text) == text,
+                "script_ratio": (filters.doc_stats(text).ratio(scripts) if ok and scripts else 1.0),
+            })
+    docs = pd.DataFrame(rows, columns=["id", "source", "lang", "domain", "role", "text", "n_chars", "text_hash",
+                                       "is_nfc", "script_ratio"])
+    per_source = pd.DataFrame([
+        {"source": s.name, "role": s.role, "lang": s.lang, "clean_docs": s.docs,
+         "raw_docs": raw.get(s.name, s.docs),
+         "keep_ratio": s.docs / raw[s.name] if raw.get(s.name) else 1.0}
+        for s in sources
+    ])
+    return docs, per_source
+
+
+def _doc_expectations(docs: Any, params: dict[str, Any]) -> list[tuple[str, Any]]:
+    import great_expectations.expectations as gxe
+
+    pandas = {"condition_parser": "pandas"}
+    ex: list[tuple[str, Any]] = [
+        ("text_not_null", gxe.ExpectColumnValuesToNotBeNull(column="text")),
+        ("text_not_empty", gxe.ExpectColumnValuesToBeBetween(column="n_chars", min_value=1)),
+        ("id_unique", gxe.ExpectColumnValuesToBeUnique(column="id")),
+        ("role_known", gxe.ExpectColumnValuesToBeInSet(column="role", value_set=list(ROLES))),
+        ("domain_known", gxe.ExpectColumnValuesToBeInSet(column="domain", value_set=list(DOMAINS))),
+        ("text_is_nfc", gxe.ExpectColumnValuesToBeInSet(column="is_nfc", value_set=[True])),
+        ("train_text_hash_unique",
+         gxe.ExpectColumnValuesToBeUnique(column="text_hash", row_condition='role=="train"', **pandas)),
+    ]
+    eval_hashes = sorted(set(docs.loc[docs["role"] == "eval", "text_hash"].dropna()))
+    ex.append(("no_eval_text_in_train", gxe.ExpectColumnValuesToNotBeInSet(
+        column="text_hash", value_set=eval_hashes or ["-"], row_condition='role=="train"', **pandas)))
+    clean_filters = (section(params, "clean").get("filters") or {})
+    for lang in sorted(set(docs.loc[docs["role"] == "train", "lang"].dropna())):
+        th = filters.thresholds(clean_filters, lang)
+        cond = f'role=="train" & lang=="{lang}"'
+        ex.append((f"train_{lang}_length", gxe.ExpectColumnValuesToBeBetween(
+            column="n_chars", min_value=th.get("min_chars", 1), max_value=th.get("max_chars"), row_condition=cond,
+            **pandas)))
+        if lang in filters.LANG_SCRIPTS and "min_script_ratio" in th:
+            ex.append((f"train_{lang}_script_ratio", gxe.ExpectColumnValuesToBeBetween(
+                column="script_ratio", min_value=th["min_script_ratio"], row_condition=cond, **pandas)))
+    return ex
+
+
+def _source_expectations(per_source: Any, cfg: dict[str, Any]) -> list[tuple[str, Any]]:
+    import great_expectations.expectations as gxe
+
+    pandas = {"condition_parser": "pandas"}
+    ex: list[tuple[str, Any]] = []
+    row_counts = cfg.get("row_counts") or {}
+    for name in per_source["source"]:
+        lo, hi = row_counts.get(name, [cfg["min_docs"], None])
+        ex.append((f"rows_{name}", gxe.ExpectColumnValuesToBeBetween(
+            column="clean_docs", min_value=lo, max_value=hi, row_condition=f'source=="{name}"', **pandas)))
+    ex.append(("train_keep_ratio", gxe.ExpectColumnValuesToBeBetween(
+        column="keep_ratio", min_value=cfg["min_keep_ratio"], row_condition='role=="train"', **pandas)))
+    ex.append(("eval_keep_ratio", gxe.ExpectColumnValuesToBeBetween(
+        column="keep_ratio", min_value=cfg["min_eval_keep_ratio"], row_condition='role=="eval"', **pandas)))
+    return ex
+
+
+def _run_suite(ctx: Any, name: str, frame: Any, expectations: list[tuple[str, Any]], index_col: str) -> list[dict]:
+    import great_expectations as gx
+
+    asset = ctx.data_sources.add_pandas(f"{name}_source").add_dataframe_asset(name)
+    batch = asset.add_batch_definition_whole_dataframe("all")
+    suite = ctx.suites.add(gx.ExpectationSuite(name=name))
+    for ex_name, ex in expectations:
+        ex.meta = {"name": ex_name}
+        suite.add_expectation(ex)
+    vd = ctx.validation_definitions.add(gx.ValidationDefinition(name=f"{name}_validation", data=batch, suite=suite))
+    cp = ctx.checkpoints.add(gx.Checkpoint(
+        name=f"{name}_checkpoint", validation_definitions=[vd],
+        actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=["cpt"])],
+        result_format={"result_format": "SUMMARY", "unexpected_index_column_names": [index_col]},
+    ))
+    result = cp.run(batch_parameters={"dataframe": frame})
+    out = []
+    for vr in result.run_results.values():
+        for r in vr.results:
+            conf = r.expectation_config
+            res = r.result or {}
+            idx = res.get("partial_unexpected_index_list") or []
+            examples = [row.get(index_col) if isinstance(row, dict) else row for row in idx]
+            if not examples:
+                examples = list(res.get("partial_unexpected_list") or [])
+            out.append({
+                "name": (conf.meta or {}).get("name", conf.type), "suite": name, "expectation": conf.type,
+                "column": conf.kwargs.get("column"), "row_condition": conf.kwargs.get("row_condition"),
+                "success": bool(r.success), "element_count": res.get("element_count"),
+                "unexpected_count": res.get("unexpected_count"),
+                "examples": [str(e)[:120] for e in examples],
+            })
+    return out
+
+
+def run(params: dict[str, Any], layout: Layout) -> dict[str, Any]:
+    cfg = {**DEFAULTS, **section(params, "validate")}
+    unknown = set(cfg) - set(DEFAULTS)
+    if unknown:
+        raise ConfigError(f"validate: unknown keys {sorted(unknown)}; allowed: {sorted(DEFAULTS)}")
+    docs, per_source = _frames(layout)
+
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    import great_expectations as gx
+
+    site = layout.reports / "data_docs"
+    if site.exists():
+        shutil.rmtree(site)
+    site.mkdir(parents=True)
+    ctx = gx.get_context(mode="ephemeral")
+    try:
+        ctx.variables.progress_bars = {"globally": False, "metric_calculations": False}
+    except Exception:  # noqa: BLE001 - cosmetic only
+        pass
+    ctx.add_data_docs_site(site_name="cpt", site_config={
+        "class_name": "SiteBuilder",
+        "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(site)},
+        "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+    })
+    results = _run_suite(ctx, "clean_docs", docs, _doc_expectations(docs, params), "id")
+    results += _run_suite(ctx, "clean_sources", per_source, _source_expectations(per_source, cfg), "source")
+
+    failed = [r for r in results if not r["success"]]
+    metrics = {
+        "success": not failed,
+        "docs": int(len(docs)),
+        "sources": int(len(per_source)),
+        "evaluated": len(results),
+        "failed": len(failed),
+        "data_docs": str((site / "index.html").relative_to(layout.root)) if site.is_relative_to(layout.root)
+        else str(site / "index.html"),
+        "expectations": {r["name"]: {k: v for k, v in r.items() if k != "name"} for r in results},
+    }
+    if failed:
+        lines = [
+            f"{r['name']} ({r['expectation']} on {r['column']}"
+            + (f" where {r['row_condition']}" if r["row_condition"] else "")
+            + f"): {r['unexpected_count']} of {r['element_count']} unexpected, e.g. {r['examples'][:cfg['examples']]}"
+            for r in failed
+        ]
+        raise ValidationFailed(
+            f"{len(failed)} of {len(results)} expectations failed on {layout.clean} (Data Docs: {site}/index.html):\n  "
+            + "\n  ".join(lines)
+        )
+    log.info("%d expectations passed on %d documents; Data Docs at %s", len(results), len(docs), site / "index.html")
+    return metrics
