@@ -368,7 +368,7 @@ def _train(cfg: dict, seed: int, layout: Layout, info: distributed.DistInfo, dev
         except NonFiniteLoss as exc:
             where = f"the last good checkpoint {last_good} is kept" if last_good else "no checkpoint was written yet"
             raise TrainingDiverged(
-                f"train: {exc} at step {step} (lr {lr:.3g}); stopped, {where}. Lower train.lr, raise train.warmup "
+                f"train: {exc} at step {step + 1} (lr {lr:.3g}); stopped, {where}. Lower train.lr, raise train.warmup "
                 f"or train.grad_clip; a rerun resumes from that checkpoint"
             ) from exc
         if device.type == "cuda":
