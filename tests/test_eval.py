@@ -349,3 +349,10 @@ def test_eval_path_imports_without_the_data_and_ops_stack():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "matplotlib is not installed" in out.stdout
+
+
+def test_params_yaml_eval_section_is_the_code_defaults(repo_root):
+    from cpt.eval import DEFAULTS, config
+    from cpt.params import load_params
+
+    assert config(load_params(repo_root / "params.yaml")) == DEFAULTS
