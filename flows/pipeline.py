@@ -149,13 +149,13 @@ def _summary(results: list[dict[str, Any]], root: Path) -> str:
     return "\n".join(rows)
 
 
-def _run_stages(stages: list[str], root: Path, train_retries: int = 2) -> list[dict[str, Any]]:
+def _run_stages(stages: list[str], root: Path, train_retries: int = 2, retry_delay: float = 30.0) -> list[dict[str, Any]]:
     """Run stages in order; each waits for the previous (DVC's DAG is linear here, and DVC calls are serial)."""
     results = []
     for stage in stages:
         t = STAGE_TASKS[stage]
         if stage == "train":
-            t = t.with_options(retries=train_retries, retry_delay_seconds=30)
+            t = t.with_options(retries=train_retries, retry_delay_seconds=retry_delay)
         results.append(t(stage, str(root)))
     return results
 
@@ -177,13 +177,13 @@ def data_prep(root: str = ".", stages: list[str] | None = None, set_params: list
 
 @flow(name="train", log_prints=True)
 def train(root: str = ".", pull: bool = False, push: bool = False, train_retries: int = 2,
-          track: bool = True) -> list[dict[str, Any]]:
-    """Continual pretraining (one task, retried; a retry resumes from data/checkpoints/latest)."""
+          retry_delay: float = 30.0, track: bool = True) -> list[dict[str, Any]]:
+    """Continual pretraining (one task, retried after ``retry_delay`` s; a retry resumes from the last checkpoint)."""
     path = _root(root)
     if pull:
         dvc_pull(str(path), list(TRAIN_INPUTS))
     with _pipeline_run(path, "train", track):
-        results = _run_stages(["train"], path, train_retries)
+        results = _run_stages(["train"], path, train_retries, retry_delay)
     if push:
         dvc_push(str(path), ["train"])
     return results
@@ -204,7 +204,8 @@ def evaluate(root: str = ".", pull: bool = False, push: bool = False, track: boo
 
 @flow(name="pipeline", log_prints=True)
 def pipeline(root: str = ".", stages: list[str] | None = None, set_params: list[str] | None = None,
-             pull: bool = False, push: bool = False, train_retries: int = 2, track: bool = True) -> list[dict[str, Any]]:
+             pull: bool = False, push: bool = False, train_retries: int = 2, retry_delay: float = 30.0,
+             track: bool = True) -> list[dict[str, Any]]:
     """The whole chain as subflows: data_prep -> train -> evaluate, under one MLflow parent run.
 
     ``stages`` runs a subset (in pipeline order); ``pull`` first fetches whatever the DVC remote already has (a GPU
@@ -221,7 +222,7 @@ def pipeline(root: str = ".", stages: list[str] | None = None, set_params: list[
         if prep:
             results += data_prep(root=str(path), stages=prep, track=track)
         if "train" in selected:
-            results += train(root=str(path), train_retries=train_retries, track=track)
+            results += train(root=str(path), train_retries=train_retries, retry_delay=retry_delay, track=track)
         if "eval" in selected:
             results += evaluate(root=str(path), track=track)
     if push:

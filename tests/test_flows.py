@@ -1,0 +1,170 @@
+"""The Prefect flows over a real DVC project (a small one with the same stage names, so the test does not depend on
+the cost of the real stages), run under ``prefect_test_harness`` (one per module, temporary PREFECT_HOME).
+
+What matters: each task is the DVC stage (DVC decides what is up to date: a rerun skips, a param change reruns only
+what depends on it), the train task retries and the retry resumes from the checkpoint DVC kept (``persist: true``),
+and the flow's MLflow parent run reaches the stage processes through DVC, so stages are its nested runs.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from cpt.stages import STAGES
+from test_flows_support import REPO, base_env, mlflow_db
+
+sys.path.insert(0, str(REPO))  # `flows` lives at the repo root, beside src/
+
+STAGE_PY = '''
+"""A toy stage with the real tracking wiring (what cpt.cli.run_stage does around a stage)."""
+import json, sys
+from pathlib import Path
+
+import yaml
+
+from cpt import tracking
+from cpt.layout import Layout
+
+stage = sys.argv[1]
+params = yaml.safe_load(open("params.yaml"))
+layout = Layout(".")
+tracker = tracking.activate(tracking.for_stage(stage, params, layout))
+out = Path("data") / stage
+out.mkdir(parents=True, exist_ok=True)
+metrics = {"lr": params["train"]["lr"]}
+if stage == "train":
+    attempts = Path("attempts.txt")
+    n = int(attempts.read_text()) + 1 if attempts.exists() else 1
+    attempts.write_text(str(n))
+    latest = Path("data/checkpoints/latest")
+    resumed = latest.exists()
+    latest.parent.mkdir(parents=True, exist_ok=True)
+    latest.write_text("step_5")
+    tracker.log_metrics({"loss/new": 2.0 / n}, step=5 * n)
+    if n <= params["train"]["fail_attempts"]:
+        tracker.close("FAILED")
+        sys.exit("simulated preemption at step 5")
+    metrics.update(attempt=n, resumed=resumed)
+(out / "out.txt").write_text(json.dumps(metrics))
+Path("metrics").mkdir(exist_ok=True)
+Path(f"metrics/{stage}.json").write_text(json.dumps(metrics))
+tracker.close("FINISHED", metrics)
+'''
+
+DVC_YAML = '''
+stages:
+  ingest:
+    cmd: python stage.py ingest
+    deps: [stage.py]
+    params: [seed]
+    outs: [data/ingest]
+    metrics: [{metrics/ingest.json: {cache: false}}]
+  train:
+    cmd: python stage.py train
+    deps: [stage.py, data/ingest]
+    params: [train]
+    outs:
+      - data/train
+      - data/checkpoints: {persist: true, cache: false}
+    metrics: [{metrics/train.json: {cache: false}}]
+  eval:
+    cmd: python stage.py eval
+    deps: [stage.py, data/train]
+    outs: [data/eval]
+    metrics: [{metrics/eval.json: {cache: false}}]
+'''
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    """One Prefect test API for the module (~12 s to start), with its own PREFECT_HOME."""
+    from prefect.settings import PREFECT_HOME, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    home = tmp_path_factory.mktemp("prefect_home")
+    with temporary_settings({PREFECT_HOME: str(home), PREFECT_SERVER_ANALYTICS_ENABLED: False}):
+        with prefect_test_harness(server_startup_timeout=120):
+            yield home
+
+
+@pytest.fixture()
+def toy(tmp_path, monkeypatch):
+    root = tmp_path / "proj"
+    root.mkdir()
+    (root / "stage.py").write_text(STAGE_PY)
+    (root / "dvc.yaml").write_text(DVC_YAML)
+    mlflow_db(root)
+    (root / "params.yaml").write_text(textwrap.dedent(f"""\
+        seed: 1
+        train:
+          lr: 0.1  # peak LR
+          fail_attempts: 1
+        tracking:
+          uri: sqlite:///mlflow.db
+          flush_interval: 0.2
+          close_timeout: 2
+        """))
+    (root / ".gitignore").write_text("/data/\n/mlflow.db\n/mlartifacts/\n/attempts.txt\n")
+    env = base_env(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@x.invalid", GIT_COMMITTER_NAME="t",
+                   GIT_COMMITTER_EMAIL="t@x.invalid")
+    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"], ["git", "add", "-A"],
+                ["git", "commit", "-q", "-m", "toy"]):
+        subprocess.run(cmd, cwd=root, env=env, check=True, capture_output=True)
+    for var in ("CPT_MLFLOW_RUN_ID", "MLFLOW_TRACKING_URI", "CPT_TRACKING", "DVC_EXP_NAME"):
+        monkeypatch.delenv(var, raising=False)
+    return root
+
+
+def test_one_task_per_stage_named_as_the_stage():
+    from flows import pipeline
+
+    assert list(pipeline.STAGE_TASKS) == list(STAGES)
+    assert all(t.name == s for s, t in pipeline.STAGE_TASKS.items())
+    assert pipeline.DATA_PREP + ("train", "eval") == STAGES
+    assert {f.name for f in (pipeline.data_prep, pipeline.train, pipeline.evaluate, pipeline.pipeline)} == {
+        "data_prep", "train", "evaluate", "pipeline"}
+    with pytest.raises(ValueError, match="unknown stages"):
+        pipeline._selected(STAGES, ["ingest", "trian"])
+
+
+def test_pipeline_retries_train_resumes_and_nests_stage_runs(harness, toy):
+    from mlflow import MlflowClient
+
+    from flows.pipeline import pipeline
+
+    results = pipeline(root=str(toy), stages=["ingest", "train", "eval"], retry_delay=0, train_retries=1)
+    assert [(r["stage"], r["ran"]) for r in results] == [("ingest", True), ("train", True), ("eval", True)]
+    train = json.loads((toy / "metrics" / "train.json").read_text())
+    assert train == {"lr": 0.1, "attempt": 2, "resumed": True}  # failed once, the retry found the checkpoint
+    # MLflow: one parent run for the execution; every stage process (run by DVC) is a nested run of it
+    c = MlflowClient(tracking_uri=f"sqlite:///{toy / 'mlflow.db'}")
+    runs = c.search_runs([c.get_experiment_by_name("cpt").experiment_id])
+    parents = [r for r in runs if r.info.run_name == "pipeline"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0].info.run_id
+    assert parents[0].data.tags["prefect.flow_run_name"]
+    stages = sorted((r.info.run_name, r.info.status) for r in runs if r.data.tags.get("mlflow.parentRunId") == parent)
+    assert stages == [("eval", "FINISHED"), ("ingest", "FINISHED"), ("train", "FAILED"), ("train", "FINISHED")]
+    assert parents[0].data.metrics["train/attempt"] == 2.0
+    assert [m.step for m in c.get_metric_history(parent, "loss/new")] == [5, 10]
+
+
+def test_rerun_is_dvc_cached_and_a_param_change_reruns_only_downstream(harness, toy):
+    from flows.pipeline import data_prep, pipeline
+
+    (toy / "params.yaml").write_text((toy / "params.yaml").read_text().replace("fail_attempts: 1", "fail_attempts: 0"))
+    first = pipeline(root=str(toy), stages=["ingest", "train"], track=False)
+    assert [r["ran"] for r in first] == [True, True]
+    again = data_prep(root=str(toy), stages=["ingest"], track=False)
+    assert [r["ran"] for r in again] == [False]  # DVC: up to date, skipped
+    changed = pipeline(root=str(toy), stages=["ingest", "train"], set_params=["train.lr=0.5"], track=False)
+    assert [(r["stage"], r["ran"]) for r in changed] == [("ingest", False), ("train", True)]
+    assert changed[1]["metrics"]["lr"] == 0.5
+    params = (toy / "params.yaml").read_text()
+    assert "lr: 0.5  # peak LR" in params  # written like `dvc exp run -S`: comments kept

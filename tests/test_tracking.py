@@ -1,0 +1,220 @@
+"""cpt.tracking against a real MLflow store: an embedded SQLite store for the fast tests, a real ``mlflow server``
+on loopback for the outage tests (slow). A tracking store that is down never fails or stalls a stage."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from cpt import gate, tracking
+from cpt.cli import run_stage
+from cpt.layout import Layout
+from test_flows_support import free_port, mlflow_db, mlflow_server
+
+FAST = {"flush_interval": 0.2, "close_timeout": 1.0, "http_timeout": 2}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One SQLite store for the module; tests use their own experiments."""
+    path = tmp_path_factory.mktemp("mlstore")
+    mlflow_db(path)
+    return path
+
+
+@pytest.fixture()
+def project(tmp_path, store, request, monkeypatch):
+    monkeypatch.delenv(tracking.ENV_PARENT, raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv(tracking.ENV_SWITCH, raising=False)
+    for var in ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"):
+        monkeypatch.delenv(var, raising=False)
+    params = {"seed": 3, "train": {"lr": 3e-4, "steps": 5}, "ingest": {"sources": [{"name": "a", "lang": "vi"}]},
+              "tracking": {**FAST, "uri": f"sqlite:///{store / 'mlflow.db'}", "artifact_root": str(store / "art"),
+                           "experiment": request.node.name[:60]}}
+    return Layout(tmp_path), params
+
+
+def client(params):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=params["tracking"]["uri"])
+
+
+def test_off_switches_give_the_null_tracker(project, monkeypatch):
+    layout, params = project
+    assert type(tracking.for_stage("train", {**params, "tracking": {"enabled": False}}, layout)) is tracking.Tracker
+    monkeypatch.setenv(tracking.ENV_SWITCH, "0")
+    assert type(tracking.for_stage("train", params, layout)) is tracking.Tracker
+
+
+def test_stage_run_nests_under_a_grouped_parent_with_history_params_tags_artifacts(project):
+    layout, params = project
+    (layout.metrics).mkdir()
+    (layout.root / "reports").mkdir()
+    (layout.root / "reports" / "fertility.md").write_text("| lang | fertility |\n")
+    tr = tracking.for_stage("tokenizer", params, layout)
+    for step in range(4):
+        tr.log_metrics({"loss/new": 4.0 - step, "lr": 1e-3}, step=step * 10)
+    tr.set_tags({"note": "hi"})
+    layout.metrics_file("tokenizer").write_text('{"vocab": 40000}')
+    tr.close("FINISHED", {"vocab": 40000, "fertility": {"vi": 1.3, "en": 1.4}, "name": "not a number"})
+    c = client(params)
+    run = c.get_run(tr.run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "tokenizer"
+    assert [(m.step, m.value) for m in c.get_metric_history(tr.run_id, "loss/new")] == [
+        (0, 4.0), (10, 3.0), (20, 2.0), (30, 1.0)]
+    assert run.data.metrics["fertility/vi"] == 1.3 and "name" not in run.data.metrics
+    assert run.data.params["train.lr"] == "0.0003" and json.loads(run.data.params["ingest.sources"])[0]["name"] == "a"
+    assert run.data.tags["cpt.stage"] == "tokenizer" and run.data.tags["note"] == "hi"
+    assert {"cpt.dvc_lock", "cpt.base_model", "cpt.device", "cpt.params_hash"} <= set(run.data.tags)
+    arts = {a.path for a in c.list_artifacts(tr.run_id, "reports")} | {a.path for a in c.list_artifacts(tr.run_id, "metrics")}
+    assert arts == {"reports/fertility.md", "metrics/tokenizer.json"}
+    # plain `dvc repro`: stages of one (commit, params) share a parent, which carries <stage>/ metrics
+    parent = c.get_run(run.data.tags["mlflow.parentRunId"])
+    assert parent.data.tags["cpt.pipeline_key"].startswith("repro:nogit:")
+    assert parent.data.metrics["tokenizer/fertility/vi"] == 1.3
+    assert parent.info.status == "RUNNING"  # only the last stage (eval) or a failure ends it
+    tr2 = tracking.for_stage("eval", params, layout)
+    tr2.close("FAILED")
+    assert client(params).get_run(tr2.run_id).data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert client(params).get_run(parent.info.run_id).info.status == "FAILED"
+
+
+def test_flow_parent_from_env_and_dvc_experiments_get_their_own_parent(project, monkeypatch):
+    layout, params = project
+    flow_run = tracking.open_pipeline_run(params, layout, name="pipeline", tags={"cpt.flow": "pipeline"})
+    assert flow_run.run_id
+    monkeypatch.setenv(tracking.ENV_PARENT, flow_run.run_id)
+    tr = tracking.for_stage("train", params, layout)
+    tr.close("FINISHED", {"loss": 1.0})
+    flow_run.close("FINISHED")
+    c = client(params)
+    assert c.get_run(tr.run_id).data.tags["mlflow.parentRunId"] == flow_run.run_id
+    assert c.get_run(flow_run.run_id).data.metrics["train/loss"] == 1.0
+    monkeypatch.delenv(tracking.ENV_PARENT)
+    runs = {}
+    for exp in ("crisp-dogs", "crisp-dogs", "brave-cats"):  # two stages of one experiment, one of another
+        monkeypatch.setenv("DVC_EXP_NAME", exp)
+        monkeypatch.setenv("DVC_EXP_BASELINE_REV", "a" * 40)
+        t = tracking.for_stage("train", params, layout)
+        t.close("FINISHED", {"loss": 2.0})
+        runs.setdefault(exp, set()).add(c.get_run(t.run_id).data.tags["mlflow.parentRunId"])
+    assert len(runs["crisp-dogs"]) == 1 and runs["crisp-dogs"] != runs["brave-cats"]
+    assert c.get_run(runs["brave-cats"].pop()).info.run_name == "dvc exp brave-cats"
+
+
+def test_registry_gate_promotes_then_keeps_the_champion(project, tmp_path):
+    layout, params = project
+    params = {**params, "gate": {"min_gain": 0.1, "max_forgetting": 0.05},
+              "ingest": {"sources": [{"name": "vi_x", "lang": "vi", "domain": "new"},
+                                     {"name": "en_x", "lang": "en", "domain": "old"}]},
+              "tracking": {**params["tracking"], "model_name": f"m-{tmp_path.name[:40]}"}}
+    layout.model.mkdir(parents=True)
+    (layout.model / "config.json").write_text('{"model_type": "llama"}')
+    (layout.model / "model.safetensors").write_bytes(b"\0" * 64)
+
+    def evaluate(new_cpt, old_cpt):
+        m = {"base": {"vi_x": {"bpb": 2.0, "bytes": 100}, "en_x": {"bpb": 1.0, "bytes": 100}},
+             "cpt": {"vi_x": {"bpb": new_cpt, "bytes": 100}, "en_x": {"bpb": old_cpt, "bytes": 100}}}
+        tr = tracking.for_stage("eval", params, layout)
+        d = gate.run(params, layout, m, tr)
+        tr.close("FINISHED", m)
+        return d, tr
+
+    first, tr1 = evaluate(1.5, 1.0)
+    assert first["promoted"] and first["version"] == "1" and first["vs_champion"]["checked"] is False
+    second, _ = evaluate(1.7, 1.0)  # beats the base by 0.3 but is 0.2 worse than the champion
+    assert second["passed"] is False and second["version"] == "2" and not second["promoted"]
+    assert second["vs_champion"]["checked"] and second["vs_champion"]["gain"] == pytest.approx(-0.2)
+    c = client(params)
+    champ = c.get_model_version_by_alias(params["tracking"]["model_name"], "champion")
+    assert str(champ.version) == "1" and champ.run_id == tr1.run_id
+    assert json.loads(champ.tags["cpt.gate.sources"])["vi_x"]["bpb"] == 1.5
+    assert json.loads(layout.metrics_file("gate").read_text())["version"] == "2"
+    # the registered version is the HF folder
+    names = {a.path for a in c.list_artifacts(tr1.run_id, "model")}
+    assert names == {"model/config.json", "model/model.safetensors"}
+    assert c.get_run(tr1.run_id).data.metrics["gate/promoted"] == 1.0
+
+
+def test_run_stage_failure_closes_the_run_failed(project, monkeypatch):
+    layout, params = project
+    import sys
+    import types
+
+    mod = types.ModuleType("cpt.boom")
+
+    def run(params, layout):
+        tracking.current().log_metrics({"loss/new": 1.0}, step=1)
+        raise RuntimeError("boom")
+
+    mod.run = run
+    monkeypatch.setitem(sys.modules, "cpt.boom", mod)
+    opened = []
+    real = tracking.for_stage
+    monkeypatch.setattr(tracking, "for_stage", lambda *a: opened.append(real(*a)) or opened[-1])
+    with pytest.raises(RuntimeError):
+        run_stage("boom", params, layout)
+    assert client(params).get_run(opened[0].run_id).info.status == "FAILED"
+    assert type(tracking.current()) is tracking.Tracker
+
+
+def test_dead_server_never_stalls_the_stage_and_spools_for_replay(project):
+    layout, params = project
+    dead = {**params, "tracking": {**params["tracking"], "uri": f"http://127.0.0.1:{free_port()}"}}
+    started = time.monotonic()
+    tr = tracking.for_stage("train", dead, layout)
+    for step in range(50):
+        tr.log_metrics({"loss/new": 1.0 / (step + 1)}, step=step)  # must return at once
+    logging_s = time.monotonic() - started
+    (layout.metrics).mkdir()
+    layout.metrics_file("train").write_text('{"loss": 0.1}')
+    tr.close("FINISHED", {"loss": 0.1})
+    total_s = time.monotonic() - started
+    assert logging_s < 0.5
+    assert total_s < 15  # close retried for close_timeout (1 s) plus at most one in-flight request, then spooled
+    spooled = sorted((layout.data / "tracking_spool").glob("*.jsonl"))
+    assert len(spooled) == 1 and (layout.data / "tracking_spool" / (spooled[0].stem + ".files")).is_dir()
+    header = json.loads(spooled[0].read_text().splitlines()[0])
+    assert header["run_id"] is None and "Connection" in " ".join(header["failures"]) or header["failures"]
+    layout.metrics_file("train").write_text('{"loss": "changed later"}')  # the replay sends what the stage wrote
+    # the store is back (here: the SQLite store configured now): the replay creates the run with everything
+    results = tracking.replay(tracking.settings(params, layout))
+    assert len(results) == 1 and results[0][1], results
+    assert not list((layout.data / "tracking_spool").glob("*.jsonl"))
+    c = client(params)
+    run_id = results[0][2].split()[-1]
+    run = c.get_run(run_id)
+    assert run.info.status == "FINISHED" and "from spool" in run.data.tags["cpt.tracking.replayed"]
+    assert len(c.get_metric_history(run_id, "loss/new")) == 50
+    local = c.download_artifacts(run_id, "metrics/train.json", str(layout.root))
+    assert json.loads(open(local).read()) == {"loss": 0.1}
+
+
+@pytest.mark.slow
+def test_server_started_mid_run_receives_everything(project, tmp_path):
+    """A stage starts while the tracking server is down, logs, the server comes up, the stage closes: one run with
+    every metric, marked as having arrived late; nothing spooled."""
+    layout, params = project
+    port = free_port()
+    live = {**params, "tracking": {**params["tracking"], "uri": f"http://127.0.0.1:{port}", "close_timeout": 60}}
+    tr = tracking.for_stage("train", live, layout)
+    for step in range(10):
+        tr.log_metrics({"loss/new": float(step)}, step=step)
+    time.sleep(0.5)
+    assert tr.run_id is None  # nothing listening yet
+    with mlflow_server(tmp_path / "server", port) as uri:
+        for step in range(10, 20):
+            tr.log_metrics({"loss/new": float(step)}, step=step)
+        tr.close("FINISHED", {"loss": 0.5})
+        from mlflow import MlflowClient
+
+        c = MlflowClient(tracking_uri=uri)
+        run = c.get_run(tr.run_id)
+        assert run.info.status == "FINISHED"
+        assert [m.step for m in c.get_metric_history(tr.run_id, "loss/new")] == list(range(20))
+        assert "send failures" in run.data.tags["cpt.tracking.late"]
+    assert not (layout.data / "tracking_spool").exists() or not list((layout.data / "tracking_spool").glob("*.jsonl"))
