@@ -642,8 +642,8 @@ def replay(cfg: dict[str, Any]) -> list[tuple[str, bool, str]]:
         for path in files:
             lines = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
             header, ops = lines[0], lines[1:]
-            rcfg = {**cfg, "uri": header.get("uri") or cfg["uri"], "experiment": header.get("experiment") or
-                    cfg["experiment"], "close_timeout": 0.0}
+            # the store configured now (a moved server keeps its runs); the experiment the run was meant for
+            rcfg = {**cfg, "experiment": header.get("experiment") or cfg["experiment"], "close_timeout": 0.0}
             tr = MlflowTracker.__new__(MlflowTracker)
             Tracker.__init__(tr)
             tr.cfg, tr.stage, tr.model_name = rcfg, header.get("stage"), rcfg["model_name"]
