@@ -42,7 +42,7 @@ LANG_SCRIPTS: dict[str, tuple[int, ...]] = {
     "fr": (LATIN, LATIN_VI), "de": (LATIN, LATIN_VI), "es": (LATIN, LATIN_VI), "id": (LATIN, LATIN_VI),
     "zh": (HAN,),
     "ja": (HAN, HIRAGANA, KATAKANA),
-    "ko": (HANGUL, HAN),
+    "ko": (HANGUL,),  # hanja in academic Korean is rare; a Han-majority "ko" text is Chinese
 }
 
 _LETTER_CLASSES = (LATIN, LATIN_VI, HAN, HIRAGANA, KATAKANA, HANGUL, OTHER_LETTER)
@@ -123,9 +123,9 @@ DEFAULT_FILTERS: dict[str, dict[str, Any]] = {
         "min_chars": 200, "max_chars": 20_000_000, "max_digit_ratio": 0.25, "max_symbol_ratio": 0.25,
         "max_dup_line_ratio": 0.3, "min_script_ratio": 0.8,
     },
-    "vi": {"min_vi_letter_ratio": 0.08},
-    "zh": {"min_chars": 60},
-    "ja": {"min_chars": 60, "min_kana_ratio": 0.05},
+    "vi": {"min_chars": 100, "min_vi_letter_ratio": 0.05},
+    "zh": {"min_chars": 60, "min_script_ratio": 0.6},
+    "ja": {"min_chars": 60, "min_script_ratio": 0.7, "min_kana_ratio": 0.05},
     "ko": {"min_chars": 100},
 }
 FILTER_KEYS = set(DEFAULT_FILTERS["default"]) | {"min_vi_letter_ratio", "min_kana_ratio"}
