@@ -218,3 +218,19 @@ def test_server_started_mid_run_receives_everything(project, tmp_path):
         assert [m.step for m in c.get_metric_history(tr.run_id, "loss/new")] == list(range(20))
         assert "send failures" in run.data.tags["cpt.tracking.late"]
     assert not (layout.data / "tracking_spool").exists() or not list((layout.data / "tracking_spool").glob("*.jsonl"))
+
+
+def test_a_refused_operation_is_dropped_not_blocking_the_rest(project):
+    layout, params = project
+    tr = tracking.for_stage("train", params, layout)
+    tr.log_params({"train.lr": 0.5, "train.extra": "x"})  # train.lr was logged from params (3e-4): a conflict
+    tr.log_metrics({"loss/new": 1.0}, step=1)
+    tr.log_artifact(layout.root / "missing.txt")  # gone before it is sent: skipped with a warning
+    tr.log_metrics({"loss/new": 0.5}, step=2)
+    tr.close("FINISHED")
+    c = client(params)
+    run = c.get_run(tr.run_id)
+    assert run.data.params["train.lr"] == "0.0003" and run.data.params["train.extra"] == "x"
+    assert json.loads(run.data.tags["cpt.tracking.param_conflicts"]) == {"train.lr": ["0.0003", "0.5"]}
+    assert [m.value for m in c.get_metric_history(tr.run_id, "loss/new")] == [1.0, 0.5]
+    assert run.info.status == "FINISHED"

@@ -295,15 +295,24 @@ class _Sink:
 
     def create_run(self, run_name: str, tags: dict[str, str], start_time: int, params: dict[str, Any]) -> str:
         run = self.client.create_run(self.experiment_id(), start_time=start_time, tags=tags, run_name=run_name)
-        self.log_params(run.info.run_id, params)
+        self.log_params(run.info.run_id, params, fresh=True)
         return run.info.run_id
 
-    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+    def log_params(self, run_id: str, params: dict[str, Any], fresh: bool = False) -> None:
+        """MLflow params are write-once: a stage re-logging a key with another value (a default it resolved, say)
+        would be rejected and, in a batch, take the other params down with it. Keys already there are skipped;
+        different values are listed in the tag ``cpt.tracking.param_conflicts``."""
         from mlflow.entities import Param
 
-        items = [Param(str(k)[:250], _param_value(v)) for k, v in params.items()]
+        wanted = {str(k)[:250]: _param_value(v) for k, v in params.items()}
+        existing = {} if fresh else self.client.get_run(run_id).data.params
+        conflicts = {k: [existing[k], v] for k, v in wanted.items() if k in existing and existing[k] != v}
+        items = [Param(k, v) for k, v in wanted.items() if k not in existing]
         for i in range(0, len(items), 100):
             self.client.log_batch(run_id, params=items[i:i + 100])
+        if conflicts:
+            log.warning("tracking: params already logged with other values kept as they were: %s", sorted(conflicts))
+            self.set_tags(run_id, {"cpt.tracking.param_conflicts": json.dumps(conflicts, default=str)[:8000]})
 
     def log_metrics(self, run_id: str, rows: list[tuple[str, float, int, int]]) -> None:
         from mlflow.entities import Metric
@@ -354,6 +363,7 @@ class MlflowTracker(Tracker):
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._failures: list[str] = []  # outages seen, noted in the run when it is back
+        self._dropped: list[str] = []  # operations the store refused (noted in the run at its end)
         self._next_try = 0.0
         self._closed = False
         self._enqueue({"op": "start", "run_name": run_name, "tags": tags, "params": params,
@@ -507,7 +517,17 @@ class MlflowTracker(Tracker):
             done = 0
             try:
                 while done < len(pending):
-                    done += self._apply(pending, done)
+                    try:
+                        done += self._apply(pending, done)
+                    except Exception as exc:  # noqa: BLE001
+                        if not _permanent(exc) or pending[done]["op"] == "start":
+                            raise
+                        # the store answered and refused this one op (bad name, value...): retrying cannot help,
+                        # and it must not hold back the ops behind it
+                        log.warning("tracking: the store rejected a %r operation (%s); dropped", pending[done]["op"],
+                                    str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__)
+                        self._dropped.append(f"{pending[done]['op']}: {str(exc)[:200]}")
+                        done += 1
             except Exception as exc:  # noqa: BLE001 - any store failure: keep the rest, back off
                 msg = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
                 if not self._failures or self._failures[-1] != msg:
@@ -554,6 +574,8 @@ class MlflowTracker(Tracker):
         elif kind == "artifact":
             sink.log_artifact(self.run_id, op["path"], op["artifact_path"])
         elif kind == "end":
+            if self._dropped:
+                sink.set_tags(self.run_id, {"cpt.tracking.dropped": "; ".join(self._dropped)[:8000]})
             if self._failures:
                 sink.set_tags(self.run_id, {"cpt.tracking.late": f"{len(self._failures)} send failures; buffered "
                                             f"operations arrived late. First: {self._failures[0][:500]}"})
@@ -650,6 +672,7 @@ def replay(cfg: dict[str, Any]) -> list[tuple[str, bool, str]]:
             tr.run_id, tr.parent_run_id = header.get("run_id"), header.get("parent_run_id")
             tr._sink, tr._lock, tr._io = _Sink(rcfg), threading.Lock(), threading.RLock()
             tr._failures, tr._next_try, tr._closed, tr._thread, tr._grouped = [], 0.0, True, None, False
+            tr._dropped = []
             note = {"cpt.tracking.replayed": f"{len(ops)} operations from spool {path.name} "
                                              f"(spooled after: {'; '.join(header.get('failures') or [])[:1000]})"}
             # the note goes right after the run exists (before 'end'), so a replay that stops halfway still says so
@@ -675,6 +698,15 @@ def replay(cfg: dict[str, Any]) -> list[tuple[str, bool, str]]:
 
 # ----------------------------------------------------------------------------------------------------------------
 # entry points
+
+
+# MLflow error codes that mean "the store is up and says no" (retrying cannot help), vs outages (5xx, connection).
+_PERMANENT = {"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "INVALID_STATE", "RESOURCE_ALREADY_EXISTS",
+              "RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "PERMISSION_DENIED", "INVALID_REQUEST"}
+
+
+def _permanent(exc: BaseException) -> bool:
+    return getattr(exc, "error_code", None) in _PERMANENT
 
 
 def _mlflow_importable() -> bool:
