@@ -1,0 +1,357 @@
+"""Stage `tokenizer`: id stability, old-language invariance on held-out text, round trip in five languages,
+AutoTokenizer parity, both base families (SentencePiece BPE, byte-level BPE), NFD input.
+
+Fixtures are real text sliced from ../shared/corpora; bases are Mistral v1's real tokenizer.model (from the installed
+mistral_common package), a SentencePiece BPE and a byte-level BPE trained here on English."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import shutil
+import unicodedata
+from pathlib import Path
+
+import pytest
+import sentencepiece as spm
+
+from cpt import tokenizer as stage
+from cpt.errors import ConfigError, DataError
+from cpt.io import write_jsonl
+from cpt.layout import Layout
+from cpt.records import SourceInfo, write_manifest
+from cpt.tok import spm_extend as se
+
+FIVE = ("en", "vi", "zh", "ja", "ko")
+
+
+def _json_lines(path: Path, limit_chars: int, field: str = "text") -> list[str]:
+    out, n = [], 0
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as fh:
+        for line in fh:
+            text = json.loads(line)[field]
+            out.append(text[: limit_chars - n])
+            n += len(out[-1])
+            if n >= limit_chars:
+                break
+    return out
+
+
+@pytest.fixture(scope="session")
+def texts(corpora: Path) -> dict[str, list[str]]:
+    nt = corpora / "ntrex128"
+    ev = {
+        "en": "newstest2019-src.eng.txt", "vi": "newstest2019-ref.vie.txt", "zh": "newstest2019-ref.zho-CN.txt",
+        "ja": "newstest2019-ref.jpn.txt", "ko": "newstest2019-ref.kor.txt",
+    }
+    out = {f"eval_{k}": (nt / v).read_text(encoding="utf-8").splitlines()[:300] for k, v in ev.items()}
+    out["train_vi"] = _json_lines(corpora / "viwiki/viwiki.jsonl.gz", 1_500_000)
+    out["train_en"] = _json_lines(corpora / "en_gutenberg/en_gutenberg_books.jsonl.gz", 3_000_000)
+    out["train_zh"] = _json_lines(corpora / "zh_cmrc2018_contexts/cmrc2018_contexts.jsonl", 300_000)
+    out["train_ja"] = _json_lines(corpora / "ja_jsquad_contexts/jsquad_v1.3_contexts.jsonl", 300_000)
+    out["train_ko"] = _json_lines(corpora / "ko_ud_kaist/ko_kaist_dev_test_docs.jsonl", 300_000)
+    return out
+
+
+def make_clean(root: Path, texts: dict[str, list[str]], langs=("vi", "zh", "ja", "ko")) -> Layout:
+    """A data/clean folder as the clean stage writes it: document records + manifest."""
+    layout = Layout(root)
+    sources = []
+
+    def add(name, lang, domain, role, docs):
+        rows = [{"id": f"{name}/{i}", "source": name, "lang": lang, "domain": domain, "role": role, "text": t}
+                for i, t in enumerate(docs) if t.strip()]
+        write_jsonl(layout.clean / f"{name}.jsonl", rows)
+        sources.append(SourceInfo(name=name, lang=lang, domain=domain, role=role, file=f"{name}.jsonl", docs=len(rows)))
+
+    for lang in langs:
+        add(f"train_{lang}", lang, "new", "train", texts[f"train_{lang}"])
+    add("train_en", "en", "old", "train", texts["train_en"])
+    for lang in FIVE:
+        add(f"eval_{lang}", lang, "old" if lang == "en" else "new", "eval", texts[f"eval_{lang}"])
+    write_manifest(layout.clean, sources)
+    return layout
+
+
+@pytest.fixture(scope="session")
+def mistral_model(tmp_path_factory) -> Path:
+    import mistral_common
+
+    src = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+    folder = tmp_path_factory.mktemp("mistral_v1")
+    shutil.copy(src, folder / "tokenizer.model")  # transformers 5 wants the name tokenizer.model (stack.md trap 8)
+    return folder / "tokenizer.model"
+
+
+@pytest.fixture(scope="session")
+def english_spm(tmp_path_factory, texts) -> Path:
+    """A small Llama-style SentencePiece BPE trained on English: byte fallback, identity normaliser, <unk>=0,
+    <s>=1, </s>=2 -- the shape of the builtin tiny base."""
+    folder = tmp_path_factory.mktemp("english_spm")
+    lines = [ln for doc in texts["train_en"] for ln in doc.split("\n") if ln.strip()]
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=buf, model_type="bpe", vocab_size=2000, byte_fallback=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
+        character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=2, minloglevel=2,
+        input_sentence_size=20000, shuffle_input_sentence=True,
+    )
+    (folder / "tokenizer.model").write_bytes(buf.getvalue())
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+         "add_bos_token": True, "add_eos_token": False, "chat_template": "{{ messages }}"}))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def byte_bpe(tmp_path_factory, texts) -> Path:
+    """A GPT-2-style byte-level BPE tokenizer.json trained on English with `tokenizers`."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
+    from tokenizers.models import BPE
+
+    folder = tmp_path_factory.mktemp("byte_bpe")
+    tok = Tokenizer(BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=2000, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    lines = [ln for doc in texts["train_en"] for ln in doc.split("\n") if ln.strip()][:20000]
+    tok.train_from_iterator(lines, trainer=trainer)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "GPT2Tokenizer", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
+         "unk_token": "<|endoftext|>"}))
+    return folder
+
+
+def params(base: Path, **over) -> dict:
+    sec = {"base": str(base), "vocab_size": {"vi": 1500, "zh": 800, "ja": 800, "ko": 800},
+           "max_train_chars": 1_500_000, "check_lines": 300}
+    sec.update(over)
+    return {"seed": 7, "tokenizer": sec}
+
+
+@pytest.fixture(scope="session")
+def mistral_run(tmp_path_factory, texts, mistral_model):
+    layout = make_clean(tmp_path_factory.mktemp("run_mistral"), texts)
+    metrics = stage.run(params(mistral_model), layout)
+    return layout, metrics
+
+
+# -- SentencePiece family: Mistral v1 --------------------------------------------------------------------------------
+
+
+def test_old_ids_keep_id_text_score_and_type(mistral_run, mistral_model):
+    layout, metrics = mistral_run
+    base, merged = se.load_proto(mistral_model), se.load_proto(layout.tokenizer / "tokenizer.model")
+    assert metrics["base_vocab"] == len(base.pieces) == 32000
+    assert len(merged.pieces) == metrics["vocab"] == 32000 + metrics["added"]
+    for a, b in zip(base.pieces, merged.pieces):
+        assert (a.piece, a.score, a.type) == (b.piece, b.score, b.type)
+    assert sum(p.type == se.BYTE for p in merged.pieces) == 256
+    low = min(p.score for p in base.pieces if p.type == se.NORMAL)
+    assert all(p.score < low for p in merged.pieces[32000:])
+
+
+def test_new_tokens_json_maps_each_piece_to_base_ids(mistral_run, mistral_model):
+    layout, metrics = mistral_run
+    nt = json.loads((layout.tokenizer / "new_tokens.json").read_text())
+    assert nt["base_vocab"] == 32000 and nt["vocab"] == 32000 + len(nt["added"]) == metrics["vocab"]
+    assert [a["id"] for a in nt["added"]] == list(range(32000, nt["vocab"]))
+    sp = spm.SentencePieceProcessor(model_file=str(mistral_model))
+    merged = spm.SentencePieceProcessor(model_file=str(layout.tokenizer / "tokenizer.model"))
+    for a in nt["added"][:200]:
+        assert merged.id_to_piece(a["id"]) == a["piece"]
+        assert a["text"] == a["piece"].replace("\u2581", " ")
+        assert a["base_ids"] and 1 not in a["base_ids"]  # no BOS
+        assert sp.decode(a["base_ids"]) == a["text"].lstrip(" ") or sp.id_to_piece(a["base_ids"])[0].startswith("\u2581")
+        assert "".join(sp.id_to_piece(a["base_ids"])).replace("<0x", "") .startswith(a["piece"][:1]) or any(
+            sp.is_byte(i) for i in a["base_ids"])
+    # mid-sentence view: " xin" as the base sees it after other text, exactly
+    word = next(a for a in nt["added"] if a["piece"].startswith("\u2581") and all(ord(c) < 128 for c in a["piece"][1:]))
+    assert sp.encode("a" + word["text"])[1:] == word["base_ids"]
+
+
+def test_english_held_out_lines_unchanged_and_vietnamese_gains(mistral_run):
+    _, m = mistral_run
+    assert m["old_language_lines"] == 300
+    assert m["old_language_changed_lines"] == 0, m["old_language_changed_examples"]
+    vi = m["languages"]["vi"]
+    assert vi["tokens_per_word_base"] > 2.5 and vi["tokens_per_word"] < 0.62 * vi["tokens_per_word_base"]
+    for lang in ("zh", "ja", "ko"):
+        assert m["languages"][lang]["chars_per_token"] > m["languages"][lang]["chars_per_token_base"]
+    en = m["languages"]["en"]
+    assert en["tokens_per_word"] == en["tokens_per_word_base"]
+    assert m["roundtrip_failures"] == 0 and m["hf_mismatch_lines"] == 0
+
+
+def test_autotokenizer_loads_and_encodes_like_the_merged_model(mistral_run, texts):
+    from transformers import AutoTokenizer
+
+    layout, _ = mistral_run
+    hf = AutoTokenizer.from_pretrained(str(layout.tokenizer))
+    sp = spm.SentencePieceProcessor(model_file=str(layout.tokenizer / "tokenizer.model"))
+    assert (hf.bos_token, hf.eos_token, hf.unk_token) == ("<s>", "</s>", "<unk>")
+    assert len(hf) == sp.get_piece_size()
+    for lang in FIVE:
+        for line in texts[f"eval_{lang}"][:100]:
+            ids = hf.encode(line, add_special_tokens=False)
+            assert ids == sp.encode(line), (lang, line)
+            assert hf.encode(line)[0] == 1  # BOS like the base
+            assert hf.decode(ids) == line  # round trip, NFC text
+    tricky = ["  two leading spaces", "tabs\tand\nnewlines", "trailing  ", "emoji 😀 and ǅ", "người Việt  Nam"]
+    for line in tricky:
+        assert hf.encode(line, add_special_tokens=False) == sp.encode(line)
+        assert hf.decode(hf.encode(line, add_special_tokens=False)) == line
+
+
+def test_nfd_input_round_trips_and_matches(mistral_run, texts):
+    from transformers import AutoTokenizer
+
+    layout, _ = mistral_run
+    hf = AutoTokenizer.from_pretrained(str(layout.tokenizer))
+    sp = spm.SentencePieceProcessor(model_file=str(layout.tokenizer / "tokenizer.model"))
+    for line in texts["eval_vi"][:50]:
+        nfd = unicodedata.normalize("NFD", line)
+        assert nfd != line or line.isascii()
+        ids = hf.encode(nfd, add_special_tokens=False)
+        assert ids == sp.encode(nfd)
+        assert hf.decode(ids) == nfd  # lossless, never silently re-normalised
+        # NFD text is the clean stage's job to fix: it costs tokens, which is why training text is NFC
+        assert len(ids) >= len(sp.encode(line))
+
+
+def test_score_zero_recipe_changes_english_ours_does_not(mistral_model, texts):
+    """The field's copied recipe vs ours, same pieces: appended with score 0 they split English words differently."""
+    base = se.load_proto(mistral_model)
+    lines = [ln for d in texts["train_vi"] for ln in d.split("\n") if ln.strip()]
+    new = se.train_new_model(lines, base, se.TrainConfig(vocab_size=1500))
+    have = {q.piece for q in base.pieces}
+    pieces = [p for p in se.ranked_pieces(new) if p not in have]
+    naive = se._copy(base)
+    for p in pieces:
+        naive.pieces.add(piece=p, score=0.0, type=se.NORMAL)
+    ours, _ = se.merge(base, pieces)
+    english = texts["eval_en"]
+    b, n, o = (se.processor(x).encode(english) for x in (base, naive, ours))
+    naive_changed = sum(x != y for x, y in zip(b, n))
+    ours_changed = sum(x != y for x, y in zip(b, o))
+    assert naive_changed > 20
+    assert ours_changed < naive_changed / 3
+
+
+def test_exact_pruning_is_exact_on_the_chooser_text(mistral_model, texts):
+    """A piece is pruned iff it would fire on the chooser text: after pruning, 0 chooser lines change; adding back
+    any one pruned piece changes at least one."""
+    base = se.load_proto(mistral_model)
+    chooser = [ln for d in texts["train_en"] for ln in d.split("\n") if ln.strip()][:20000]
+    conflicts = se.old_conflicts(base, chooser)
+    vi = [ln for d in texts["train_vi"] for ln in d.split("\n") if ln.strip()]
+    have = {q.piece for q in base.pieces}
+    cand = [p for p in se.ranked_pieces(se.train_new_model(vi, base, se.TrainConfig(vocab_size=3000)))
+            if p not in have]
+    pruned = [p for p in cand if p in conflicts]
+    kept = [p for p in cand if p not in conflicts]
+    assert pruned and kept
+    sb = se.processor(base)
+    ref = sb.encode(chooser)
+    merged, _ = se.merge(base, kept)
+    assert se.processor(merged).encode(chooser) == ref
+    for p in pruned[:5]:
+        one, _ = se.merge(base, [p])
+        assert se.processor(one).encode(chooser) != ref, p
+
+
+def test_hf_export_fixes_transformers_whitespace_conversion(mistral_model, tmp_path):
+    """transformers' own .model -> fast conversion orders merges by id; Mistral's ▁▁ pieces then fire first."""
+    from transformers import AutoTokenizer
+
+    from cpt.tok import hf_export
+
+    base = se.load_proto(mistral_model)
+    hf_export.write_folder(base, tmp_path, None)
+    ours = AutoTokenizer.from_pretrained(str(tmp_path))
+    sp = se.processor(base)
+    line = "  hello   world"
+    assert ours.encode(line, add_special_tokens=False) == sp.encode(line)
+    conv = tmp_path / "conv"
+    conv.mkdir()
+    shutil.copy(mistral_model, conv / "tokenizer.model")
+    (conv / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
+    assert AutoTokenizer.from_pretrained(str(conv)).encode(line, add_special_tokens=False) != sp.encode(line)
+
+
+# -- SentencePiece family: a small English base with its own tokenizer_config ---------------------------------------
+
+
+def test_small_english_spm_base_keeps_config_and_specials(tmp_path, texts, english_spm):
+    from transformers import AutoTokenizer
+
+    layout = make_clean(tmp_path, texts, langs=("vi",))
+    m = stage.run(params(english_spm, languages=["vi"]), layout)
+    assert m["old_language_changed_lines"] == 0 and m["roundtrip_failures"] == 0 and m["hf_mismatch_lines"] == 0
+    assert m["languages"]["vi"]["tokens_per_word"] < m["languages"]["vi"]["tokens_per_word_base"]
+    cfg = json.loads((layout.tokenizer / "tokenizer_config.json").read_text())
+    assert cfg["chat_template"] == "{{ messages }}"
+    base = AutoTokenizer.from_pretrained(str(english_spm))
+    ext = AutoTokenizer.from_pretrained(str(layout.tokenizer))
+    assert base.special_tokens_map == ext.special_tokens_map
+    assert ext.convert_tokens_to_ids(["<unk>", "<s>", "</s>"]) == [0, 1, 2]
+    assert (layout.reports / "fertility.md").read_text().count("| vi |") == 1
+
+
+# -- byte-level BPE family --------------------------------------------------------------------------------------------
+
+
+def test_byte_level_bpe_base(tmp_path, texts, byte_bpe):
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    layout = make_clean(tmp_path, texts, langs=("vi", "zh"))
+    m = stage.run(params(byte_bpe, languages=["vi", "zh"]), layout)
+    assert m["base_kind"] == "bpe" and m["added"] > 100
+    assert m["old_language_changed_lines"] == 0 and m["roundtrip_failures"] == 0 and m["hf_mismatch_lines"] == 0
+    assert m["languages"]["vi"]["tokens_per_word"] < 0.8 * m["languages"]["vi"]["tokens_per_word_base"]
+    base = json.loads((byte_bpe / "tokenizer.json").read_text())
+    ext = json.loads((layout.tokenizer / "tokenizer.json").read_text())
+    for tok, i in base["model"]["vocab"].items():
+        assert ext["model"]["vocab"][tok] == i
+    assert ext["model"]["merges"][: len(base["model"]["merges"])] == base["model"]["merges"]
+    nt = json.loads((layout.tokenizer / "new_tokens.json").read_text())
+    assert [a["id"] for a in nt["added"]] == list(range(nt["base_vocab"], nt["vocab"]))
+    btok = Tokenizer.from_file(str(byte_bpe / "tokenizer.json"))
+    for a in nt["added"][:100]:
+        assert btok.decode(a["base_ids"]) == a["text"] or "\ufffd" in a["text"]
+    hf = AutoTokenizer.from_pretrained(str(layout.tokenizer))
+    assert hf.eos_token == "<|endoftext|>"
+    for lang in FIVE:
+        for line in texts[f"eval_{lang}"][:50]:
+            assert hf.decode(hf.encode(line, add_special_tokens=False)) == line
+
+
+# -- params and inputs ------------------------------------------------------------------------------------------------
+
+
+def test_errors_name_the_problem(tmp_path, texts, mistral_model):
+    layout = make_clean(tmp_path, texts, langs=("vi",))
+    with pytest.raises(ConfigError, match="unknown param"):
+        stage.run(params(mistral_model, vocab=5), layout)
+    with pytest.raises(DataError, match="not found"):
+        stage.run(params(tmp_path / "nope"), layout)
+    with pytest.raises(DataError, match=r"tokenizer.languages \['th'\]"):
+        stage.run(params(mistral_model, languages=["th"]), layout)
+    with pytest.raises(DataError, match="cpt base"):
+        stage.run({"tokenizer": {}}, layout)
+
+
+def test_eval_text_never_reaches_training(tmp_path, texts, mistral_model):
+    """A word that exists only in role: eval text can never become a piece."""
+    t = dict(texts)
+    marker = "Zqxjvbwkđ"
+    t["eval_vi"] = [f"{marker} {marker} {marker}"] * 300
+    layout = make_clean(tmp_path, t, langs=("vi",))
+    stage.run(params(mistral_model, languages=["vi"], vocab_size=1000), layout)
+    nt = json.loads((layout.tokenizer / "new_tokens.json").read_text())
+    assert not any("qxj" in a["piece"] for a in nt["added"])
