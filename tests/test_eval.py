@@ -8,12 +8,15 @@ comparison crosses a vocabulary change the way the real pipeline's does.
 
 from __future__ import annotations
 
+import atexit
 import gzip
 import itertools
 import json
 import math
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +113,23 @@ def write_shards(folder: Path, tokenizer_dir: Path, streams: dict[str, list[str]
     }))
 
 
+_MODELS: dict[str, Path] = {}
+
+
+def _fixture_models(corpora: Path) -> Path:
+    """The base/cpt model pair, built once per test session (training them is the slow part) and copied."""
+    if "dir" not in _MODELS:
+        out = Path(tempfile.mkdtemp(prefix="cpt-eval-models-"))
+        atexit.register(shutil.rmtree, out, True)
+        s = corpus_slices(corpora)
+        tok_text = s["en"][:10] + s["vi"][:3]
+        build_model_dir(out / "base", tok_text, 400, seed=1, train_texts=s["en"][:16], steps=30)
+        build_model_dir(out / "cpt", tok_text + s["vi"][:20], 700, seed=2, train_texts=s["vi"][:30] + s["en"][:4],
+                        steps=60)
+        _MODELS["dir"] = out
+    return _MODELS["dir"]
+
+
 def make_project(root: Path, corpora: Path, *, leak: bool = False) -> Layout:
     """A project root as the pipeline leaves it before `eval`: clean records, base + cpt models, shards, curve."""
     layout = Layout(root)
@@ -129,9 +149,9 @@ def make_project(root: Path, corpora: Path, *, leak: bool = False) -> Layout:
         write_jsonl(clean / f"{name}.jsonl", rows)
         infos.append(SourceInfo(name, rows[0]["lang"], rows[0]["domain"], rows[0]["role"], f"{name}.jsonl", len(rows)))
     write_manifest(clean, infos)
-    tok_text = s["en"][:10] + s["vi"][:3]
-    build_model_dir(layout.base, tok_text, 400, seed=1, train_texts=s["en"][:16], steps=30)
-    build_model_dir(layout.model, tok_text + s["vi"][:20], 700, seed=2, train_texts=s["vi"][:30] + s["en"][:4], steps=60)
+    models = _fixture_models(corpora)
+    shutil.copytree(models / "base", layout.base)
+    shutil.copytree(models / "cpt", layout.model)
     heldout = [dict(id=f"viwiki/h{i}", source="viwiki", lang="vi", domain="new", role="train", text=t)
                for i, t in enumerate(s["vi"][30:36])]
     heldout += [dict(id=f"en_books/h{i}", source="en_books", lang="en", domain="old", role="train", text=t)
@@ -356,3 +376,10 @@ def test_params_yaml_eval_section_is_the_code_defaults(repo_root):
     from cpt.params import load_params
 
     assert config(load_params(repo_root / "params.yaml")) == DEFAULTS
+
+
+def test_window_capped_by_the_model_keeps_the_stride_ratio(fixture_models):
+    lm = load_model("base", fixture_models["base"], device="cpu")  # max_position_embeddings 256
+    scorer = BpbScorer(lm, max_length=1024, stride=512)
+    assert (scorer.max_length, scorer.stride) == (256, 128)
+    assert (BpbScorer(lm, max_length=128, stride=100).max_length, BpbScorer(lm, 128, 100).stride) == (128, 100)

@@ -53,3 +53,43 @@ def test_decoded_documents_match_through_tokenizer_normalisation():
     index.add("ntrex_vi", ["Hà Nội  là thủ đô."], roundtrip=lambda texts: [t.upper() for t in texts])
     _, leaks, _ = index.find(["HÀ NỘI LÀ THỦ ĐÔ.", "something else", "Ha\u0300 Nội là   thủ đô."])
     assert leaks == {"ntrex_vi": 2}  # the round-trip image, and the raw text in NFD with other spacing
+
+
+def _real_shards(layout, params):
+    """Run the real `shards` stage on the project's clean folder, with the cpt fixture's tokenizer."""
+    import shutil
+
+    from cpt import shards
+
+    shutil.rmtree(layout.shards / "new", ignore_errors=True)
+    shutil.rmtree(layout.shards / "old", ignore_errors=True)
+    return shards.run(params, layout)
+
+
+@pytest.mark.slow
+def test_real_shards_stage_output_passes_and_a_decontamination_miss_is_caught(tmp_path, corpora):
+    from cpt.io import read_jsonl, write_jsonl
+    from cpt.records import read_manifest
+
+    layout = make_project(tmp_path, corpora)
+    params = {"seed": 3, "shards": {"tokenizer": str(layout.model), "block_size": 32, "val_fraction": 0.1}}
+    _real_shards(layout, params)
+    cfg = config({"eval": {"heldout": "data/shards/heldout.jsonl"}})
+    clean = check_overlap(layout, cfg)
+    assert clean["shard_docs_checked"] > 30 and clean["eval_docs_in_train_shards"] == 0
+    assert clean["heldout_docs_in_train_shards"] == 0 and clean["heldout_docs_indexed"] > 0
+
+    # Upstream decontamination misses: two NTREX sentences become whole training documents of viwiki.
+    ntrex = [d["text"] for d in read_jsonl(layout.clean / "ntrex_vi.jsonl")][:2]
+    rows = list(read_jsonl(layout.clean / "viwiki.jsonl"))
+    rows[3:3] = [dict(rows[0], id=f"viwiki/leak{i}", text=t) for i, t in enumerate(ntrex)]
+    write_jsonl(layout.clean / "viwiki.jsonl", rows)
+    assert any(s.name == "viwiki" for s in read_manifest(layout.clean))
+    _real_shards(layout, params)
+    leaked = check_overlap(layout, config({"eval": {"overlap": {"fail": False}}}))
+    # both are found in the clean train records; in the shards, those the train/val split did not hold out
+    held_out = sum("leak" in d["id"] for d in read_jsonl(layout.shards / "heldout.jsonl"))
+    assert leaked["eval_docs_in_train_records"] == 2
+    assert leaked["eval_docs_in_train_shards"] == 2 - held_out
+    with pytest.raises(DataError, match="ntrex_vi"):
+        check_overlap(layout, cfg)

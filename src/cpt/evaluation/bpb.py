@@ -103,9 +103,13 @@ class BpbScorer:
     batch_size: int = 8
 
     def __post_init__(self) -> None:
-        if self.lm.max_positions:
-            self.max_length = min(self.max_length, int(self.lm.max_positions))
-        self.stride = min(self.stride, self.max_length - 1)
+        if self.lm.max_positions and self.max_length > int(self.lm.max_positions):
+            # The model cannot see the requested window: shrink it, and the stride in proportion, so the context
+            # overlap keeps its intended share instead of collapsing to one token.
+            capped = int(self.lm.max_positions)
+            self.stride = max(1, self.stride * capped // self.max_length)
+            self.max_length = capped
+        self.stride = max(1, min(self.stride, self.max_length - 1))
 
     def doc_nll(self, texts: list[str], desc: str = "") -> list[tuple[float, int]]:
         """(NLL nats, scored tokens) per document, in input order."""
