@@ -43,28 +43,25 @@ def tokenize(text: str, mode: str) -> list[str]:
     return words
 
 
-class TokenHasher:
+class TokenHasher(dict):
     """token -> 64-bit hash, memoised (blake2b: stable across processes and Python hash seeds).
 
-    A plain dict looked up through ``map(dict.__getitem__, tokens)`` is the fastest lookup CPython offers; misses are
-    filled per document from the set of new tokens, then the lookup is retried.
+    ``map(self.__getitem__, tokens)`` stays in C for cached tokens; ``__missing__`` fills a miss in place. Measured
+    faster than a plain dict with a retry-on-KeyError path (the set difference per document dominated).
     """
 
     def __init__(self, norm_numbers: bool = True) -> None:
+        super().__init__()
         self.norm_numbers = norm_numbers
-        self.cache: dict[str, int] = {}
 
-    def _hash(self, token: str) -> int:
+    def __missing__(self, token: str) -> int:
         key = "0" if self.norm_numbers and token.isdigit() else token
-        return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little")
+        h = int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little")
+        self[token] = h
+        return h
 
     def hashes(self, tokens: Sequence[str]) -> np.ndarray:
-        try:
-            return np.fromiter(map(self.cache.__getitem__, tokens), dtype=_U64, count=len(tokens))
-        except KeyError:
-            for tok in set(tokens).difference(self.cache):
-                self.cache[tok] = self._hash(tok)
-            return np.fromiter(map(self.cache.__getitem__, tokens), dtype=_U64, count=len(tokens))
+        return np.fromiter(map(self.__getitem__, tokens), dtype=_U64, count=len(tokens))
 
 
 def shingles(token_hashes: np.ndarray, n: int) -> np.ndarray:
@@ -89,8 +86,8 @@ def shingles(token_hashes: np.ndarray, n: int) -> np.ndarray:
 class MinHasher:
     """``num_perm`` multiply-shift hash functions h(x) = (a*x + b) >> 32 (a odd), signatures as uint32."""
 
-    def __init__(self, num_perm: int = 128, seed: int = 1, batch_shingles: int = 2048) -> None:
-        # batch_shingles: a (2048 x 128) uint64 block is 2 MB, cache-resident; 64k-row blocks measured ~3x slower
+    def __init__(self, num_perm: int = 128, seed: int = 1, batch_shingles: int = 4096) -> None:
+        # batch_shingles: a (128 x 4096) uint64 block is 4 MB, cache-resident; 64k-column blocks measured ~3x slower
         rng = np.random.default_rng(seed)
         self.num_perm = num_perm
         self.a = rng.integers(1, 2**63, size=num_perm, dtype=np.uint64) * _U64(2) + _U64(1)
