@@ -1,0 +1,195 @@
+"""Stage `shards`: tokenise the cleaned ``role: train`` text into packed, memory-mappable token blocks.
+
+For each domain (``new``, then ``old``) the documents stream from ``data/clean`` (``cpt.records.iter_docs``, so eval
+sources never get here), are split train/val by a hash of their id and the seed (``cpt.packing.StreamSplit``), are
+tokenised with the extended tokenizer's fast backend in parallel batches, and are packed as ``[BOS] text EOS`` into
+``block_size``-token blocks (``cpt.packing.BlockWriter``; BOS only when the tokenizer's convention has one, e.g.
+Llama's ``<s>``; the last partial block of each split is dropped and counted). Outputs (docs/architecture.md):
+
+    data/shards/{new,old}/{train,val}.bin   flat little-endian uint16/uint32 ids, blocks back to back
+    data/shards/meta.json                   dtype, block_size, vocab_size, eos_id, bos_id, per-split counts
+    data/shards/heldout.jsonl               the val documents as records, for tokenizer-independent eval
+
+Read a split with ``numpy.memmap(path, dtype=meta["dtype"], mode="r").reshape(-1, meta["block_size"])``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from cpt.errors import ConfigError, DataError
+from cpt.io import atomic_open, write_json
+from cpt.layout import Layout
+from cpt.packing import (
+    BlockWriter,
+    StreamSplit,
+    encode_pipelined,
+    load_tokenizer,
+    special_ids,
+    token_dtype,
+    tokenizers_parallelism,
+)
+from cpt.params import section
+from cpt.progress import progress
+from cpt.records import DOMAINS, iter_docs, select_sources
+
+log = logging.getLogger("cpt.shards")
+
+DEFAULTS: dict[str, Any] = {
+    "tokenizer": "data/tokenizer",  # HF tokenizer folder with tokenizer.json (the tokenizer stage's output)
+    "block_size": 256,  # tokens per block; the train stage's sequence length
+    "val_fraction": 0.05,  # share of each domain's documents held out (by hash of id + seed)
+    "add_bos": "auto",  # auto: prepend BOS iff the tokenizer's post-processor does (Llama yes, GPT-2 no)
+    "eos_token": "auto",  # auto: tokenizer_config.json's eos_token
+    "batch_chars": 4_000_000,  # characters per encode_batch call (bounds memory; big enough to use every core)
+}
+SPLITS = ("train", "val")
+
+
+def config(params: dict[str, Any]) -> dict[str, Any]:
+    cfg = {**DEFAULTS, **section(params, "shards")}
+    unknown = sorted(set(cfg) - set(DEFAULTS))
+    if unknown:
+        raise ConfigError(f"params shards: unknown key(s) {unknown}; known: {sorted(DEFAULTS)}")
+    if not isinstance(cfg["block_size"], int) or cfg["block_size"] < 2:
+        raise ConfigError(f"params shards.block_size: expected an integer >= 2, got {cfg['block_size']!r}")
+    if not 0 <= float(cfg["val_fraction"]) < 0.5:
+        raise ConfigError(f"params shards.val_fraction: expected 0 <= value < 0.5, got {cfg['val_fraction']!r}")
+    if cfg["add_bos"] not in ("auto", True, False):
+        raise ConfigError(f"params shards.add_bos: expected auto, true or false, got {cfg['add_bos']!r}")
+    if int(cfg["batch_chars"]) < 1:
+        raise ConfigError("params shards.batch_chars must be positive")
+    return cfg
+
+
+def _batches(docs: Iterator[dict[str, Any]], batch_chars: int) -> Iterator[list[dict[str, Any]]]:
+    batch: list[dict[str, Any]] = []
+    size = 0
+    for doc in docs:
+        text = doc.get("text")
+        if not isinstance(text, str):
+            raise DataError(f"data/clean ({doc.get('source')}): document {doc.get('id')!r} has no text string")
+        batch.append(doc)
+        size += len(text)
+        if size >= batch_chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _pack_domain(domain: str, layout: Layout, out: Path, tok, specials, dtype, cfg, seed, heldout_fh,
+                 bar) -> dict[str, dict[str, Any]]:
+    block = int(cfg["block_size"])
+    splitter = StreamSplit(seed, float(cfg["val_fraction"]))
+    stats: dict[str, dict[str, Any]] = {}
+    with contextlib.ExitStack() as stack:
+        writers = {
+            split: BlockWriter(stack.enter_context(atomic_open(out / domain / f"{split}.bin", "wb")), block, dtype,
+                               specials)
+            for split in SPLITS
+        }
+
+        def emit(routed):
+            for split, (doc, ids) in routed:
+                writers[split].add(ids, doc["text"], doc.get("lang", "und"))
+                if split == "val":
+                    heldout_fh.write(json.dumps(doc, ensure_ascii=False))
+                    heldout_fh.write("\n")
+
+        docs = iter_docs(layout.clean, role="train", domain=domain)
+        for batch, encodings in encode_pipelined(tok, _batches(docs, int(cfg["batch_chars"]))):
+            for doc, enc in zip(batch, encodings):
+                emit(splitter.route(str(doc["id"]), (doc, enc.ids)))
+            bar.update(sum(len(d["text"]) for d in batch))
+        emit(splitter.finish())
+        for split in SPLITS:
+            st = writers[split].finish(tok)
+            stats[split] = st.to_dict()
+    for split in SPLITS:
+        st = stats[split]
+        if st["docs"] == 0 and st["tail_tokens"] > 0:
+            raise DataError(
+                f"{out / domain / (split + '.bin')}: the {domain}/{split} text ({st['tail_tokens']} tokens) does "
+                f"not fill one block of {block}; lower shards.block_size or raise shards.val_fraction"
+            )
+    return stats
+
+
+def run(params: dict[str, Any], layout: Layout) -> dict[str, Any]:
+    cfg = config(params)
+    seed = int(params.get("seed", 0))
+    tok_dir = layout.resolve(cfg["tokenizer"])
+    tok = load_tokenizer(tok_dir)
+    specials = special_ids(tok, tok_dir, eos_token=str(cfg["eos_token"]), add_bos=cfg["add_bos"])
+    vocab_size = tok.get_vocab_size(with_added_tokens=True)
+    dtype = token_dtype(vocab_size)
+    try:
+        total_chars = sum(s.docs for s in select_sources(layout.clean, role="train"))
+    except FileNotFoundError as exc:
+        raise DataError(str(exc)) from exc
+    if total_chars == 0:
+        raise DataError(f"{layout.clean}: no role: train documents to shard")
+
+    # Build into a sibling folder and swap it in at the end: a killed run never leaves a half-written data/shards.
+    out = layout.shards
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    started = time.perf_counter()
+    splits: dict[str, dict[str, Any]] = {}
+    with tokenizers_parallelism(True), atomic_open(tmp / "heldout.jsonl") as heldout_fh, \
+            progress(desc="shards", unit="char", unit_scale=True) as bar:
+        for domain in DOMAINS:
+            for split, st in _pack_domain(domain, layout, tmp, tok, specials, dtype, cfg, seed, heldout_fh,
+                                          bar).items():
+                splits[f"{domain}/{split}"] = st
+    seconds = time.perf_counter() - started
+
+    meta = {
+        "dtype": dtype.name,
+        "block_size": int(cfg["block_size"]),
+        "vocab_size": vocab_size,
+        "eos_id": specials.eos_id,
+        "bos_id": specials.bos_id,
+        "tokenizer": str(cfg["tokenizer"]),
+        "seed": seed,
+        "val_fraction": float(cfg["val_fraction"]),
+        "tail": "drop",
+        "splits": splits,
+    }
+    write_json(tmp / "meta.json", meta)
+    old = out.with_name(f".{out.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+    tokens = sum(s["tokens"] for s in splits.values())
+    for name, st in splits.items():
+        log.info("%-9s %11d tokens %8d blocks %7d docs %12d bytes (tail dropped: %d)", name, st["tokens"],
+                 st["blocks"], st["docs"], st["bytes"], st["tail_tokens"])
+    metrics: dict[str, Any] = {
+        "tokens": tokens,
+        "blocks": sum(s["blocks"] for s in splits.values()),
+        "docs": sum(s["docs"] for s in splits.values()),
+        "tail_tokens_dropped": sum(s["tail_tokens"] for s in splits.values()),
+        "tokens_per_s": round((tokens + sum(s["tail_tokens"] for s in splits.values())) / max(seconds, 1e-9), 1),
+        "block_size": int(cfg["block_size"]),
+        "vocab_size": vocab_size,
+        "dtype": dtype.name,
+        "bos": specials.bos_id is not None,
+    }
+    for name, st in splits.items():
+        key = name.replace("/", "_")
+        for field in ("tokens", "blocks", "docs", "bytes", "tail_tokens"):
+            metrics[f"{key}_{field}"] = st[field]
+    return metrics
