@@ -88,12 +88,14 @@ def test_train_outputs_metrics_and_no_silent_retrain(project, tmp_path):
     assert (layout.model / "model.safetensors").exists()
     assert len((layout.checkpoints / "steps.jsonl").read_text().splitlines()) == n_lines
 
-    # a checkpoint from other params is never resumed silently ...
+    # checkpoints of a run with other params (dvc exp run -S ...) are not continued: training starts over ...
+    other = cpt.train.run(tiny_params(replay_ratio=0.5, steps=4, eval_interval=2), layout)
+    assert other["retrained"] and other["resumed_from"] is None and other["steps"] == 4
+    # ... unless resume=force, which continues (schedule changes only) and refuses a data-mix change
+    more = cpt.train.run(tiny_params(replay_ratio=0.5, steps=6, eval_interval=2, resume="force"), layout)
+    assert more["resumed_from"] == 4 and more["steps"] == 6
     with pytest.raises(ConfigError, match="replay_ratio"):
-        cpt.train.run(tiny_params(replay_ratio=0.5), layout)
-    # ... and resume=false starts over
-    fresh = cpt.train.run(tiny_params(replay_ratio=0.5, resume=False, steps=4, eval_interval=2), layout)
-    assert fresh["retrained"] and fresh["resumed_from"] is None and fresh["steps"] == 4
+        cpt.train.run(tiny_params(replay_ratio=0.3, steps=6, resume="force"), layout)
 
 
 @pytest.mark.slow
@@ -115,10 +117,11 @@ def test_nan_loss_stops_with_the_last_good_checkpoint(project, tmp_path, monkeyp
         return total, losses
 
     monkeypatch.setattr(CausalLMLoss, "forward", poisoned)
-    with pytest.raises(cpt.train.TrainingDiverged, match=r"loss is nan at step 6 .*step_0000004 is kept"):
+    with pytest.raises(cpt.train.TrainingDiverged, match=r"loss is nan at step 6 .*step_0000004 is kept.*resume=force"):
         cpt.train.run(params, layout)
     assert [p.name for p in layout.checkpoints.glob("step_*")] == ["step_0000004"]
     assert not (layout.model).exists()
     monkeypatch.setattr(CausalLMLoss, "forward", real_forward)
-    m = cpt.train.run(params, layout)  # the rerun resumes from the good checkpoint
+    # the user lowers the LR and continues from the good checkpoint
+    m = cpt.train.run(tiny_params(lr=1e-3, resume="force"), layout)
     assert m["resumed_from"] == 4 and m["steps"] == 12

@@ -228,3 +228,10 @@ def test_embed_only_phase_leaves_the_body_exactly_unchanged():
             assert torch.equal(p, body0[n]), n
             assert not opt.state.get(p), n  # no Adam moments either
     assert not torch.equal(model.get_input_embeddings().weight, emb0)
+
+
+def test_params_yaml_train_section_equals_the_code_defaults(repo_root):
+    from cpt.params import load_params
+    from cpt.train import DEFAULTS, config
+
+    assert config(load_params(repo_root / "params.yaml")) == DEFAULTS

@@ -14,10 +14,18 @@ Readable top to bottom like nanoGPT's train.py; each concern lives in cpt/traini
     distributed.py  torchrun, DDP / FSDP2
     flops.py        MFU
 
-Resume: with ``train.resume: true`` (the default) a run continues from the newest complete checkpoint and produces
-bit-for-bit the losses an uninterrupted run would have (on CPU; tests/test_train_resume.py kills one with SIGKILL).
-A run whose final checkpoint is already there is NOT retrained: the model folder is re-exported from that checkpoint
-and the stored metrics are returned (``train.resume: false`` retrains from scratch).
+Resume (``train.resume``), decided against a fingerprint of every param that shapes the run (seed, data, base, and
+the train keys that change the trajectory), stored in each checkpoint:
+
+- ``true`` (default): the newest complete checkpoint of THIS run (same fingerprint) is continued, and the losses at
+  every later step equal the uninterrupted run's bit for bit on CPU (tests/test_train_resume.py kills one with
+  SIGKILL). A run whose final checkpoint is there is NOT retrained: data/models/cpt is re-exported from it and the
+  stored metrics are returned (``retrained: false``). Checkpoints of a run with other params (``dvc exp run -S
+  train.lr=...`` with ``persist: true`` checkpoints) are removed with a warning naming the changed params, and
+  training starts over.
+- ``force``: continue the newest checkpoint even though schedule params changed (lr, steps, warmup, ...: "it
+  diverged, continue with a lower LR", "train 1000 steps more"); other changes (data, batch, init, seed) refuse.
+- ``false``: remove the checkpoints and start over.
 """
 
 from __future__ import annotations
@@ -56,11 +64,11 @@ from cpt.training.step import NonFiniteLoss, evaluate, train_step
 log = logging.getLogger("cpt.train")
 
 DEFAULTS: dict[str, Any] = {
-    "steps": 120,
+    "steps": 80,
     "micro_batch": 8,
     "grad_accum": 1,
-    "lr": 1.0e-3,
-    "min_lr": 1.0e-4,
+    "lr": 2.0e-3,
+    "min_lr": 2.0e-4,
     "warmup": 0.05,
     "schedule": "cosine",
     "decay_fraction": 0.2,
@@ -71,11 +79,11 @@ DEFAULTS: dict[str, Any] = {
     "grad_clip": 1.0,
     "replay_ratio": 0.25,
     "embed_init": "subtoken_mean",
-    "eval_interval": 30,
+    "eval_interval": 20,
     "eval_blocks": 32,
-    "ckpt_interval": 30,
+    "ckpt_interval": 20,
     "keep_checkpoints": 2,
-    "resume": True,
+    "resume": True,  # true | force | false
     "parallel": "ddp",
     "device": "auto",
     "dtype": "auto",
@@ -85,15 +93,16 @@ DEFAULTS: dict[str, Any] = {
     "peak_tflops": None,
     "log_interval": 10,
     "trust_remote_code": False,
+    "threads": None,
 }
-# Keys that may change between a checkpoint and its resume (a warning says the run is no longer the uninterrupted
-# one). Any other change (batch, data mix, init, seed, model) makes resuming meaningless: ConfigError.
+# Keys that ``resume: force`` may change between a checkpoint and its continuation (a warning says the run is no longer
+# the uninterrupted one). Any other change (batch, data mix, init, seed, model) makes continuing meaningless.
 RESUME_SAFE = {"steps", "lr", "min_lr", "warmup", "schedule", "decay_fraction", "embed_lr_mult", "embed_only_steps",
                "weight_decay", "betas", "grad_clip"}
 # Keys that never affect the trajectory.
 NOT_TRAJECTORY = {"eval_interval", "eval_blocks", "ckpt_interval", "keep_checkpoints", "resume", "parallel", "device",
                   "compile", "activation_checkpointing", "loss_chunk", "peak_tflops", "log_interval",
-                  "trust_remote_code", "dtype"}
+                  "trust_remote_code", "dtype", "threads"}
 CURVE_FIELDS = ["step", "tokens", "lr", "loss_new", "loss_old", "bpb_new", "bpb_old", "train_loss"]
 LN2 = math.log(2.0)
 
@@ -119,6 +128,8 @@ def config(params: dict) -> dict[str, Any]:
         raise ConfigError(f"params.yaml: train.schedule={cfg['schedule']!r}: expected one of {SCHEDULES}")
     if float(cfg["min_lr"]) > float(cfg["lr"]):
         raise ConfigError(f"params.yaml: train.min_lr={cfg['min_lr']} > train.lr={cfg['lr']}")
+    if cfg["resume"] not in (True, False, "force"):
+        raise ConfigError(f"params.yaml: train.resume={cfg['resume']!r}: expected true, false or force")
     if not 0 <= int(cfg["embed_only_steps"]) < cfg["steps"]:
         raise ConfigError(f"params.yaml: train.embed_only_steps={cfg['embed_only_steps']} must be in [0, steps)")
     return cfg
@@ -207,17 +218,21 @@ def run(params: dict, layout: Layout) -> dict:
     cfg = config(params)
     seed = int(params.get("seed", 0))
     info, device = distributed.setup(cfg["device"])
-    deterministic_before = torch.are_deterministic_algorithms_enabled()
+    deterministic_before, threads_before = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True)  # CPU runs are bit-reproducible (exact resume is tested there)
+    if cfg["threads"]:
+        torch.set_num_threads(int(cfg["threads"]))
     try:
-        return _train(cfg, seed, layout, info, device)
+        return _train(cfg, seed, layout, info, device, given=set(section(params, "train")))
     finally:
         torch.use_deterministic_algorithms(deterministic_before)
+        torch.set_num_threads(threads_before)
         distributed.teardown(info)
 
 
-def _train(cfg: dict, seed: int, layout: Layout, info: distributed.DistInfo, device: torch.device) -> dict:
+def _train(cfg: dict, seed: int, layout: Layout, info: distributed.DistInfo, device: torch.device,
+           given: set[str] = frozenset()) -> dict:
     from transformers import AutoModelForCausalLM
 
     # ---- inputs ------------------------------------------------------------------------------------------------
@@ -240,19 +255,28 @@ def _train(cfg: dict, seed: int, layout: Layout, info: distributed.DistInfo, dev
     ckdir = layout.checkpoints
     base_config = read_json(layout.base / "config.json")
     fp = fingerprint_items(cfg, seed, shards.meta, base_config)
+    newest = checkpoint.latest(ckdir)
+    start_over = None
+    if newest is not None and not cfg["resume"]:
+        start_over = "train.resume=false"
+    elif newest is not None:
+        changed = _changed(checkpoint.read_state(newest).get("fingerprint", {}), fp)
+        if changed and cfg["resume"] == "force":
+            _check_forceable(newest, changed)
+        elif changed:
+            start_over = f"{newest} was made with other params ({_describe(changed)})"
     if info.main:
         ckdir.mkdir(parents=True, exist_ok=True)
         checkpoint.sweep_temp(ckdir)
-        if not cfg["resume"] and checkpoint.list_checkpoints(ckdir):
-            log.info("train.resume=false: removing the checkpoints in %s and training from scratch", ckdir)
+        if start_over:
+            log.warning("%s: removing the checkpoints in %s and training from scratch", start_over, ckdir)
             checkpoint.clear(ckdir)
     if info.enabled:
         torch.distributed.barrier()
-    resume_from = checkpoint.latest(ckdir) if cfg["resume"] else None
+    resume_from = None if start_over else newest
     state: dict[str, Any] = {}
     if resume_from is not None:
         state = checkpoint.read_state(resume_from)
-        _check_resumable(resume_from, state.get("fingerprint", {}), fp)
 
     random.seed(seed)
     np.random.seed(seed)
@@ -301,7 +325,10 @@ def _train(cfg: dict, seed: int, layout: Layout, info: distributed.DistInfo, dev
                  state["samples"])
 
     # ---- a finished run is re-exported, not retrained ------------------------------------------------------------
-    if state["step"] >= cfg["steps"] and state.get("finished"):
+    if state["step"] > cfg["steps"]:
+        raise ConfigError(f"{resume_from}: the checkpoint is at step {state['step']}, past train.steps="
+                          f"{cfg['steps']}; raise train.steps or use train.resume=false")
+    if state.get("finished") and state["step"] == cfg["steps"]:
         log.info("%s is the final checkpoint of this run (step %d): re-exporting %s without training "
                  "(set train.resume=false to retrain)", resume_from, state["step"], layout.model)
         export_model(core, hf_model, layout.tokenizer, layout.model, save_dtype, info)
@@ -313,7 +340,8 @@ def _train(cfg: dict, seed: int, layout: Layout, info: distributed.DistInfo, dev
     peak = flops.peak_flops(device, cfg["peak_tflops"])
     tracker = tracking.current()
     if info.main:
-        tracker.log_params({f"train.{k}": v for k, v in cfg.items()} | {"params": n_params})
+        # params.yaml's own keys are logged by the tracker; add the defaults this run used and the model size
+        tracker.log_params({f"train.{k}": v for k, v in cfg.items() if k not in given} | {"train.n_params": n_params})
     step_log = ckdir / "steps.jsonl"
     if info.main:
         _truncate_step_log(step_log, state["step"])
@@ -368,8 +396,8 @@ def _train(cfg: dict, seed: int, layout: Layout, info: distributed.DistInfo, dev
         except NonFiniteLoss as exc:
             where = f"the last good checkpoint {last_good} is kept" if last_good else "no checkpoint was written yet"
             raise TrainingDiverged(
-                f"train: {exc} at step {step + 1} (lr {lr:.3g}); stopped, {where}. Lower train.lr, raise train.warmup "
-                f"or train.grad_clip; a rerun resumes from that checkpoint"
+                f"train: {exc} at step {step + 1} (lr {lr:.3g}); stopped, {where}. Lower train.lr or raise "
+                f"train.warmup and rerun with train.resume=force to continue from it"
             ) from exc
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -430,16 +458,21 @@ def _train(cfg: dict, seed: int, layout: Layout, info: distributed.DistInfo, dev
     return metrics
 
 
-def _check_resumable(path: Path, saved: dict, now: dict) -> None:
-    changed = {k for k in set(saved) | set(now) if saved.get(k) != now.get(k)}
-    unsafe = sorted(changed - RESUME_SAFE)
+def _changed(saved: dict, now: dict) -> dict[str, tuple[Any, Any]]:
+    return {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)}
+
+
+def _describe(changed: dict[str, tuple[Any, Any]]) -> str:
+    return ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+
+
+def _check_forceable(path: Path, changed: dict[str, tuple[Any, Any]]) -> None:
+    unsafe = {k: v for k, v in changed.items() if k not in RESUME_SAFE}
     if unsafe:
-        diff = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in unsafe)
-        raise ConfigError(f"{path}: checkpoint made with other params ({diff}); resuming would mix two runs. "
-                          f"Set train.resume=false to start over")
-    if changed:
-        diff = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(changed))
-        log.warning("resuming %s with changed params (%s): the result is not the uninterrupted run's", path, diff)
+        raise ConfigError(f"{path}: train.resume=force cannot continue a checkpoint made with other "
+                          f"{_describe(unsafe)}: that would mix two runs. Use train.resume=true to start over")
+    log.warning("train.resume=force: continuing %s with changed params (%s); the result is not an uninterrupted "
+                "run's", path, _describe(changed))
 
 
 def _config_dtype(base_config: dict) -> torch.dtype:
