@@ -123,9 +123,9 @@ def _fixture_models(corpora: Path) -> Path:
         atexit.register(shutil.rmtree, out, True)
         s = corpus_slices(corpora)
         tok_text = s["en"][:10] + s["vi"][:3]
-        build_model_dir(out / "base", tok_text, 400, seed=1, train_texts=s["en"][:16], steps=30)
+        build_model_dir(out / "base", tok_text, 400, seed=1, train_texts=s["en"][:16], steps=20)
         build_model_dir(out / "cpt", tok_text + s["vi"][:20], 700, seed=2, train_texts=s["vi"][:30] + s["en"][:4],
-                        steps=60)
+                        steps=40)
         _MODELS["dir"] = out
     return _MODELS["dir"]
 
@@ -307,6 +307,7 @@ def test_stage_reports_gain_forgetting_xcopa_and_samples(tmp_path, corpora):
     layout = make_project(tmp_path, corpora)
     params = {
         "seed": 7,
+        "tracking": {"enabled": False},  # MLflow is the ops stage's concern (and its own tests)
         "ingest": {"corpus_dir": str(corpora)},
         "eval": {"max_length": 64, "stride": 32, "max_docs": 30, "max_bytes": 20000, "threads": 1,
                  "xcopa": {"max_items": 10, "langs": ["vi", "zh"]},

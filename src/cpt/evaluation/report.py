@@ -66,8 +66,8 @@ def write_figure(path: Path, curve: dict[str, list[float]], rows: list[dict[str,
     ax1.set_title("continual pretraining: loss, new vs old")
     names = [r["source"] for r in rows]
     ys = range(len(rows))
-    ax2.barh([y + 0.2 for y in ys], [r["base"] for r in rows], height=0.4, label="base", color="tab:gray")
-    ax2.barh([y - 0.2 for y in ys], [r["cpt"] for r in rows], height=0.4, label="cpt", color="tab:green")
+    ax2.barh([y - 0.2 for y in ys], [r["base"] for r in rows], height=0.4, label="base", color="tab:gray")
+    ax2.barh([y + 0.2 for y in ys], [r["cpt"] for r in rows], height=0.4, label="cpt", color="tab:green")
     ax2.set_yticks(list(ys), [f"{n} ({r['domain']})" for n, r in zip(names, rows)])
     ax2.invert_yaxis()
     ax2.set_xlabel("bits per UTF-8 byte (lower is better)")
@@ -131,7 +131,13 @@ def report_markdown(metrics: dict, rows: list[dict], models: dict, cfg: dict, fi
           "Bits per UTF-8 byte (bpb) compare models with different tokenizers. gain = bpb(base) - bpb(cpt) on the "
           "new languages (> 0: learned); forgetting = bpb(cpt) - bpb(base) on the old language (> 0: forgot). "
           "Pooled over all sources of a language (summed NLL / summed bytes).", ""]
-    L += ["| model | folder | parameters | vocab | window / stride |", "|---|---|---:|---:|---|"]
+    by_lang = metrics.get("bpb_by_lang", {})
+    L += ["| language | domain | base bpb | cpt bpb | gain / forgetting |", "|---|---|---:|---:|---:|"]
+    for key, domain, label in (("gain", "new", "gain"), ("forgetting", "old", "forgetting")):
+        for lang, v in metrics[key].items():
+            L.append(f"| {lang} | {domain} | {_f(by_lang.get('base', {}).get(lang))} | "
+                     f"{_f(by_lang.get('cpt', {}).get(lang))} | {label} {_signed(v)} |")
+    L += ["", "| model | folder | parameters | vocab | window / stride |", "|---|---|---:|---:|---|"]
     for name, m in models.items():
         L.append(f"| {name} | `{m['path']}` | {m['params'] / 1e6:.2f}M | {m['vocab']} | {m['max_length']} / {m['stride']} |")
     L += ["", "## Bits per byte per source", "",
@@ -174,9 +180,9 @@ def report_markdown(metrics: dict, rows: list[dict], models: dict, cfg: dict, fi
     else:
         L += ["Disabled (eval.overlap.enabled: false).", ""]
     L += ["## Method", "",
-          f"- Documents are scored whole and separately, each prefixed by BOS (EOS if none); no EOS is scored. "
-          f"Windows of {cfg['max_length']} tokens, stride {cfg['stride']} (each token scored once, with at least "
-          f"window - stride tokens of context after the first window).",
+          "- Documents are scored whole and separately, each prefixed by BOS (EOS if none); no EOS is scored. "
+          "Sliding windows (window / stride per model in the table above; capped by the model's positions): each "
+          "token is scored once, with at least window - stride tokens of context after the first window.",
           f"- bpb = sum of NLL (nats) / (ln 2 x UTF-8 bytes of the scored documents). Budget per source: "
           f"max_docs={cfg['max_docs']}, max_bytes={cfg['max_bytes']} (whole documents in file order).",
           "- Generations: [samples.md](samples.md). Numbers: `metrics/eval.json`; plots: `dvc plots show`.", ""]
