@@ -159,3 +159,23 @@ def test_real_corpora_slices(tmp_path, corpora):
     first = next(read_jsonl(layout.raw / "viwiki.jsonl"))
     assert first["id"] == "viwiki/viwiki-00000" and first["role"] == "train" and first["lang"] == "vi"
     assert [s.name for s in read_manifest(layout.raw)] == ["wt2", "ntrex_vi", "viwiki"]
+
+
+def test_hf_source_streams_a_packaged_builder(tmp_path, corpora):
+    pytest.importorskip("datasets")
+    layout = Layout(tmp_path / "p")
+    src = {"name": "zh", "hf": "json", "data_files": "zh_cmrc2018_contexts/cmrc2018_contexts.jsonl",
+           "lang": "zh", "domain": "new", "role": "train", "max_docs": 5}
+    m = ingest.run(_params(corpora, src), layout)
+    docs = list(read_jsonl(layout.raw / "zh.jsonl"))
+    assert m["docs"] == 5 and docs[0]["id"] == "zh/cmrc2018-dev-00000" and m["by_source"]["zh"]["format"] == "hf"
+
+
+def test_cli_reports_a_missing_source_in_one_line(tmp_path, capsys):
+    from cpt.cli import main
+
+    params = tmp_path / "params.yaml"
+    params.write_text(json.dumps({**_params(tmp_path, _src("gone", "nowhere.jsonl")), "tracking": {"enabled": False}}))
+    assert main(["ingest", "-p", str(params), "--root", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'gone'" in err[0] and "no file matches" in err[0]

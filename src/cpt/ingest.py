@@ -45,7 +45,7 @@ DEFAULTS: dict[str, Any] = {
 }
 SOURCE_KEYS = {
     "name", "path", "hf", "config", "split", "lang", "domain", "role", "text_field", "id_field", "max_docs", "unit",
-    "sample", "trust_remote_code",
+    "sample", "data_files",
 }
 UNITS = ("line", "wikitext", "blank", "file")
 SAMPLES = ("first", "uniform")
@@ -65,6 +65,7 @@ class Source:
     path: str | None = None
     hf: str | None = None
     config: str | None = None
+    data_files: Any = None  # hf only: local or remote files for a packaged builder (hf: json / parquet / text)
     split: str = "train"
     text_field: str = "text"
     id_field: str = "id"
@@ -158,10 +159,24 @@ def parse_sources(cfg: dict[str, Any], layout: Layout) -> list[Source]:
         out.append(Source(
             name=name, lang=src["lang"], domain=src["domain"], role=src["role"], path=src.get("path"),
             hf=src.get("hf"), config=src.get("config"), split=src.get("split", "train"),
+            data_files=_resolve_files(src.get("data_files"), corpus_dir, layout),
             text_field=src.get("text_field", "text"), id_field=src.get("id_field", "id"), max_docs=max_docs,
             unit=unit, sample=sample, files=files,
         ))
     return out
+
+
+def _resolve_files(files: Any, corpus_dir: Path, layout: Layout) -> Any:
+    """hf ``data_files`` relative to the corpus folder, like ``path`` (URLs and absolute paths unchanged)."""
+    if files is None:
+        return None
+    if isinstance(files, str):
+        return files if "://" in files else str(layout.resolve(corpus_dir / files))
+    if isinstance(files, list):
+        return [_resolve_files(f, corpus_dir, layout) for f in files]
+    if isinstance(files, dict):
+        return {k: _resolve_files(v, corpus_dir, layout) for k, v in files.items()}
+    raise ConfigError(f"data_files must be a path, a list or a mapping, got {type(files).__name__}")
 
 
 # ---------------------------------------------------------------- readers: yield (line, own_id, text) or Reject
@@ -244,7 +259,7 @@ def read_hf(src: Source) -> Iterator[tuple[int, str | None, str] | Reject]:
     import datasets
 
     try:
-        ds = datasets.load_dataset(src.hf, src.config, split=src.split, streaming=True)
+        ds = datasets.load_dataset(src.hf, src.config, data_files=src.data_files, split=src.split, streaming=True)
         for row, obj in enumerate(ds, 1):
             yield from _record(Path(f"hf:{src.hf}"), row, obj, src)
     except DataError:
