@@ -81,6 +81,27 @@ def run_cpt_neardup(texts: list[str], dd: dict, seed: int) -> tuple[Timer, np.nd
     return t, res.root == np.arange(len(texts))
 
 
+def run_datasketch(texts: list[str], dd: dict, bands: int, rows: int, seed: int) -> tuple[Timer, np.ndarray]:
+    """datasketch's MinHash (update_batch per document) + MinHashLSH with the same bands x rows and shingles;
+    a document whose LSH query finds an earlier kept one is dropped (keep-first, like cpt)."""
+    from datasketch import MinHash, MinHashLSH
+
+    with Timer() as t:
+        lsh = MinHashLSH(num_perm=dd["num_perm"], params=(bands, rows))
+        keep = np.ones(len(texts), dtype=bool)
+        for i, text in enumerate(texts):
+            words = ["0" if w.isdigit() else w for w in dedup.tokenize(text, "word")]
+            n = min(dd["word_ngram"], len(words)) or 1
+            grams = [" ".join(words[j:j + n]).encode() for j in range(max(1, len(words) - n + 1))]
+            mh = MinHash(num_perm=dd["num_perm"], seed=seed)
+            mh.update_batch(grams)
+            if lsh.query(mh):
+                keep[i] = False
+            else:
+                lsh.insert(str(i), mh)
+    return t, keep
+
+
 def run_datatrove(texts: list[str], work: Path, bands: int, rows: int, ngram: int, seed: int) -> tuple[Timer, np.ndarray]:
     from datatrove.data import Document
     from datatrove.executor import LocalPipelineExecutor
@@ -189,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
 
         t_near, cpt_keep = run_cpt_neardup(texts, dd, args.seed)
         t_dt, dt_keep = run_datatrove(texts, work, bands, rows, dd["word_ngram"], args.seed)
+        t_ds, ds_keep = run_datasketch(texts, dd, bands, rows, args.seed)
         # the LSH-only view (no verification), to show where the two differ
         _, cpt_lsh_keep = run_cpt_neardup(texts, {**dd, "threshold": 0.0}, args.seed)
 
@@ -211,9 +233,12 @@ def main(argv: list[str] | None = None) -> int:
                             "exact_duplicates": metrics["exact_duplicates"], "rejected": metrics["rejected"]},
         "cpt_near_dedup": {**rate(t_near, n_dedup, mb_dedup), "docs": n_dedup, "dropped": int((~cpt_keep).sum())},
         "datatrove_minhash": {**rate(t_dt, n_dedup, mb_dedup), "docs": n_dedup, "dropped": int((~dt_keep).sum())},
+        "datasketch_minhash_lsh": {**rate(t_ds, n_dedup, mb_dedup), "docs": n_dedup, "dropped": int((~ds_keep).sum()),
+                                   "agreement_with_cpt": round(float((ds_keep == cpt_keep).mean()), 4)},
         "speedup_per_core": {
             "cpt_clean_stage_vs_datatrove": round((n_in / t_stage.cpu) / (n_dedup / t_dt.cpu), 2),
             "cpt_near_dedup_vs_datatrove": round(t_dt.cpu / t_near.cpu, 2),
+            "cpt_near_dedup_vs_datasketch": round(t_ds.cpu / t_near.cpu, 2),
         },
         "agreement": {
             "keep_drop": round(agree, 4),
@@ -230,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'pipeline':<28}{'docs':>7}{'CPU s':>9}{'wall s':>9}{'docs/CPU s':>12}{'MB/CPU s':>10}{'dropped':>9}")
     for name, key, n in (("cpt clean stage (all steps)", "cpt_clean_stage", n_in),
                          ("cpt near-dedup only", "cpt_near_dedup", n_dedup),
-                         ("datatrove MinHash (4 steps)", "datatrove_minhash", n_dedup)):
+                         ("datatrove MinHash (4 steps)", "datatrove_minhash", n_dedup),
+                         ("datasketch MinHash+LSH", "datasketch_minhash_lsh", n_dedup)):
         r = result[key]
         dropped = r.get("dropped", r.get("near_duplicates"))
         print(f"{name:<28}{n:>7}{r['cpu_s']:>9.2f}{r['wall_s']:>9.2f}{r['docs_per_cpu_s']:>12.1f}"

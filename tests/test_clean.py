@@ -80,6 +80,8 @@ def test_wiki_reference_sections_dropped_content_headings_kept(viwiki):
     assert "\nLịch sử\n" in out and "Ra đời vào tháng 1, năm 1985" in out
     doc = "Intro.\n== Xem thêm ==\nlink a\n=== Sub ===\nlink b\n== Lịch sử ==\nProse.\n== Tham khảo ==\nref"
     assert textnorm.normalize(doc) == "Intro.\nLịch sử\nProse."
+    messy = "Intro.\r\n  == Xem thêm ==  \r\nlink a\n== Lịch sử ==\t\nProse.\r\n== Tham khảo ==\r\nref"
+    assert textnorm.normalize(messy) == "Intro.\nLịch sử\nProse."
 
 
 # ---------------------------------------------------------------- filters

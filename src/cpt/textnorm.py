@@ -24,9 +24,8 @@ _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u00ad\u200b\u200e\u2
 # spaces become " ", then runs of 2+ spaces collapse.
 _OTHER_SPACES = re.compile("[\t\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]")
 _SPACE_RUNS = re.compile("  +")
-_LINE_EDGES = re.compile(r" \n|\n ")
 _MANY_NEWLINES = re.compile(r"\n{3,}")
-_HEADING = re.compile(r"^(={2,6}) *([^=\n](?:.*?[^=\n])?) *\1 *$", re.M)
+_HEADING = re.compile(r"^[ \t]*(={2,6})[ \t]*([^=\n](?:.*?[^=\n])?)[ \t]*\1[ \t]*$", re.M)
 
 # Section titles whose content is references, link lists or galleries, not prose (casefolded, compared exactly).
 DEFAULT_DROP_SECTIONS: tuple[str, ...] = (
@@ -53,9 +52,10 @@ def normalize_whitespace(text: str) -> str:
     text = _CONTROL.sub("", text)
     text = _OTHER_SPACES.sub(" ", text)
     text = _SPACE_RUNS.sub(" ", text)
-    if _LINE_EDGES.search(text):
+    if " \n" in text or "\n " in text:  # substring tests are memchr-fast; most documents need neither rewrite
         text = "\n".join(line.strip(" ") for line in text.split("\n"))
-    text = _MANY_NEWLINES.sub("\n\n", text)
+    if "\n\n\n" in text:
+        text = _MANY_NEWLINES.sub("\n\n", text)
     return text.strip()
 
 
@@ -88,10 +88,11 @@ def strip_wiki_sections(text: str, drop_sections: Iterable[str] = DEFAULT_DROP_S
 def normalize(text: str, *, wiki: bool = True, drop_sections: Iterable[str] = DEFAULT_DROP_SECTIONS) -> str:
     """The full normalisation every document gets (idempotent: normalize(normalize(x)) == normalize(x))."""
     text = nfc(text)
-    text = normalize_whitespace(text)
     if wiki:
-        text = normalize_whitespace(strip_wiki_sections(text, drop_sections))
-    return text
+        if "\r" in text:
+            text = text.replace("\r\n", "\n").replace("\r", "\n")
+        text = strip_wiki_sections(text, drop_sections)
+    return normalize_whitespace(text)
 
 
 def text_hash(text: str) -> str:
