@@ -46,6 +46,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def configure_logging(stage: str, verbose: bool = False) -> None:
+    """cpt's own loggers at INFO on stderr; third-party libraries (great-expectations, mlflow, prefect...) only at
+    WARNING, so a stage's log stays readable in `dvc repro` and in Prefect's log view."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"%(asctime)s cpt {stage}: %(message)s", datefmt="%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    logging.getLogger("cpt").setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
 def run_stage(stage: str, params: dict, layout: Layout) -> dict:
     """Run one stage in-process and write its metrics file. Used by the CLI and by the Prefect tasks' tests."""
     module = importlib.import_module(f"cpt.{stage}")
@@ -85,12 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.stage:
         parser.print_help()
         return 2
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format=f"%(asctime)s cpt {args.stage}: %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-    )
+    configure_logging(args.stage, args.verbose)
     root = Path(args.root)
     params_path = Path(args.params)
     if not params_path.is_absolute() and not params_path.exists():
