@@ -72,6 +72,8 @@ def _config(params: dict[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"clean.{sub}: unknown keys {sorted(extra)}; allowed: {sorted(DEFAULTS[sub])}")
         cfg[sub] = {**DEFAULTS[sub], **(sec.get(sub) or {})}
     for lang, th in (cfg["filters"] or {}).items():
+        if th is None:
+            continue  # `vi:` with nothing under it: the defaults
         if not isinstance(th, dict):
             raise ConfigError(f"clean.filters.{lang}: expected a mapping of thresholds")
         bad = set(th) - filters.FILTER_KEYS
