@@ -384,3 +384,14 @@ def test_window_capped_by_the_model_keeps_the_stride_ratio(fixture_models):
     scorer = BpbScorer(lm, max_length=1024, stride=512)
     assert (scorer.max_length, scorer.stride) == (256, 128)
     assert (BpbScorer(lm, max_length=128, stride=100).max_length, BpbScorer(lm, 128, 100).stride) == (128, 100)
+
+
+def test_budget_keeps_whole_documents_and_cuts_only_a_single_oversized_one():
+    from cpt.eval import budget
+
+    docs = ["a" * 40, "b" * 40, "c" * 40]
+    assert budget(docs, None, 100) == (docs[:2], 0)
+    assert budget(docs, 1, None) == (docs[:1], 0)
+    book = "line one\n" + "ư" * 30 + "\nmore text here"
+    (cut,), n = budget([book], None, 50)
+    assert n == 1 and len(cut.encode("utf-8")) <= 50 and book.startswith(cut) and cut.endswith("ư")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -32,7 +33,8 @@ def test_clean_pipeline_slice_has_no_eval_document_in_the_training_shards(tmp_pa
     result = check_overlap(layout, config({}))
     meta = json.loads((layout.shards / "meta.json").read_text())
     assert result["shard_docs_checked"] == meta["splits"]["new/train"]["docs"] + meta["splits"]["old/train"]["docs"]
-    assert result["shard_tokens_checked"] == sum(s["tokens"] for s in meta["splits"].values())
+    # every token of the streams but the EOS separators (one per document) was looked at
+    assert result["shard_tokens_checked"] == sum(s["tokens"] - s["docs"] for s in meta["splits"].values())
     assert result["eval_docs_indexed"] == 120 and result["heldout_docs_indexed"] == 10
     assert result["eval_docs_in_train_shards"] == 0 and result["eval_docs_in_train_records"] == 0
     assert result["heldout_docs_in_train_shards"] == 0
@@ -46,13 +48,21 @@ def test_a_broken_role_barrier_is_caught_by_name_and_stops_the_stage(tmp_path, c
     assert result["eval_docs_in_train_shards"] == 3 and result["eval_docs_in_train_records"] == 0
 
 
-def test_decoded_documents_match_through_tokenizer_normalisation():
-    """A tokenizer that rewrites spacing / Unicode form still cannot hide a leak: eval docs are also indexed in the
-    tokenizer's own round-trip image."""
+def test_index_matches_text_modulo_spacing_and_unicode_form_and_token_ids_exactly():
     index = overlap.OverlapIndex()
-    index.add("ntrex_vi", ["Hà Nội  là thủ đô."], roundtrip=lambda texts: [t.upper() for t in texts])
-    _, leaks, _ = index.find(["HÀ NỘI LÀ THỦ ĐÔ.", "something else", "Ha\u0300 Nội là   thủ đô."])
-    assert leaks == {"ntrex_vi": 2}  # the round-trip image, and the raw text in NFD with other spacing
+    index.add("ntrex_vi", ["Hà Nội  là thủ đô."], encode=lambda texts: [[ord(c) for c in t] for t in texts])
+    _, leaks, _ = index.find_texts(["Ha\u0300 Nội là   thủ đô.", "something else"])
+    assert leaks == {"ntrex_vi": 1}  # NFD and other spacing: still the same document
+    segs = [np.array([ord(c) for c in "Hà Nội  là thủ đô."]), np.array([1, 2, 3])]
+    _, leaks, _ = index.find_segments(segs)
+    assert leaks == {"ntrex_vi": 1}
+
+
+def test_shard_segments_split_at_eos_and_drop_bos(tmp_path):
+    path = tmp_path / "train.bin"
+    np.array([1, 5, 6, 2, 1, 7, 2, 1, 8], dtype="<u2").tofile(path)  # BOS=1, EOS=2; last doc cut by the tail
+    segs = [s.tolist() for s in overlap.shard_segments(path, "uint16", 2, [1])]
+    assert segs == [[5, 6], [7], [8]]
 
 
 def _real_shards(layout, params):

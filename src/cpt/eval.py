@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from cpt import tracking
@@ -104,20 +103,35 @@ class EvalSource:
     origin: str  # "eval" (a role: eval source) or "heldout" (split off by the shards stage)
     texts: list[str]  # the documents scored (whole documents, within the budget)
     available: int  # documents before the budget
+    truncated: int = 0  # 1 when the only document was cut to the byte budget
 
 
-def budget(texts: list[str], max_docs: int | None, max_bytes: int | None) -> list[str]:
-    """Whole documents in file order until ``max_docs`` or ``max_bytes`` (at least one document is kept)."""
+def prefix(text: str, max_bytes: int) -> str:
+    """The longest prefix of ``text`` within ``max_bytes`` UTF-8 bytes, cut at a line (else a space) boundary when
+    one lies in the second half; the scored bytes are then exactly this prefix's."""
+    head = text.encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore")
+    for sep in ("\n", " "):
+        cut = head.rfind(sep)
+        if cut >= len(head) // 2:
+            return head[:cut]
+    return head
+
+
+def budget(texts: list[str], max_docs: int | None, max_bytes: int | None) -> tuple[list[str], int]:
+    """Whole documents in file order until ``max_docs`` or ``max_bytes``; (texts, documents cut). A first document
+    bigger than the whole byte budget (a book) is cut to its first ``max_bytes`` rather than scored whole."""
     out, total = [], 0
     for text in texts:
         if max_docs is not None and len(out) >= max_docs:
             break
         size = len(text.encode("utf-8"))
-        if out and max_bytes is not None and total + size > max_bytes:
+        if max_bytes is not None and total + size > max_bytes:
+            if not out:
+                return [prefix(text, max_bytes)], 1
             break
         out.append(text)
         total += size
-    return out
+    return out, 0
 
 
 def collect_sources(layout: Layout, cfg: dict) -> list[EvalSource]:
@@ -135,10 +149,11 @@ def collect_sources(layout: Layout, cfg: dict) -> list[EvalSource]:
     out = []
     for info in infos:
         texts = [d["text"] for d in iter_docs(layout.clean, role="eval", name=info.name) if d["text"].strip()]
-        out.append(EvalSource(info.name, info.lang, info.domain, "eval",
-                              budget(texts, cfg["max_docs"], cfg["max_bytes"]), len(texts)))
+        chosen, cut = budget(texts, cfg["max_docs"], cfg["max_bytes"])
+        out.append(EvalSource(info.name, info.lang, info.domain, "eval", chosen, len(texts), cut))
     for name, (lang, domain, texts) in heldout_groups(layout, cfg).items():
-        out.append(EvalSource(name, lang, domain, "heldout", budget(texts, cfg["max_docs"], cfg["max_bytes"]), len(texts)))
+        chosen, cut = budget(texts, cfg["max_docs"], cfg["max_bytes"])
+        out.append(EvalSource(name, lang, domain, "heldout", chosen, len(texts), cut))
     out = [s for s in out if s.texts]
     if not out:
         raise DataError(f"{layout.clean}: no role: eval documents and no held-out documents to evaluate")
@@ -168,7 +183,7 @@ def heldout_groups(layout: Layout, cfg: dict) -> dict[str, tuple[str, str, list[
 
 
 def check_overlap(layout: Layout, cfg: dict) -> dict[str, Any]:
-    """Eval (and held-out) documents found in the training records / decoded training shards; see overlap.py."""
+    """Eval (and held-out) documents found in the clean training records / the training shards; see overlap.py."""
     ocfg = cfg["overlap"]
     if not ocfg["enabled"]:
         return {"enabled": 0}
@@ -177,36 +192,30 @@ def check_overlap(layout: Layout, cfg: dict) -> dict[str, Any]:
         eval_docs[doc["source"]].append(doc["text"])
     heldout = [t for _, _, texts in heldout_groups(layout, cfg).values() for t in texts]
 
-    roundtrip, shard_texts, tokens = None, [], 0
+    encode, segments, tokens = None, [], 0
     if ocfg["shards"]:
-        meta, streams = overlap.shard_stream_paths(layout.resolve(ocfg["shards"]))
+        meta, streams = overlap.shard_streams(layout.resolve(ocfg["shards"]))
         from transformers import AutoTokenizer
 
-        tok_path = layout.resolve(meta.get("tokenizer") or layout.tokenizer)
-        tok = AutoTokenizer.from_pretrained(tok_path)
+        tok = AutoTokenizer.from_pretrained(layout.resolve(meta.get("tokenizer") or layout.tokenizer))
+        tok.model_max_length = 1 << 62  # whole documents; this tokenizer only encodes here
 
-        def roundtrip(texts: list[str]) -> list[str]:
-            ids = tok(texts, add_special_tokens=False)["input_ids"] if texts else []
-            return tok.batch_decode(ids, skip_special_tokens=True)
+        def encode(texts: list[str]) -> list[list[int]]:
+            return tok(texts, add_special_tokens=False)["input_ids"]
 
-        def decode(batch: list[list[int]]) -> list[str]:
-            return tok.batch_decode(batch, skip_special_tokens=True)
-
+        specials = [i for i in (meta.get("bos_id"), tok.bos_token_id, tok.pad_token_id) if i is not None]
         for path in streams:
-            n = path.stat().st_size // np.dtype(meta["dtype"]).itemsize
-            tokens += min(n, ocfg["max_tokens"] or n)
-            shard_texts.extend(
-                overlap.shard_documents(path, meta["dtype"], int(meta["eos_id"]), decode, ocfg["max_tokens"])
-            )
+            segs = list(overlap.shard_segments(path, meta["dtype"], int(meta["eos_id"]), specials, ocfg["max_tokens"]))
+            tokens += sum(len(s) for s in segs)
+            segments.extend(segs)
 
     eval_index, held_index = overlap.OverlapIndex(), overlap.OverlapIndex()
     for src, texts in eval_docs.items():
-        eval_index.add(src, texts, roundtrip)
-    held_index.add("heldout", heldout, roundtrip)
-    train_records = (d["text"] for d in iter_docs(layout.clean, role="train"))
-    n_records, leaks_records, ex1 = eval_index.find(train_records)
-    n_shard, leaks_shards, ex2 = eval_index.find(shard_texts)
-    _, held_leaks, ex3 = held_index.find(shard_texts)
+        eval_index.add(src, texts, encode)
+    held_index.add("heldout", heldout, encode)
+    n_records, leaks_records, ex1 = eval_index.find_texts(d["text"] for d in iter_docs(layout.clean, role="train"))
+    n_shard, leaks_shards, ex2 = eval_index.find_segments(segments)
+    _, held_leaks, ex3 = held_index.find_segments(segments)
     result = {
         "enabled": 1,
         "eval_docs_indexed": sum(len(v) for v in eval_docs.values()),
@@ -218,7 +227,7 @@ def check_overlap(layout: Layout, cfg: dict) -> dict[str, Any]:
         "eval_docs_in_train_shards": sum(leaks_shards.values()),
         "heldout_docs_in_train_shards": sum(held_leaks.values()),
     }
-    leaked = {k: leaks_records.get(k, 0) + leaks_shards.get(k, 0) for k in set(leaks_records) | set(leaks_shards)}
+    leaked = {k: leaks_records.get(k, 0) + leaks_shards.get(k, 0) for k in sorted(set(leaks_records) | set(leaks_shards))}
     if leaked and ocfg["fail"]:
         raise DataError(
             f"{layout.clean} / {ocfg['shards']}: evaluation documents found in the training data "
@@ -228,7 +237,7 @@ def check_overlap(layout: Layout, cfg: dict) -> dict[str, Any]:
     if leaked:
         log.warning("evaluation documents found in the training data: %s", leaked)
     if held_leaks:
-        log.warning("%d held-out documents also appear in the training shards (e.g. %s): heldout_* bpb is optimistic",
+        log.warning("%d held-out documents also appear in the training shards (%s): heldout_* bpb is optimistic",
                     sum(held_leaks.values()), ex3[:1])
     return result
 
@@ -308,7 +317,7 @@ def _run(params: dict, layout: Layout, cfg: dict) -> dict:
 
 
 def assemble(scores: dict[str, dict[str, Score]], sources: list[EvalSource], xacc: dict, overlap_result: dict) -> dict:
-    meta = {s.name: {"lang": s.lang, "domain": s.domain} for s in sources}
+    meta = {s.name: {"lang": s.lang, "domain": s.domain, "truncated": s.truncated} for s in sources}
     metrics: dict[str, Any] = {
         name: {s: {**sc.to_dict(), **meta[s]} for s, sc in per.items()} for name, per in scores.items()
     }

@@ -68,6 +68,7 @@ def load_model(name: str, path: Path, *, device: str = "auto", dtype: str = "aut
     except ValueError as exc:
         raise ConfigError(f"eval.dtype: {exc}") from exc
     tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.model_max_length = 1 << 62  # we window long documents ourselves; silence the length warning
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model.to(dev).eval()
     emb = model.get_input_embeddings().weight.shape[0]

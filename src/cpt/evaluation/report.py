@@ -97,7 +97,7 @@ def write_all(
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = [
         {"source": s.name, "lang": s.lang, "domain": s.domain, "origin": s.origin, "docs": len(s.texts),
-         "available": s.available, "bytes": scores["base"][s.name].bytes,
+         "available": s.available, "truncated": s.truncated, "bytes": scores["base"][s.name].bytes,
          "base": scores["base"][s.name].bpb, "cpt": scores["cpt"][s.name].bpb,
          "tok_base": scores["base"][s.name].tokens, "tok_cpt": scores["cpt"][s.name].tokens}
         for s in sources
@@ -145,6 +145,7 @@ def report_markdown(metrics: dict, rows: list[dict], models: dict, cfg: dict, fi
           "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         docs = f"{r['docs']}" + (f" of {r['available']}" if r["available"] != r["docs"] else "")
+        docs += " (cut to the byte budget)" if r["truncated"] else ""
         L.append(
             f"| {r['source']} | {r['lang']} | {r['domain']} | {docs} | {r['bytes']:,} | {_f(r['base'])} | "
             f"{_f(r['cpt'])} | {_signed(r['cpt'] - r['base'])} | {r['tok_base'] / max(1, r['bytes']):.3f} | "
