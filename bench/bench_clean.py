@@ -73,8 +73,7 @@ def run_cpt_stage(docs: list[dict], work: Path, params: dict) -> tuple[Timer, di
 def run_cpt_neardup(texts: list[str], dd: dict, seed: int) -> tuple[Timer, np.ndarray]:
     """cpt's near-dedup alone (tokenise, shingle, MinHash, LSH + verification): the apples-to-apples part."""
     with Timer() as t:
-        hasher = dedup.TokenHasher(norm_numbers=True)
-        sh = (dedup.shingles(hasher.hashes(dedup.tokenize(x, "word")), dd["word_ngram"]) for x in texts)
+        sh = (dedup.shingles(dedup.token_hashes(x, "word").hashes(), dd["word_ngram"]) for x in texts)
         sig = dedup.MinHasher(dd["num_perm"], seed=seed).signatures(sh, len(texts))
         bands, rows = dedup.lsh_params(dd["lsh_threshold"], dd["num_perm"])
         res = dedup.near_duplicates(sig, bands, rows, threshold=dd["threshold"], seed=seed)

@@ -113,6 +113,23 @@ def test_length_digit_symbol_and_repeated_line_filters():
 # ---------------------------------------------------------------- MinHash
 
 
+def test_vectorised_token_hashes_match_the_regex_tokenizer(viwiki, ntrex_vi):
+    texts = [textnorm.normalize(d["text"]) for k, d in viwiki.items() if k != "years"] + ntrex_vi[:100]
+    for mode in ("word", "char"):
+        for text in texts:
+            toks = dedup.token_hashes(text, mode)
+            words = dedup.tokenize(text, mode)
+            assert [toks.text(i, 1) for i in range(len(toks))] == words
+            # equal tokens <=> equal hashes (no collisions among these, every repeat found)
+            first: dict[str, int] = {}
+            for w, h in zip(words, toks.hashes(norm_numbers=False).tolist()):
+                assert first.setdefault(w, h) == h
+            assert len(set(first.values())) == len(first)
+    t = dedup.token_hashes("Năm 1999 và năm 2008, dân số 4.764", "word")
+    h = t.hashes(norm_numbers=True)
+    assert h[1] == h[4] == h[7] == h[8] and t.hashes(norm_numbers=False)[1] != t.hashes(norm_numbers=False)[4]
+
+
 def test_minhash_estimates_jaccard():
     rng = np.random.default_rng(0)
     mh = dedup.MinHasher(num_perm=256, seed=3)
@@ -138,8 +155,7 @@ def test_char_shingles_catch_edited_chinese_duplicate():
     base = "《战国无双3》是由光荣和ω-force开发的战国无双系列的正统第三续作。本作以三大故事为主轴，分别是以武田信玄等人为主的关东三国志。" * 3
     edited = base.replace("第三", "第3")
     other = "梅雨是北海道与小笠原诸岛以外的日本、朝鲜半岛南部、中国南部至长江流域沿海部以及台湾等东亚地区特有的气象现象。" * 3
-    h = dedup.TokenHasher()
-    sh = [dedup.shingles(h.hashes(dedup.tokenize(t, "char")), 5) for t in (base, edited, other)]
+    sh = [dedup.shingles(dedup.token_hashes(t, "char").hashes(), 5) for t in (base, edited, other)]
     sig = dedup.MinHasher(128, seed=1).signatures(iter(sh), 3)
     res = dedup.near_duplicates(sig, *dedup.lsh_params(0.6, 128), threshold=0.8)
     assert res.root.tolist() == [0, 0, 2]

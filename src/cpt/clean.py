@@ -172,7 +172,6 @@ def run(params: dict[str, Any], layout: Layout) -> dict[str, Any]:
     t = time.perf_counter()
     eval_index.build()
     dd = cfg["dedup"]
-    hasher = dedup.TokenHasher(norm_numbers=True)
     clean_mask = np.ones(len(survivors), dtype=bool)
     t_decontam = 0.0
 
@@ -180,7 +179,7 @@ def run(params: dict[str, Any], layout: Layout) -> dict[str, Any]:
         nonlocal t_decontam
         for i, doc in enumerate(progress(survivors, desc="clean: decontam+minhash", unit=" docs")):
             mode = "char" if doc["lang"] in dedup.CHAR_LANGS else "word"
-            toks = dedup.tokenize(doc["text"], mode)
+            toks = dedup.token_hashes(doc["text"], mode)
             if cfg["decontam"]["enabled"]:
                 td = time.perf_counter()
                 hit = eval_index.find(doc["text"], doc["lang"], toks)
@@ -195,7 +194,7 @@ def run(params: dict[str, Any], layout: Layout) -> dict[str, Any]:
                 yield np.zeros(0, dtype=np.uint64)
                 continue
             n = int(dd["char_ngram"] if mode == "char" else dd["word_ngram"])
-            yield dedup.shingles(hasher.hashes(toks), n)
+            yield dedup.shingles(toks.hashes(norm_numbers=True), n)
 
     minhasher = dedup.MinHasher(num_perm=int(dd["num_perm"]), seed=seed)
     sig = minhasher.signatures(shingle_stream(), len(survivors))

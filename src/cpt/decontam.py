@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cpt.dedup import CHAR_LANGS, TokenHasher, shingles, tokenize
+from cpt.dedup import CHAR_LANGS, Tokens, shingles, token_hashes
 from cpt.textnorm import text_hash
 
 
@@ -30,7 +30,6 @@ class Hit:
 class EvalIndex:
     word_ngram: int = 13
     char_ngram: int = 25
-    hasher: TokenHasher = field(default_factory=lambda: TokenHasher(norm_numbers=False))
     _parts: list[np.ndarray] = field(default_factory=list)
     _owners: list[np.ndarray] = field(default_factory=list)
     _ids: list[tuple[str, str]] = field(default_factory=list)
@@ -49,9 +48,9 @@ class EvalIndex:
         self._ids.append((source, doc_id))
         self._texts.setdefault(text_hash(text), owner)
         mode, n = self.mode(lang)
-        toks = tokenize(text, mode)
+        toks = token_hashes(text, mode)
         if len(toks) >= n:
-            sh = shingles(self.hasher.hashes(toks), n)
+            sh = shingles(toks.hashes(norm_numbers=False), n)
             self._parts.append(sh)
             self._owners.append(np.full(len(sh), owner, dtype=np.int32))
         self.keys = None
@@ -73,7 +72,7 @@ class EvalIndex:
             self.build()
         return len(self.keys)  # type: ignore[arg-type]
 
-    def find(self, text: str, lang: str, tokens: list[str] | None = None) -> Hit | None:
+    def find(self, text: str, lang: str, tokens: Tokens | None = None) -> Hit | None:
         """The first eval n-gram (or whole eval text) found in ``text``; None if the text is clean."""
         if self.keys is None:
             self.build()
@@ -84,10 +83,10 @@ class EvalIndex:
         if not len(self.keys):  # type: ignore[arg-type]
             return None
         mode, n = self.mode(lang)
-        toks = tokens if tokens is not None else tokenize(text, mode)
+        toks = tokens if tokens is not None else token_hashes(text, mode)
         if len(toks) < n:
             return None
-        sh = shingles(self.hasher.hashes(toks), n)
+        sh = shingles(toks.hashes(norm_numbers=False), n)
         # prefilter: only n-grams whose low 24 bits are present can be eval n-grams (a few % of them)
         maybe = np.flatnonzero(self.bitmap[(sh & np.uint64((1 << self.BITMAP_BITS) - 1)).astype(np.intp)])  # type: ignore[index]
         if not len(maybe):
@@ -100,5 +99,4 @@ class EvalIndex:
         i = int(maybe[hit[0]])
         pos = {i: pos[hit[0]]}
         src, eid = self._ids[int(self.owner[pos[i]])]  # type: ignore[index]
-        sep = "" if mode == "char" else " "
-        return Hit(src, eid, sep.join(toks[i:i + n]))
+        return Hit(src, eid, toks.text(i, n, "" if mode == "char" else " "))

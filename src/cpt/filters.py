@@ -82,6 +82,14 @@ def class_table() -> np.ndarray:
     return table
 
 
+@lru_cache(maxsize=1)
+def word_char_table() -> tuple[np.ndarray, np.ndarray]:
+    """(is word character, is digit) per code point: letters and digits, like the regex class [^\\W_]."""
+    table = class_table()
+    word = np.isin(table, np.array(_LETTER_CLASSES + (DIGIT,), dtype=np.uint8))
+    return word, table == DIGIT
+
+
 def char_classes(text: str) -> np.ndarray:
     """Counts per class for one text."""
     cps = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
