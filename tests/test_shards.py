@@ -4,6 +4,10 @@ Llama tokenizer trained here stands in for the extended tokenizer (same folder f
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see cpt.tiny: spinning OpenMP threads on a busy 2-core box
+
 import gzip
 import hashlib
 import io
@@ -65,7 +69,10 @@ def _make_clean(root: Path, texts) -> Layout:
         # edge cases: outside-vocabulary characters (byte fallback), a one-word doc, text with leading newline
         "edge": [dict(id="edge/emoji", source="edge", lang="vi", domain="new", role="train", text="Xin chào 🦜🦜 ∮ Ω"),
                  dict(id="edge/one", source="edge", lang="vi", domain="new", role="train", text="a"),
-                 dict(id="edge/nl", source="edge", lang="vi", domain="new", role="train", text="x\n\n  y  z\t.")],
+                 dict(id="edge/nl", source="edge", lang="vi", domain="new", role="train", text="x\n\n  y  z\t."),
+                 # special-token strings in text stay text: no fake EOS/BOS inside a document
+                 dict(id="edge/sp", source="edge", lang="vi", domain="new", role="train",
+                      text="literal </s> and <s> and <unk> in text")],
         "ev": [dict(id=f"ev/{i}", source="ev", lang="vi", domain="new", role="eval", text=f"{EVAL_MARKER} câu {i}")
                for i in range(5)],
     }
@@ -162,7 +169,7 @@ def test_eval_documents_never_reach_the_shards(built):
     meta = json.loads((layout.shards / "meta.json").read_text())
     assert EVAL_MARKER not in (layout.shards / "heldout.jsonl").read_text()
     docs = sum(s["docs"] for s in meta["splits"].values())
-    assert docs <= 80 + 20 + 12 + 3  # role: train documents only (5 eval docs exist in the manifest)
+    assert docs <= 80 + 20 + 12 + 4  # role: train documents only (5 eval docs exist in the manifest)
 
 
 def test_bytes_count_the_text_behind_the_tokens(built):

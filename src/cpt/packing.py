@@ -126,16 +126,22 @@ class StreamSplit:
 
 def load_tokenizer(folder: str | Path):
     """``tokenizers.Tokenizer`` from an HF tokenizer folder's ``tokenizer.json`` (what AutoTokenizer's fast backend
-    loads; reading it directly keeps transformers off the hot path)."""
+    loads; reading it directly keeps transformers off the hot path).
+
+    Special-token strings inside documents (a "</s>" or "<unk>" in the text) are encoded as the text they are
+    (``encode_special_tokens``, like ``split_special_tokens=True`` in transformers): a document must never inject
+    a real EOS/BOS id into the stream. The only special ids in the shards are the BOS/EOS the packer adds."""
     from tokenizers import Tokenizer
 
     path = Path(folder) / "tokenizer.json"
     if not path.exists():
         raise DataError(f"{path}: no tokenizer.json; the tokenizer stage (or an HF fast tokenizer) writes it")
     try:
-        return Tokenizer.from_file(str(path))
+        tok = Tokenizer.from_file(str(path))
     except Exception as exc:  # the Rust error says what is wrong with the file
         raise DataError(f"{path}: cannot load tokenizer: {exc}") from exc
+    tok.encode_special_tokens = True
+    return tok
 
 
 def _config_token(folder: Path, key: str) -> str | None:

@@ -23,13 +23,19 @@ from __future__ import annotations
 import io
 import logging
 import math
+import os
 import shutil
 import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-import numpy as np
-import torch
+# Before torch loads libgomp (it reads this once): idle OpenMP threads sleep instead of spinning. Measured on the
+# 2-core dev box with other jobs running: a micro Llama step took 5.0 s with 2 spinning threads, 0.12 s passive
+# (and 0.15 s on 1 thread). On an idle machine the difference is noise; on a shared CI runner it is 40x.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 import torch.nn.functional as F
 
 from cpt.device import autocast, autocast_dtype, pick_device
@@ -267,6 +273,7 @@ def build(train_texts: list[str], heldout: list[str], out: Path, cfg: dict[str, 
     hf_tok = write_hf_tokenizer(spm_path, out, model_max_length=int(cfg["block_size"]))
     vocab_size = len(hf_tok)
     tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    tok.encode_special_tokens = True  # "</s>" inside a book is text, not an EOS (as in the shards stage)
     tokenizer_seconds = time.perf_counter() - t0
 
     train_ids = token_stream(tok, train_texts, BOS, EOS)
