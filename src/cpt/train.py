@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from cpt import tracking
-from cpt.device import autocast_dtype
+from cpt.device import autocast, autocast_dtype
 from cpt.errors import ConfigError, CptError, DataError
 from cpt.io import atomic_open, read_json
 from cpt.layout import Layout
@@ -496,8 +496,6 @@ def _mean_loss(core, split, rows, micro_batch, device, amp_dtype) -> float:
     total, n = 0.0, 0
     with torch.no_grad():
         for x, y in eval_batches(split, rows, micro_batch, device):
-            from cpt.device import autocast
-
             with autocast(device, amp_dtype):
                 s, _ = core(x, y)
             total += float(s)
