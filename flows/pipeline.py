@@ -129,7 +129,7 @@ def _pipeline_run(root: Path, name: str, enabled: bool) -> Iterator[tracking.Tra
         yield parent
         status = "FINISHED"
     finally:
-        if os.environ.get(tracking.ENV_PARENT) == parent.run_id:
+        if parent.run_id and os.environ.get(tracking.ENV_PARENT) == parent.run_id:
             del os.environ[tracking.ENV_PARENT]
         gate = Layout(root).metrics_file("gate")
         if parent.active and gate.exists():

@@ -92,7 +92,7 @@ def mlflow_server(store: Path, port: int | None = None) -> Iterator[str]:
         stop(proc)
 
 
-def project_copy(dest: Path, params_text: str) -> Path:
+def project_copy(dest: Path, params_text: str, corpora: Path | None = None) -> Path:
     """The tracked files of this repo (plus the stage modules that exist in the working tree) in ``dest``, as a
     fresh git repo with one commit and DVC initialised, with ``params_text`` as its params.yaml: the tests run the
     real dvc.yaml there and never touch the developer's data/, mlflow.db or DVC cache."""
@@ -104,6 +104,11 @@ def project_copy(dest: Path, params_text: str) -> Path:
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
     (dest / "params.yaml").write_text(params_text, encoding="utf-8")
+    # dvc.yaml names a few corpus files as external deps by their path relative to the project (../shared/corpora)
+    shared = dest.parent / "shared"
+    if corpora is not None and not shared.exists():
+        shared.mkdir()
+        (shared / "corpora").symlink_to(corpora)
     (dest / ".dvc" / "config").write_text("[core]\n    analytics = false\n", encoding="utf-8")  # no shared remote
     env = base_env(GIT_AUTHOR_NAME="cpt-test", GIT_AUTHOR_EMAIL="t@example.invalid", GIT_COMMITTER_NAME="cpt-test",
                    GIT_COMMITTER_EMAIL="t@example.invalid")
@@ -132,3 +137,22 @@ def mlflow_db(dest_dir: Path) -> Path:
     dest_dir.mkdir(parents=True, exist_ok=True)
     shutil.copy2(_TEMPLATE_DB, dest_dir / "mlflow.db")
     return dest_dir / "mlflow.db"
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def tiny_params_text(corpora: Path, extra: dict | None = None) -> str:
+    """params.yaml with tests/params_tiny.yaml merged over it (and ``extra`` over that), corpora made absolute."""
+    import yaml
+
+    from cpt.params import load_params
+
+    params = deep_merge(load_params(REPO / "params.yaml"), load_params(REPO / "tests" / "params_tiny.yaml"))
+    params = deep_merge(params, extra or {})
+    params["ingest"]["corpus_dir"] = str(corpora)
+    return yaml.safe_dump(params, sort_keys=False, allow_unicode=True)

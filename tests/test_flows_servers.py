@@ -1,0 +1,194 @@
+"""End to end on real servers (slow): a ``prefect server`` and an ``mlflow server`` on loopback, the deployments of
+prefect.yaml, a process worker (``--run-once``) running the ``pipeline/nightly`` deployment over a temporary copy of
+this project with tests/params_tiny.yaml, then a ``dvc exp run`` in the same project.
+
+Checked through the servers' own clients: the flow run completed with one task per stage; the stage outputs exist;
+MLflow has one parent run with a nested run per stage, the per-step metric history, the registered model version
+and its ``champion`` alias; the DVC experiment is its own MLflow run and the gate compared it with the champion.
+Every process is started in its own process group and stopped by pid in a finally.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from cpt.stages import STAGES
+from test_flows_support import (BIN, base_env, free_port, mlflow_db, mlflow_server_cmd, project_copy, spawn, stop,
+                                tiny_params_text, wait_http)
+
+pytestmark = pytest.mark.slow
+
+SETUP = """
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, WorkPoolCreate
+from prefect.workers.process import ProcessWorker
+
+template = ProcessWorker.get_default_base_job_template()
+with get_client(sync_client=True) as c:
+    for pool in ("gpu", "cpu"):
+        c.create_work_pool(WorkPoolCreate(name=pool, type="process", base_job_template=template))
+    c.create_work_queue(name="gpu-0", work_pool_name="gpu", concurrency_limit=1)  # one run per GPU
+    c.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name="gpu-0", limit=1))  # the train/eval slot
+"""
+
+TRIGGER = """
+import sys
+from prefect.deployments import run_deployment
+
+run = run_deployment("pipeline/nightly", timeout=0,
+                     parameters={"pull": False, "push": False, "retry_delay": 0})
+print(run.id)
+"""
+
+INSPECT = """
+import json, sys
+from prefect.client.orchestration import get_client
+
+with get_client(sync_client=True) as c:
+    flow_runs = c.read_flow_runs()
+    task_runs = c.read_task_runs()
+    print(json.dumps({
+        "flow_runs": {str(r.id): {"flow": c.read_flow(r.flow_id).name, "state": r.state_type.value,
+                                  "parent_task": str(r.parent_task_run_id)} for r in flow_runs},
+        "task_runs": [{"name": t.name, "state": t.state_type.value, "flow_run": str(t.flow_run_id)} for t in task_runs],
+    }))
+"""
+
+
+def _run(cmd, env, cwd=None, timeout=300):
+    out = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, f"{cmd[:4]} exited {out.returncode}:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out.stdout
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, corpora):
+    tmp = tmp_path_factory.mktemp("stack")
+    proj = project_copy(tmp / "proj", tiny_params_text(corpora), corpora)
+    mlflow_db(tmp / "mlflow")
+    mport, pport = free_port(), free_port()
+    env = base_env(PREFECT_HOME=str(tmp / "prefect_home"), PREFECT_API_URL=f"http://127.0.0.1:{pport}/api",
+                   PREFECT_UI_ENABLED="false", MLFLOW_TRACKING_URI=f"http://127.0.0.1:{mport}", CPT_ROOT=str(proj),
+                   PREFECT_LOGGING_LEVEL="INFO")
+    env.pop("CPT_MLFLOW_RUN_ID", None)
+    env.pop("CPT_TRACKING", None)
+    procs = []
+    try:
+        procs.append(mls := spawn(mlflow_server_cmd(mport, tmp / "mlflow"), tmp / "mlflow.log", base_env()))
+        procs.append(ps := spawn([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(pport)],
+                                 tmp / "prefect_server.log", env))
+        wait_http(f"http://127.0.0.1:{pport}/api/health", ps, tmp / "prefect_server.log", timeout=180)
+        _run([sys.executable, "-c", SETUP], env)
+        _run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all"], env, cwd=proj)
+        flow_run_id = _run([sys.executable, "-c", TRIGGER], env).strip().splitlines()[-1]
+        wait_http(f"http://127.0.0.1:{mport}/health", mls, tmp / "mlflow.log", timeout=180)
+        started = time.monotonic()
+        worker = spawn([str(BIN / "prefect"), "worker", "start", "--pool", "gpu", "--work-queue", "gpu-0",
+                        "--type", "process", "--run-once", "--limit", "1"], tmp / "worker.log", env)
+        procs.append(worker)
+        try:
+            worker.wait(timeout=900)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"worker still running after 900 s:\n{(tmp / 'worker.log').read_text()[-4000:]}")
+        seconds = time.monotonic() - started
+        state = json.loads(_run([sys.executable, "-c", INSPECT], env))
+        yield {"proj": proj, "env": env, "tmp": tmp, "flow_run_id": flow_run_id, "state": state,
+               "mlflow": f"http://127.0.0.1:{mport}", "seconds": seconds}
+    finally:
+        for proc in reversed(procs):
+            stop(proc)
+
+
+def _client(stack):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=stack["mlflow"])
+
+
+def test_deployment_run_completes_with_a_task_per_stage_and_its_artifacts(stack):
+    state, fid = stack["state"], stack["flow_run_id"]
+    log = (stack["tmp"] / "worker.log").read_text(errors="replace")[-4000:]
+    assert state["flow_runs"][fid]["state"] == "COMPLETED", log
+    assert state["flow_runs"][fid]["flow"] == "pipeline"
+    subflows = {r["flow"] for i, r in state["flow_runs"].items() if i != fid}
+    assert subflows == {"data_prep", "train", "evaluate"}
+    stage_tasks = [t for t in state["task_runs"] if t["name"] in STAGES]
+    assert sorted(t["name"] for t in stage_tasks) == sorted(STAGES)
+    assert all(t["state"] == "COMPLETED" for t in stage_tasks)
+    proj = stack["proj"]
+    for stage in STAGES:
+        assert (proj / "metrics" / f"{stage}.json").exists(), stage
+    assert (proj / "data" / "models" / "cpt" / "config.json").exists()
+    assert (proj / "reports" / "eval" / "report.md").exists()
+    lock = (proj / "dvc.lock").read_text()
+    assert all(f"  {stage}:" in lock for stage in STAGES)  # DVC recorded every stage: `dvc repro` agrees
+    status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=proj, env=stack["env"],
+                            capture_output=True, text=True)
+    assert json.loads(status.stdout or "{}") == {}, status.stdout
+
+
+def test_mlflow_server_has_the_run_the_history_and_the_champion(stack):
+    c = _client(stack)
+    exp = c.get_experiment_by_name("cpt")
+    runs = c.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("prefect.flow_run_id") == stack["flow_run_id"]]
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.run_name == "pipeline" and parent.info.status == "FINISHED"
+    assert "train.replay_ratio" in parent.data.params and parent.data.tags["mlflow.source.git.commit"]
+    nested = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert sorted(nested) == sorted(STAGES)
+    assert all(r.info.status == "FINISHED" for r in nested.values())
+    steps = params_steps(stack)
+    history = c.get_metric_history(nested["train"].info.run_id, "loss/new")
+    assert [m.step for m in history] == list(range(1, steps + 1))
+    assert len(c.get_metric_history(parent.info.run_id, "loss/new")) == steps  # mirrored for UI comparisons
+    assert "eval/gain/vi" in parent.data.metrics and "tokenizer/seconds" in parent.data.metrics
+    arts = {a.path for a in c.list_artifacts(nested["tokenizer"].info.run_id, "reports")}
+    assert "reports/fertility.md" in arts
+    # registry: the gate passed on this run, registered the model and moved the alias
+    gate = json.loads((stack["proj"] / "metrics" / "gate.json").read_text())
+    assert gate["promoted"], gate["reason"]
+    champion = c.get_model_version_by_alias("cpt", "champion")
+    assert str(champion.version) == gate["version"]
+    assert champion.run_id == nested["eval"].info.run_id
+    assert {a.path for a in c.list_artifacts(champion.run_id, "model")} >= {"model/config.json"}
+    assert parent.data.tags["cpt.gate.promoted"] == "True"
+
+
+def params_steps(stack) -> int:
+    import yaml
+
+    return int(yaml.safe_load((stack["proj"] / "params.yaml").read_text())["train"]["steps"])
+
+
+def test_dvc_experiment_is_its_own_mlflow_run_and_meets_the_champion(stack):
+    proj, env = stack["proj"], dict(stack["env"])
+    git = ["git", "-c", "user.name=cpt-test", "-c", "user.email=t@example.invalid"]
+    _run([*git, "add", "-A"], env, cwd=proj)
+    _run([*git, "commit", "-q", "-m", "baseline: tiny pipeline"], env, cwd=proj)
+    _run([sys.executable, "-m", "dvc", "exp", "run", "-n", "replay10", "-S", "train.replay_ratio=0.1"], env,
+         cwd=proj, timeout=900)
+    shown = json.loads(_run([sys.executable, "-m", "dvc", "exp", "show", "--json"], env, cwd=proj))
+    names = [e.get("name") for base in shown for e in (base.get("experiments") or []) for e in e.get("revs", [])]
+    assert "replay10" in names, names
+    diff = json.loads(_run([sys.executable, "-m", "dvc", "metrics", "diff", "--json"], env, cwd=proj))
+    assert "metrics/train.json" in diff
+    c = _client(stack)
+    exp = c.get_experiment_by_name("cpt")
+    parents = c.search_runs([exp.experiment_id], filter_string="tags.`cpt.dvc_exp` = 'replay10'")
+    parent = [r for r in parents if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parent) == 1 and parent[0].info.run_name == "dvc exp replay10"
+    assert parent[0].data.params["train.replay_ratio"] == "0.1"
+    nested = c.search_runs([exp.experiment_id],
+                           filter_string=f"tags.`mlflow.parentRunId` = '{parent[0].info.run_id}'")
+    assert {"train", "eval"} <= {r.info.run_name for r in nested}  # only what the change invalidated reran
+    assert "ingest" not in {r.info.run_name for r in nested}
+    gate = json.loads((proj / "metrics" / "gate.json").read_text())
+    assert gate["vs_champion"]["checked"], gate["vs_champion"]
+    assert gate["version"] == "2"
