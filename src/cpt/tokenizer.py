@@ -44,6 +44,7 @@ DEFAULTS: dict[str, Any] = {
     "old_max_chars": 20_000_000,
     "guard": "native",
     "old_alphabet_min_freq": 1.0e-4,
+    "foreign_ratio": 1.0,
     "max_added": 0,
     "check_lines": 2000,
     "num_threads": 2,

@@ -16,10 +16,12 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from collections import Counter, defaultdict
+from typing import Any, Callable, Iterable
+import functools
+import heapq
 
-from tokenizers import Tokenizer, pre_tokenizers, trainers
-from tokenizers.models import BPE
+from tokenizers import Tokenizer
 
 from cpt.errors import ConfigError, DataError
 from cpt.io import atomic_open, read_json, write_json
@@ -58,12 +60,27 @@ def is_byte_level(spec: dict[str, Any]) -> bool:
 def readable(token: str, byte_level: bool) -> str:
     """A token as text with ▁ for spaces (what the guard and new_tokens.json read)."""
     if byte_level:
-        table = {v: k for k, v in _bytes_to_unicode().items()}
-        raw = bytes(table.get(c, 0x3F) for c in token)
+        raw = bytes(_unicode_to_bytes().get(c, 0x3F) for c in token)
         token = raw.decode("utf-8", errors="replace")
     return token.replace(" ", SPACE)
 
 
+@functools.lru_cache(maxsize=1)
+def _unicode_to_bytes() -> dict[str, int]:
+    return {v: k for k, v in _bytes_to_unicode().items()}
+
+
+def partial_char(token: str) -> bool:
+    """A byte-level token holding part of a multi-byte character (no old-alphabet text can be spelled by it alone)."""
+    raw = bytes(_unicode_to_bytes().get(c, 0x3F) for c in token)
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return True
+    return False
+
+
+@functools.lru_cache(maxsize=1)
 def _bytes_to_unicode() -> dict[int, str]:
     # GPT-2's byte <-> printable-char table, as pre_tokenizers.ByteLevel.alphabet() builds it.
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
@@ -77,20 +94,99 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
-def train_new_merges(spec: dict[str, Any], lines: list[str], vocab_size: int) -> list[tuple[str, str]]:
-    """A BPE with the base's normaliser and pre-tokenizer trained on new-language lines; its merges, in order."""
-    shell = dict(spec)
-    shell["added_tokens"] = []
-    shell["post_processor"] = None
-    shell["model"] = {"type": "BPE", "vocab": {}, "merges": [], "dropout": None, "unk_token": None,
-                      "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": False,
-                      "byte_fallback": False, "ignore_merges": False}
-    tok = Tokenizer.from_str(json.dumps(shell))
-    alphabet = pre_tokenizers.ByteLevel.alphabet() if is_byte_level(spec) else []
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=alphabet, show_progress=False,
-                                  min_frequency=2)
-    tok.train_from_iterator(lines, trainer=trainer, length=len(lines))
-    return merge_pairs(json.loads(tok.to_str()))
+def pretokenized_counts(base: Tokenizer, lines: Iterable[str]) -> Counter[str]:
+    """Pre-token words of the new-language text as the base splits them (its normaliser + pre-tokenizer)."""
+    norm, pre = base.normalizer, base.pre_tokenizer
+    counts: Counter[str] = Counter()
+    for line in lines:
+        text = norm.normalize_str(line) if norm is not None else line
+        if pre is None:
+            counts[text] += 1
+        else:
+            counts.update(w for w, _ in pre.pre_tokenize_str(text))
+    return counts
+
+
+def learn_merges(
+    base: Tokenizer,
+    lines: list[str],
+    n_merges: int,
+    allowed: Callable[[str, str], str | None],
+    *,
+    min_count: int = 2,
+) -> tuple[list[tuple[str, str]], Counter[str]]:
+    """Continue BPE training from the BASE's final segmentation of the new-language words.
+
+    Why not train a fresh BPE and append its merges: a fresh model's merges assume its own intermediate tokens,
+    which the base (whose merges run first) often never produces, so many appended merges are dead. Learning on top
+    of the base's output makes every learned merge reachable by construction, and lets each candidate pair be
+    checked against the old language as it is chosen. ``allowed(a, b)`` returns None or the reason it refuses.
+    Standard incremental BPE (pair counts, pair -> words index, lazy max-heap); hand-written because no library
+    trains merges on top of a fixed existing segmentation."""
+    counts = pretokenized_counts(base, lines)
+    words: list[list[str]] = []
+    freqs: list[int] = []
+    for w, f in counts.items():
+        words.append([t.value for t in base.model.tokenize(w)])
+        freqs.append(f)
+    pair_count: Counter[tuple[str, str]] = Counter()
+    where: dict[tuple[str, str], set[int]] = defaultdict(set)
+    for i, seq in enumerate(words):
+        for pair in zip(seq, seq[1:]):
+            pair_count[pair] += freqs[i]
+            where[pair].add(i)
+    heap = [(-c, pair) for pair, c in pair_count.items()]
+    heapq.heapify(heap)
+    merges: list[tuple[str, str]] = []
+    refused: Counter[str] = Counter()
+    banned: set[tuple[str, str]] = set()
+    while heap and len(merges) < n_merges:
+        neg, pair = heapq.heappop(heap)
+        if -neg != pair_count.get(pair, 0) or pair in banned:
+            continue  # stale heap entry
+        if -neg < min_count:
+            break
+        reason = allowed(*pair)
+        if reason:
+            refused[reason] += 1
+            banned.add(pair)
+            continue
+        merges.append(pair)
+        a, b = pair
+        new = a + b
+        touched: set[tuple[str, str]] = set()
+        for i in where.pop(pair, ()):
+            seq, f = words[i], freqs[i]
+            out: list[str] = []
+            gone: set[int] = set()  # start positions (in seq) of pairs that disappear
+            made: list[int] = []  # positions (in out) of the merged tokens
+            j, n = 0, len(seq)
+            while j < n:
+                if j + 1 < n and seq[j] == a and seq[j + 1] == b:
+                    gone.update(k for k in (j - 1, j, j + 1) if 0 <= k < n - 1)
+                    made.append(len(out))
+                    out.append(new)
+                    j += 2
+                else:
+                    out.append(seq[j])
+                    j += 1
+            # only the pairs around each merged occurrence change: update those, not the whole word
+            for k in gone:
+                q = (seq[k], seq[k + 1])
+                pair_count[q] -= f
+                touched.add(q)
+            for k in {k for m in made for k in (m - 1, m) if 0 <= k < len(out) - 1}:
+                q = (out[k], out[k + 1])
+                pair_count[q] += f
+                where[q].add(i)
+                touched.add(q)
+            words[i] = out
+        touched.discard(pair)
+        for q in touched:
+            if pair_count[q] > 0:
+                heapq.heappush(heap, (-pair_count[q], q))
+        pair_count.pop(pair, None)
+    return merges, refused
 
 
 def old_pairs(base: Tokenizer, spec: dict[str, Any], lines: Iterable[str]) -> tuple[set[tuple[str, str]], set[str]]:
@@ -119,30 +215,6 @@ def old_pairs(base: Tokenizer, spec: dict[str, Any], lines: Iterable[str]) -> tu
     return pairs, words
 
 
-def choose(new_merges, base_vocab: dict[str, int], pairs, words, guard: Guard | None, byte_level: bool,
-           max_added: int) -> tuple[list[tuple[str, str]], dict[str, int]]:
-    have = set(base_vocab)
-    kept: list[tuple[str, str]] = []
-    counts = {"candidates": 0, "pruned_exact": 0, "pruned_guard": 0, "pruned_unreachable": 0}
-    for a, b in new_merges:
-        tok = a + b
-        if tok in base_vocab:
-            continue
-        counts["candidates"] += 1
-        if (a, b) in pairs or tok in words:
-            counts["pruned_exact"] += 1
-        elif guard is not None and not guard.allows(readable(tok, byte_level)):
-            counts["pruned_guard"] += 1
-        elif a not in have or b not in have or tok in have:
-            counts["pruned_unreachable"] += 1
-        elif max_added and len(kept) >= max_added:
-            continue
-        else:
-            kept.append((a, b))
-            have.add(tok)
-    return kept, counts
-
-
 def extend_bpe(base_ref, cfg: dict[str, Any], seed: int, new_text: dict[str, list[str]], old_text: list[str],
                layout: Layout, timings: dict[str, float]):
     from cpt.tok.spm_family import Extension
@@ -152,24 +224,46 @@ def extend_bpe(base_ref, cfg: dict[str, Any], seed: int, new_text: dict[str, lis
     byte_level = is_byte_level(spec)
     vocab: dict[str, int] = spec["model"]["vocab"]
     t = time.perf_counter()
-    per_lang = {lang: train_new_merges(spec, lines, vocab_size_for(cfg, lang)) for lang, lines in new_text.items()}
-    # Merges are ordered (a later merge may build on an earlier one), so languages are concatenated, not interleaved.
-    new_merges = [m for merges in per_lang.values() for m in merges]
-    timings["train"] = time.perf_counter() - t
-
-    t = time.perf_counter()
     pairs, words = old_pairs(base, spec, old_text)
     guard = None
     if cfg["guard"] == "native":
         guard = Guard(old_text, [x for lines in new_text.values() for x in lines],
-                      min_freq=float(cfg["old_alphabet_min_freq"]))
-    kept, counts = choose(new_merges, vocab, pairs, words, guard, byte_level, cfg["max_added"])
+                      min_freq=float(cfg["old_alphabet_min_freq"]), foreign_ratio=float(cfg["foreign_ratio"]))
     timings["choose"] = time.perf_counter() - t
+    have = set(vocab)
+    candidates: set[str] = set()
+
+    def allowed(a: str, b: str) -> str | None:
+        tok = a + b
+        if tok not in have:
+            candidates.add(tok)
+        if (a, b) in pairs or tok in words:
+            return "pruned_exact"
+        # the guard judges the merge even when a+b is already a base token: the new merge (a, b) is what fires
+        if guard is not None and not (byte_level and partial_char(tok)) and not guard.allows(readable(tok, byte_level)):
+            return "pruned_guard"
+        return None
+
+    t = time.perf_counter()
+    kept: list[tuple[str, str]] = []
+    refused: Counter[str] = Counter()
+    seen: set[tuple[str, str]] = set()
+    for lang, lines in new_text.items():
+        merges, why = learn_merges(base, lines, vocab_size_for(cfg, lang), allowed)
+        refused.update(why)
+        for m in merges:
+            if m not in seen and (not cfg["max_added"] or len(have) - len(vocab) < cfg["max_added"]):
+                seen.add(m)
+                kept.append(m)
+                have.add(m[0] + m[1])
+    timings["train"] = time.perf_counter() - t
+    counts = {"candidates": len(candidates), "pruned_exact": refused["pruned_exact"],
+              "pruned_guard": refused["pruned_guard"], "pruned_unreachable": 0}
 
     t = time.perf_counter()
     n = base_size(spec)
     out_spec = json.loads(json.dumps(spec))
-    added = [a + b for a, b in kept]
+    added = list(dict.fromkeys(a + b for a, b in kept if a + b not in vocab))
     for i, tok in enumerate(added):
         out_spec["model"]["vocab"][tok] = n + i
     out_spec["model"]["merges"] = [list(m) for m in merge_pairs(spec)] + [list(m) for m in kept]
