@@ -37,11 +37,11 @@ log = logging.getLogger(__name__)
 DEFAULTS: dict[str, Any] = {
     "base": "",
     "languages": [],
-    "vocab_size": 8000,
+    "vocab_size": {"vi": 8000, "zh": 8000, "ja": 8000, "ko": 4000},  # other languages: DEFAULT_VOCAB
     "model_type": "bpe",
     "character_coverage": 0.9995,
-    "max_train_chars": 20_000_000,
-    "old_max_chars": 20_000_000,
+    "max_train_chars": 5_000_000,
+    "old_max_chars": 5_000_000,
     "guard": "native",
     "old_alphabet_min_freq": 1.0e-4,
     "foreign_ratio": 1.0,
@@ -51,6 +51,7 @@ DEFAULTS: dict[str, Any] = {
     "strict": True,
 }
 GUARDS = ("native", "exact")
+DEFAULT_VOCAB = 8000
 
 
 def config(params: dict[str, Any]) -> dict[str, Any]:
@@ -72,7 +73,7 @@ def config(params: dict[str, Any]) -> dict[str, Any]:
 def vocab_size_for(cfg: dict[str, Any], lang: str) -> int:
     v = cfg["vocab_size"]
     if isinstance(v, dict):
-        v = v.get(lang, DEFAULTS["vocab_size"])
+        v = v.get(lang, DEFAULT_VOCAB)
     if not isinstance(v, int) or v < 100:
         raise ConfigError(f"tokenizer.vocab_size for {lang}: {v!r}; expected an integer >= 100")
     return v
