@@ -386,12 +386,16 @@ def test_window_capped_by_the_model_keeps_the_stride_ratio(fixture_models):
     assert (BpbScorer(lm, max_length=128, stride=100).max_length, BpbScorer(lm, 128, 100).stride) == (128, 100)
 
 
-def test_budget_keeps_whole_documents_and_cuts_only_a_single_oversized_one():
+def test_budget_fills_the_byte_budget_and_counts_exactly_the_bytes_kept():
     from cpt.eval import budget
 
     docs = ["a" * 40, "b" * 40, "c" * 40]
-    assert budget(docs, None, 100) == (docs[:2], 0)
+    assert budget(docs, None, 120) == (docs, 0)
+    assert budget(docs, None, 100) == (docs[:2] + ["c" * 20], 1)
     assert budget(docs, 1, None) == (docs[:1], 0)
     book = "line one\n" + "ư" * 30 + "\nmore text here"
     (cut,), n = budget([book], None, 50)
     assert n == 1 and len(cut.encode("utf-8")) <= 50 and book.startswith(cut) and cut.endswith("ư")
+    words = "một hai ba bốn năm sáu bảy tám"
+    (cut,), _ = budget([words], None, 20)
+    assert words.startswith(cut) and words[len(cut)] == " "  # cut at a word boundary

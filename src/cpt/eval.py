@@ -103,7 +103,7 @@ class EvalSource:
     origin: str  # "eval" (a role: eval source) or "heldout" (split off by the shards stage)
     texts: list[str]  # the documents scored (whole documents, within the budget)
     available: int  # documents before the budget
-    truncated: int = 0  # 1 when the only document was cut to the byte budget
+    truncated: int = 0  # 1 when the last document was cut to the byte budget
 
 
 def prefix(text: str, max_bytes: int) -> str:
@@ -118,16 +118,19 @@ def prefix(text: str, max_bytes: int) -> str:
 
 
 def budget(texts: list[str], max_docs: int | None, max_bytes: int | None) -> tuple[list[str], int]:
-    """Whole documents in file order until ``max_docs`` or ``max_bytes``; (texts, documents cut). A first document
-    bigger than the whole byte budget (a book) is cut to its first ``max_bytes`` rather than scored whole."""
+    """Documents in file order until ``max_docs`` or ``max_bytes``; returns (texts, documents cut). The document that
+    crosses the byte budget contributes its prefix up to the budget (``prefix``), so every source is scored on about
+    ``max_bytes`` whatever its document sizes (one WikiText article can be 30 KB, one Gutenberg book 1 MB)."""
     out, total = [], 0
     for text in texts:
         if max_docs is not None and len(out) >= max_docs:
             break
         size = len(text.encode("utf-8"))
         if max_bytes is not None and total + size > max_bytes:
-            if not out:
-                return [prefix(text, max_bytes)], 1
+            head = prefix(text, max_bytes - total)
+            if head.strip():
+                out.append(head)
+                return out, 1
             break
         out.append(text)
         total += size

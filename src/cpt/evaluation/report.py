@@ -145,7 +145,7 @@ def report_markdown(metrics: dict, rows: list[dict], models: dict, cfg: dict, fi
           "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         docs = f"{r['docs']}" + (f" of {r['available']}" if r["available"] != r["docs"] else "")
-        docs += " (cut to the byte budget)" if r["truncated"] else ""
+        docs += " (last one cut)" if r["truncated"] else ""
         L.append(
             f"| {r['source']} | {r['lang']} | {r['domain']} | {docs} | {r['bytes']:,} | {_f(r['base'])} | "
             f"{_f(r['cpt'])} | {_signed(r['cpt'] - r['base'])} | {r['tok_base'] / max(1, r['bytes']):.3f} | "
@@ -185,7 +185,8 @@ def report_markdown(metrics: dict, rows: list[dict], models: dict, cfg: dict, fi
           "Sliding windows (window / stride per model in the table above; capped by the model's positions): each "
           "token is scored once, with at least window - stride tokens of context after the first window.",
           f"- bpb = sum of NLL (nats) / (ln 2 x UTF-8 bytes of the scored documents). Budget per source: "
-          f"max_docs={cfg['max_docs']}, max_bytes={cfg['max_bytes']} (whole documents in file order).",
+          f"max_docs={cfg['max_docs']}, max_bytes={cfg['max_bytes']} (documents in file order; the one that crosses "
+          "the byte budget is cut at a line or word boundary, and only the bytes scored are counted).",
           "- Generations: [samples.md](samples.md). Numbers: `metrics/eval.json`; plots: `dvc plots show`.", ""]
     return "\n".join(L)
 
