@@ -291,7 +291,7 @@ def _run(params: dict, layout: Layout, cfg: dict) -> dict:
     for name, path in paths.items():
         lm = load_model(name, path, device=cfg["device"], dtype=cfg["dtype"])
         scorer = BpbScorer(lm, cfg["max_length"], cfg["stride"], cfg["batch_size"])
-        info[name] = {"path": str(path), "params": lm.parameters, "vocab": len(lm.tokenizer),
+        info[name] = {"path": _shown(path, layout), "params": lm.parameters, "vocab": len(lm.tokenizer),
                       "max_length": scorer.max_length, "stride": scorer.stride}
         scores[name] = {s.name: scorer.score(s.texts, desc=s.name) for s in sources}
         for s in sources:
@@ -317,6 +317,14 @@ def _run(params: dict, layout: Layout, cfg: dict) -> dict:
     for path in sorted(out_dir.glob("*")):
         tracker.log_artifact(path, "eval")
     return metrics
+
+
+def _shown(path: Path, layout: Layout) -> str:
+    """A path as the report shows it: relative to the project root when inside it (stable across machines)."""
+    try:
+        return str(Path(path).resolve().relative_to(layout.root))
+    except ValueError:
+        return str(path)
 
 
 def assemble(scores: dict[str, dict[str, Score]], sources: list[EvalSource], xacc: dict, overlap_result: dict) -> dict:

@@ -169,7 +169,7 @@ def report_markdown(metrics: dict, rows: list[dict], models: dict, cfg: dict, fi
     else:
         L += ["![loss curves](loss_curves.png)", ""]
         if not has_curve:
-            L += [f"(`{curve}` was not found: the left panel is empty.)", ""]
+            L += [f"(`{curve.parent.name}/{curve.name}` was not found: the left panel is empty.)", ""]
     ov = metrics.get("overlap", {})
     L += ["## Contamination check", ""]
     if ov.get("enabled"):
