@@ -132,10 +132,10 @@ def run(params: dict[str, Any], layout: Layout) -> dict[str, Any]:
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
     dtype = token_dtype(vocab_size)
     try:
-        total_chars = sum(s.docs for s in select_sources(layout.clean, role="train"))
+        n_docs = sum(s.docs for s in select_sources(layout.clean, role="train"))
     except FileNotFoundError as exc:
         raise DataError(str(exc)) from exc
-    if total_chars == 0:
+    if n_docs == 0:
         raise DataError(f"{layout.clean}: no role: train documents to shard")
 
     # Build into a sibling folder and swap it in at the end: a killed run never leaves a half-written data/shards.
