@@ -246,9 +246,9 @@ def test_exact_pruning_is_exact_on_the_chooser_text(mistral_model, texts):
     """A piece is pruned iff it would fire on the chooser text: after pruning, 0 chooser lines change; adding back
     any one pruned piece changes at least one."""
     base = se.load_proto(mistral_model)
-    chooser = [ln for d in texts["train_en"] for ln in d.split("\n") if ln.strip()][:20000]
+    chooser = [ln for d in texts["train_en"] for ln in d.split("\n") if ln.strip()][:12000]
     conflicts = se.old_conflicts(base, chooser)
-    vi = [ln for d in texts["train_vi"] for ln in d.split("\n") if ln.strip()]
+    vi = [ln for d in texts["train_vi"] for ln in d.split("\n") if ln.strip()][:6000]
     have = {q.piece for q in base.pieces}
     cand = [p for p in se.ranked_pieces(se.train_new_model(vi, base, se.TrainConfig(vocab_size=3000)))
             if p not in have]
@@ -310,7 +310,7 @@ def test_byte_level_bpe_base(tmp_path, texts, byte_bpe):
     from transformers import AutoTokenizer
 
     layout = make_clean(tmp_path, texts, langs=("vi", "zh"))
-    m = stage.run(params(byte_bpe, languages=["vi", "zh"]), layout)
+    m = stage.run(params(byte_bpe, languages=["vi", "zh"], max_train_chars=250_000, check_lines=100), layout)
     assert m["base_kind"] == "bpe" and m["added"] > 100
     assert m["old_language_changed_lines"] == 0 and m["roundtrip_failures"] == 0 and m["hf_mismatch_lines"] == 0
     assert m["languages"]["vi"]["tokens_per_word"] < 0.8 * m["languages"]["vi"]["tokens_per_word_base"]
@@ -352,6 +352,6 @@ def test_eval_text_never_reaches_training(tmp_path, texts, mistral_model):
     marker = "Zqxjvbwkđ"
     t["eval_vi"] = [f"{marker} {marker} {marker}"] * 300
     layout = make_clean(tmp_path, t, langs=("vi",))
-    stage.run(params(mistral_model, languages=["vi"], vocab_size=1000), layout)
+    stage.run(params(mistral_model, languages=["vi"], vocab_size=1000, max_train_chars=400_000, check_lines=50), layout)
     nt = json.loads((layout.tokenizer / "new_tokens.json").read_text())
     assert not any("qxj" in a["piece"] for a in nt["added"])

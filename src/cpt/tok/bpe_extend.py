@@ -227,7 +227,7 @@ def extend_bpe(base_ref, cfg: dict[str, Any], seed: int, new_text: dict[str, lis
     pairs, words = old_pairs(base, spec, old_text)
     guard = None
     if cfg["guard"] == "native":
-        guard = Guard(old_text, [x for lines in new_text.values() for x in lines],
+        guard = Guard(old_text, new_text,
                       min_freq=float(cfg["old_alphabet_min_freq"]), foreign_ratio=float(cfg["foreign_ratio"]))
     timings["choose"] = time.perf_counter() - t
     have = set(vocab)

@@ -10,12 +10,15 @@ language itself vouches for it:
 - it is a substring of NATIVE new-language words (ones containing a letter outside the old alphabet) with the
   diacritics stripped: ``▁trong`` (from trọng), ``▁nh`` (nhà), ``anh`` (thành) stay; for zh/ja/ko no
   old-alphabet piece is native, so all go;
-- and it is not mostly FOREIGN in the new text: the distinct old-spelled words of the new text that are not the
-  skeleton of a native word (``dioxide``, ``herzegovina``, ``einstein``) that contain it number at most
-  ``foreign_ratio`` x the native words that do. This catches Vietnamised loans (đioxit -> ``▁diox``) that the
+- and it is not mostly FOREIGN in the new text: the old-spelled words of the new text that are not the skeleton
+  of a native word (``dioxide``, ``herzegovina``, ``einstein``) that contain it weigh at most ``foreign_ratio`` x
+  the native words that do (each word type weighted 1 + log2 of its count). This catches Vietnamised loans (đioxit -> ``▁diox``) that the
   skeleton test alone lets through;
 - it is not a substring of any word of the old-language chooser text (whatever the old language spells is risky);
 - it has no uppercase letter (capitalised old-alphabet pieces are names, and names cross languages in news);
+- (pieces with letters outside the old alphabet) those letters are ones the new language writes with: its major
+  scripts, and in a script shared with the old language only its frequent letters (``▁α``, ``ος`` and ``▁Île``
+  from formulas and names in viwiki fired on held-out English before this rule);
 - it has at least one letter: pieces of digits, punctuation or symbols only are shared by every language (a ``"``
   the chooser text happened never to contain must not start merging in the old language).
 
@@ -27,6 +30,7 @@ of 2,891 WikiText lines changed; with the guard at foreign_ratio 1: 1.331 and 0/
 
 from __future__ import annotations
 
+import math
 import re
 import unicodedata
 from collections import Counter
@@ -46,6 +50,14 @@ def old_alphabet(lines: Iterable[str], min_freq: float) -> set[str]:
     return common | {c.upper() for c in common if len(c.upper()) == 1} | {SPACE}
 
 
+def script(c: str) -> str:
+    """The Unicode script of a letter, from its name: LATIN, GREEK, CJK, HIRAGANA, KATAKANA, HANGUL, ..."""
+    try:
+        return unicodedata.name(c).split(" ", 1)[0]
+    except ValueError:
+        return "UNKNOWN"
+
+
 def skeleton(word: str) -> str:
     """Lower-cased, diacritics stripped (NFD minus combining marks; đ -> d)."""
     stripped = "".join(c for c in unicodedata.normalize("NFD", word) if not unicodedata.combining(c))
@@ -61,17 +73,41 @@ class Guard:
     Substring tests run on one joined string of unique words per side (``"\0▁word\0▁word..."``): a C-speed
     ``in``/``count`` per candidate instead of materialising every substring of every word."""
 
-    def __init__(self, old_lines: list[str], new_lines: list[str], *, min_freq: float = 1e-4,
-                 foreign_ratio: float = 1.0):
+    def __init__(self, old_lines: list[str], new_text: dict[str, list[str]], *, min_freq: float = 1e-4,
+                 foreign_ratio: float = 1.0, script_share: float = 0.01):
         self.alphabet = alphabet = old_alphabet(old_lines, min_freq)
         self.foreign_ratio = foreign_ratio
-        old_words = {w for line in old_lines for w in line.split()}
-        self.old_words = _joined(old_words)
-        new_words = {_NON_WORD.sub("", w) for line in new_lines for w in line.lower().split()}
-        new_words.discard("")
-        native = {skeleton(w) for w in new_words if not self.old_spelled(w)}
-        foreign = {w for w in new_words if self.old_spelled(w) and w not in native}
-        self.native_words, self.foreign_words = _joined(native), _joined(foreign)
+        old_scripts = {script(c) for c in alphabet if c.isalpha()}
+        # Letters the new languages actually write with: a script that carries >= script_share of a language's
+        # letters, and, in a script the old language shares (Latin for vi), only letters frequent in that
+        # language. Keeps ạ/ằ/ỹ and every CJK/Hangul character; refuses α, β (formulas) and Î (French names).
+        self.native_letters: set[str] = set()
+        for lines in new_text.values():
+            counts: Counter[str] = Counter()
+            for line in lines:
+                counts.update(c for c in line if c.isalpha())
+            total = sum(counts.values()) or 1
+            per_script: Counter[str] = Counter()
+            for c, n in counts.items():
+                per_script[script(c)] += n
+            major = {s for s, n in per_script.items() if n / total >= script_share}
+            self.native_letters |= {
+                c for c, n in counts.items()
+                if script(c) in major and (script(c) not in old_scripts or n / total >= min_freq)
+            }
+        old_words = {w: 1 for line in old_lines for w in line.split()}
+        self.old_words = _joined(old_words.items())
+        new_words: Counter[str] = Counter(
+            _NON_WORD.sub("", w) for lines in new_text.values() for line in lines for w in line.lower().split())
+        new_words.pop("", None)
+        native: Counter[str] = Counter()
+        for w, n in new_words.items():
+            if not self.old_spelled(w):
+                native[skeleton(w)] += n
+        foreign = {w: n for w, n in new_words.items() if self.old_spelled(w) and skeleton(w) not in native}
+        # each word type repeated 1 + log2(count) times: ``str.count`` then weighs frequent words more (Singapore
+        # x500 outweighs one stray 'singaporé') without the joined strings growing with the corpus
+        self.native_words, self.foreign_words = _joined(native.items()), _joined(foreign.items())
 
     def old_spelled(self, piece: str) -> bool:
         """No letter outside the old alphabet (digits, punctuation and symbols are shared by every language)."""
@@ -79,7 +115,8 @@ class Guard:
 
     def allows(self, piece: str) -> bool:
         if not self.old_spelled(piece):
-            return True
+            # a letter the old language does not use: safe, if the new language really writes with it
+            return all(c in self.alphabet or c in self.native_letters for c in piece if c.isalpha())
         if not any(c.isalpha() for c in piece):
             return False  # punctuation/digits/symbols only: the base decides how those are spelled
         if any(c.isupper() for c in piece) or piece in self.old_words:
@@ -88,5 +125,6 @@ class Guard:
         return native > 0 and self.foreign_words.count(piece) <= self.foreign_ratio * native
 
 
-def _joined(words) -> str:
-    return "\0" + "\0".join(SPACE + w for w in sorted(words)) + "\0"
+def _joined(counted) -> str:
+    return "\0" + "\0".join(
+        "\0".join([SPACE + w] * (1 + int(math.log2(n)))) for w, n in sorted(counted)) + "\0"

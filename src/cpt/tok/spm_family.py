@@ -98,7 +98,7 @@ def extend_spm(base_ref, cfg: dict[str, Any], seed: int, new_text: dict[str, lis
     conflicts = se.old_conflicts(base, old_text, num_threads=cfg["num_threads"])
     guard = None
     if cfg["guard"] == "native":
-        guard = Guard(old_text, [x for lines in new_text.values() for x in lines],
+        guard = Guard(old_text, new_text,
                       min_freq=float(cfg["old_alphabet_min_freq"]), foreign_ratio=float(cfg["foreign_ratio"]))
     base_pieces = {p.piece for p in base.pieces}
     base_normal = {p.piece for p in base.pieces if p.type == se.NORMAL}
