@@ -77,6 +77,17 @@ def stack(tmp_path_factory, corpora):
                    PREFECT_LOGGING_LEVEL="INFO")
     env.pop("CPT_MLFLOW_RUN_ID", None)
     env.pop("CPT_TRACKING", None)
+    # a stage that starts while the tracking server is down (checked in test_a_server_started_mid_stage_...)
+    from cpt import tracking
+    from cpt.layout import Layout
+
+    early = tracking.for_stage("train", {"tracking": {"uri": f"http://127.0.0.1:{mport}", "flush_interval": 0.5,
+                                                      "close_timeout": 120, "experiment": "mid-run"}},
+                               Layout(tmp / "early"))
+    for step in range(10):
+        early.log_metrics({"loss/new": float(step)}, step=step)
+    time.sleep(1.0)
+    early_before = early.run_id  # None: nothing listening yet
     procs = []
     try:
         procs.append(mls := spawn(mlflow_server_cmd(mport, tmp / "mlflow"), tmp / "mlflow.log", base_env()))
@@ -87,6 +98,9 @@ def stack(tmp_path_factory, corpora):
         _run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all"], env, cwd=proj)
         flow_run_id = _run([sys.executable, "-c", TRIGGER], env).strip().splitlines()[-1]
         wait_http(f"http://127.0.0.1:{mport}/health", mls, tmp / "mlflow.log", timeout=180)
+        for step in range(10, 20):
+            early.log_metrics({"loss/new": float(step)}, step=step)
+        early.close("FINISHED", {"loss": 0.5})
         started = time.monotonic()
         worker = spawn([str(BIN / "prefect"), "worker", "start", "--pool", "gpu", "--work-queue", "gpu-0",
                         "--type", "process", "--run-once", "--limit", "1"], tmp / "worker.log", env)
@@ -98,7 +112,7 @@ def stack(tmp_path_factory, corpora):
         seconds = time.monotonic() - started
         state = json.loads(_run([sys.executable, "-c", INSPECT], env))
         yield {"proj": proj, "env": env, "tmp": tmp, "flow_run_id": flow_run_id, "state": state,
-               "mlflow": f"http://127.0.0.1:{mport}", "seconds": seconds}
+               "mlflow": f"http://127.0.0.1:{mport}", "seconds": seconds, "early": early, "early_before": early_before}
     finally:
         for proc in reversed(procs):
             stop(proc)
@@ -199,3 +213,16 @@ def test_dvc_experiment_is_its_own_mlflow_run_and_meets_the_champion(stack):
     gate = json.loads((proj / "metrics" / "gate.json").read_text())
     assert gate["vs_champion"]["checked"], gate["vs_champion"]
     assert gate["version"] == "2"
+
+
+def test_a_server_started_mid_stage_receives_everything(stack):
+    """The stage began while nothing listened on the tracking port, logged, and closed after the server came up:
+    one run, every step in order, marked as having arrived late, nothing left in the spool."""
+    early = stack["early"]
+    assert stack["early_before"] is None and early.run_id
+    c = _client(stack)
+    run = c.get_run(early.run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics["loss"] == 0.5
+    assert [m.step for m in c.get_metric_history(early.run_id, "loss/new")] == list(range(20))
+    assert "send failures" in run.data.tags["cpt.tracking.late"]
+    assert not list((stack["tmp"] / "early" / "data").glob("tracking_spool/*.jsonl"))

@@ -1,5 +1,5 @@
-"""cpt.tracking against a real MLflow store: an embedded SQLite store for the fast tests, a real ``mlflow server``
-on loopback for the outage tests (slow). A tracking store that is down never fails or stalls a stage."""
+"""cpt.tracking against a real MLflow store (embedded SQLite). A tracking store that is down never fails or stalls a
+stage: a dead port here; a server started mid-stage in test_flows_servers.py (it shares that module's server)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from cpt import gate, tracking
 from cpt.cli import run_stage
 from cpt.layout import Layout
-from test_flows_support import free_port, mlflow_db, mlflow_server
+from test_flows_support import free_port, mlflow_db
 
 FAST = {"flush_interval": 0.2, "close_timeout": 1.0, "http_timeout": 2}
 
@@ -192,32 +192,6 @@ def test_dead_server_never_stalls_the_stage_and_spools_for_replay(project):
     assert len(c.get_metric_history(run_id, "loss/new")) == 50
     local = c.download_artifacts(run_id, "metrics/train.json", str(layout.root))
     assert json.loads(open(local).read()) == {"loss": 0.1}
-
-
-@pytest.mark.slow
-def test_server_started_mid_run_receives_everything(project, tmp_path):
-    """A stage starts while the tracking server is down, logs, the server comes up, the stage closes: one run with
-    every metric, marked as having arrived late; nothing spooled."""
-    layout, params = project
-    port = free_port()
-    live = {**params, "tracking": {**params["tracking"], "uri": f"http://127.0.0.1:{port}", "close_timeout": 60}}
-    tr = tracking.for_stage("train", live, layout)
-    for step in range(10):
-        tr.log_metrics({"loss/new": float(step)}, step=step)
-    time.sleep(0.5)
-    assert tr.run_id is None  # nothing listening yet
-    with mlflow_server(tmp_path / "server", port) as uri:
-        for step in range(10, 20):
-            tr.log_metrics({"loss/new": float(step)}, step=step)
-        tr.close("FINISHED", {"loss": 0.5})
-        from mlflow import MlflowClient
-
-        c = MlflowClient(tracking_uri=uri)
-        run = c.get_run(tr.run_id)
-        assert run.info.status == "FINISHED"
-        assert [m.step for m in c.get_metric_history(tr.run_id, "loss/new")] == list(range(20))
-        assert "send failures" in run.data.tags["cpt.tracking.late"]
-    assert not (layout.data / "tracking_spool").exists() or not list((layout.data / "tracking_spool").glob("*.jsonl"))
 
 
 def test_a_refused_operation_is_dropped_not_blocking_the_rest(project):
