@@ -2,9 +2,10 @@
 
 HF BPE applies the lowest-ranked applicable merge first. New merges are appended AFTER every base merge, so on any
 text the base merges all happen first and the base's final segmentation S is reached; a new merge can then fire only
-where two adjacent tokens of S are exactly its pair. ``old_pairs`` collects those pairs from old-language text and
-the merges that match are pruned; ``cpt.tok.guard`` handles held-out safety as for SentencePiece. A merge whose
-inputs are no longer producible (a pruned merge made them) is dropped, and so is everything built on it.
+where two adjacent tokens of S are exactly its pair. ``old_pairs`` collects those pairs from old-language text;
+``learn_merges`` continues BPE training from the base's segmentation of the new-language words and never picks a
+pair that is in that set or that ``cpt.tok.guard`` refuses, so every new merge is reachable and none fires on the
+old-language training text.
 
 Bases with ``ignore_merges`` (Llama-3) emit a whole pre-token word directly when it is in the vocabulary: a new token
 equal to an old-language word would fire, so those words count as conflicts too.

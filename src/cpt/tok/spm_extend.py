@@ -193,7 +193,7 @@ def old_conflicts(base: pb.ModelProto, lines: Iterable[str], *, batch: int = 204
 
     def flush() -> None:
         for ids in sp.encode(chunk, num_threads=num_threads):
-            if is_byte[ids].any() if ids else False:
+            if ids and is_byte[ids].any():
                 syms = list(_symbols(ids, sp, is_byte))
                 conflicts.update(s for s in syms if len(s) == 1 and s not in vocab)
             else:
