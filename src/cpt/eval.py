@@ -322,7 +322,7 @@ def _run(params: dict, layout: Layout, cfg: dict) -> dict:
 def _shown(path: Path, layout: Layout) -> str:
     """A path as the report shows it: relative to the project root when inside it (stable across machines)."""
     try:
-        return str(Path(path).resolve().relative_to(layout.root))
+        return str(Path(path).relative_to(layout.root))
     except ValueError:
         return str(path)
 
