@@ -39,6 +39,9 @@ out = Path("data") / stage
 out.mkdir(parents=True, exist_ok=True)
 metrics = {"lr": params["train"]["lr"]}
 if stage == "train":
+    Path("metrics").mkdir(exist_ok=True)
+    Path("metrics/curve.csv").write_text("step,loss_new,loss_old\\n" + "".join(
+        f"{s},{2 / s / metrics['lr']},{1 + metrics['lr'] * s}\\n" for s in (4, 8)))
     attempts = Path("attempts.txt")
     n = int(attempts.read_text()) + 1 if attempts.exists() else 1
     attempts.write_text(str(n))
@@ -73,11 +76,17 @@ stages:
       - data/train
       - data/checkpoints: {persist: true, cache: false}
     metrics: [{metrics/train.json: {cache: false}}]
+    plots: [{metrics/curve.csv: {cache: false}}]
   eval:
     cmd: python stage.py eval
     deps: [stage.py, data/train]
     outs: [data/eval]
     metrics: [{metrics/eval.json: {cache: false}}]
+plots:
+  - loss:
+      x: step
+      y:
+        metrics/curve.csv: [loss_new, loss_old]
 '''
 
 
@@ -168,3 +177,42 @@ def test_rerun_is_dvc_cached_and_a_param_change_reruns_only_downstream(harness, 
     assert changed[1]["metrics"]["lr"] == 0.5
     params = (toy / "params.yaml").read_text()
     assert "lr: 0.5  # peak LR" in params  # written like `dvc exp run -S`: comments kept
+
+
+def test_dvc_experiment_is_its_own_mlflow_run_and_diffs(toy):
+    """`dvc exp run -S` reruns what the change invalidated, and those stages land in MLflow under one parent run
+    named after the experiment; `dvc exp show --json`, `dvc metrics diff` and `dvc plots diff` see it."""
+    from mlflow import MlflowClient
+
+    env = base_env()
+    (toy / "params.yaml").write_text((toy / "params.yaml").read_text().replace("fail_attempts: 1", "fail_attempts: 0"))
+    dvc = [sys.executable, "-m", "dvc"]
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@x.invalid"]
+    subprocess.run([*dvc, "repro"], cwd=toy, env={**env, "CPT_TRACKING": "0"}, check=True, capture_output=True)
+    subprocess.run([*git, "add", "-A"], cwd=toy, check=True)
+    subprocess.run([*git, "commit", "-qm", "baseline"], cwd=toy, check=True)
+    run = subprocess.run([*dvc, "exp", "run", "-n", "lr5", "-S", "train.lr=0.5"], cwd=toy, env=env,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "Stage 'ingest' didn't change, skipping" in run.stdout
+    shown = json.loads(subprocess.run([*dvc, "exp", "show", "--json"], cwd=toy, env=env, capture_output=True,
+                                      text=True, check=True).stdout)
+    assert "lr5" in [r.get("name") for b in shown for e in (b.get("experiments") or []) for r in e.get("revs", [])]
+    diff = json.loads(subprocess.run([*dvc, "metrics", "diff", "HEAD", "lr5", "--json"], cwd=toy, env=env,
+                                     capture_output=True, text=True, check=True).stdout)
+    assert diff["metrics/train.json"]["lr"] == {"old": 0.1, "new": 0.5, "diff": 0.4}
+    plots = json.loads(subprocess.run([*dvc, "plots", "diff", "HEAD", "lr5", "--json"], cwd=toy, env=env,
+                                      capture_output=True, text=True, check=True).stdout)
+    (loss,) = plots["data"]["loss"]  # the old/new loss curves of both revisions, in one plot
+    assert loss["revisions"] == ["HEAD", "lr5"]
+    rows = loss["content"]["data"]["values"]
+    assert {r["rev"] for r in rows} == {"HEAD", "lr5"} and {r.get("field") for r in rows} >= {"loss_new", "loss_old"}
+    c = MlflowClient(tracking_uri=f"sqlite:///{toy / 'mlflow.db'}")
+    exp_id = c.get_experiment_by_name("cpt").experiment_id
+    parents = c.search_runs([exp_id], filter_string="tags.`cpt.dvc_exp` = 'lr5'")
+    parent = [r for r in parents if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parent) == 1 and parent[0].info.run_name == "dvc exp lr5"
+    assert parent[0].data.params["train.lr"] == "0.5"
+    nested = c.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent[0].info.run_id}'")
+    assert sorted(r.info.run_name for r in nested) == ["eval", "train"]  # ingest was up to date
+    assert parent[0].info.status == "FINISHED"  # eval, the last stage, closed it

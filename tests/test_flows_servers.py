@@ -1,10 +1,12 @@
 """End to end on real servers (slow): a ``prefect server`` and an ``mlflow server`` on loopback, the deployments of
 prefect.yaml, a process worker (``--run-once``) running the ``pipeline/nightly`` deployment over a temporary copy of
-this project with tests/params_tiny.yaml, then a ``dvc exp run`` in the same project.
+this project with tests/params_tiny.yaml. (``dvc exp run`` -> MLflow is checked on the small DVC project of
+test_flows.py: same mechanism, a fraction of the time.)
 
 Checked through the servers' own clients: the flow run completed with one task per stage; the stage outputs exist;
 MLflow has one parent run with a nested run per stage, the per-step metric history, the registered model version
-and its ``champion`` alias; the DVC experiment is its own MLflow run and the gate compared it with the champion.
+and its ``champion`` alias (downloadable as an HF folder); a stage started while the tracking server was down
+delivered everything once it came up.
 Every process is started in its own process group and stopped by pid in a finally.
 """
 
@@ -186,33 +188,6 @@ def params_steps(stack) -> int:
     import yaml
 
     return int(yaml.safe_load((stack["proj"] / "params.yaml").read_text())["train"]["steps"])
-
-
-def test_dvc_experiment_is_its_own_mlflow_run_and_meets_the_champion(stack):
-    proj, env = stack["proj"], dict(stack["env"])
-    git = ["git", "-c", "user.name=cpt-test", "-c", "user.email=t@example.invalid"]
-    _run([*git, "add", "-A"], env, cwd=proj)
-    _run([*git, "commit", "-q", "-m", "baseline: tiny pipeline"], env, cwd=proj)
-    _run([sys.executable, "-m", "dvc", "exp", "run", "-n", "replay10", "-S", "train.replay_ratio=0.1"], env,
-         cwd=proj, timeout=900)
-    shown = json.loads(_run([sys.executable, "-m", "dvc", "exp", "show", "--json"], env, cwd=proj))
-    names = [e.get("name") for base in shown for e in (base.get("experiments") or []) for e in e.get("revs", [])]
-    assert "replay10" in names, names
-    diff = json.loads(_run([sys.executable, "-m", "dvc", "metrics", "diff", "--json"], env, cwd=proj))
-    assert "metrics/train.json" in diff
-    c = _client(stack)
-    exp = c.get_experiment_by_name("cpt")
-    parents = c.search_runs([exp.experiment_id], filter_string="tags.`cpt.dvc_exp` = 'replay10'")
-    parent = [r for r in parents if "mlflow.parentRunId" not in r.data.tags]
-    assert len(parent) == 1 and parent[0].info.run_name == "dvc exp replay10"
-    assert parent[0].data.params["train.replay_ratio"] == "0.1"
-    nested = c.search_runs([exp.experiment_id],
-                           filter_string=f"tags.`mlflow.parentRunId` = '{parent[0].info.run_id}'")
-    assert {"train", "eval"} <= {r.info.run_name for r in nested}  # only what the change invalidated reran
-    assert "ingest" not in {r.info.run_name for r in nested}
-    gate = json.loads((proj / "metrics" / "gate.json").read_text())
-    assert gate["vs_champion"]["checked"], gate["vs_champion"]
-    assert gate["version"] == "2"
 
 
 def test_a_server_started_mid_stage_receives_everything(stack):
