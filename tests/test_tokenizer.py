@@ -177,7 +177,7 @@ def test_new_tokens_json_maps_each_piece_to_base_ids(mistral_run, mistral_model)
 def test_english_held_out_lines_unchanged_and_vietnamese_gains(mistral_run):
     _, m = mistral_run
     assert m["old_language_lines"] == 300
-    assert m["old_language_changed_lines"] == 0, m["old_language_changed_examples"]
+    assert m["old_language_changed_lines"] == 0
     vi = m["languages"]["vi"]
     assert vi["tokens_per_word_base"] > 2.5 and vi["tokens_per_word"] < 0.62 * vi["tokens_per_word_base"]
     for lang in ("zh", "ja", "ko"):
@@ -321,7 +321,7 @@ def test_byte_level_bpe_base(tmp_path, texts, byte_bpe):
     # ...and held out, statistical: this 2k-token toy base fragments English far more than a real one
     # (the Mistral test above demands 0); 1 of 300 news lines ("Paolo" -> a Vietnamese-vouched 'aolo') is the
     # residual seen here
-    assert m["old_language_changed_lines"] <= 1, m["old_language_changed_examples"]
+    assert m["old_language_changed_lines"] <= 1
     assert m["languages"]["vi"]["tokens_per_word"] < 0.8 * m["languages"]["vi"]["tokens_per_word_base"]
     base = json.loads((byte_bpe / "tokenizer.json").read_text())
     ext = json.loads((layout.tokenizer / "tokenizer.json").read_text())

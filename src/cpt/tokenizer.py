@@ -199,10 +199,10 @@ def run(params: dict[str, Any], layout: Layout) -> dict[str, Any]:
         result = extend_bpe(base, cfg, seed, new_text, old_text, layout, timings)
 
     t = time.perf_counter()
-    metrics = evaluate(result, cfg, langs, layout)
+    metrics, changed_examples = evaluate(result, cfg, langs, layout)
     timings["evaluate"] = time.perf_counter() - t
     metrics["timings"] = {k: round(v, 3) for k, v in timings.items()}
-    write_report(metrics, result, layout)
+    write_report(metrics, changed_examples, result, layout)
     problems = []
     if metrics["roundtrip_failures"]:
         problems.append(f"{metrics['roundtrip_failures']} eval lines do not round-trip")
@@ -213,8 +213,9 @@ def run(params: dict[str, Any], layout: Layout) -> dict[str, Any]:
     return metrics
 
 
-def evaluate(result: Any, cfg: dict[str, Any], langs: list[str], layout: Layout) -> dict[str, Any]:
-    """Every number on role: eval text: fertility per language, old-language invariance, round trip, HF parity."""
+def evaluate(result: Any, cfg: dict[str, Any], langs: list[str], layout: Layout) -> tuple[dict[str, Any], list[str]]:
+    """Every number on role: eval text: fertility per language, old-language invariance, round trip, HF parity.
+    Returns the metrics and the first changed old-language lines (for the report)."""
     limit = cfg["check_lines"]
     eval_langs: list[str] = []
     for s in select_sources(layout.clean, role="eval"):
@@ -245,27 +246,26 @@ def evaluate(result: Any, cfg: dict[str, Any], langs: list[str], layout: Layout)
         "base_vocab": result.base_vocab,
         "added": len(result.added),
         "vocab": result.base_vocab + len(result.added),
-        "new_languages": langs,
+        "new_languages": ",".join(langs),  # a string: DVC metrics are scalars
         "candidates": result.candidates,
         "pruned_exact": result.pruned_exact,
         "pruned_guard": result.pruned_guard,
         "pruned_unreachable": result.pruned_unreachable,
         "old_language_lines": len(old),
         "old_language_changed_lines": len(changed),
-        "old_language_changed_examples": [old[i][:200] for i in changed[:5]],
         "roundtrip_lines": checked,
         "roundtrip_failures": rt_fail,
         "hf_mismatch_lines": hf_fail,
         "languages": languages,
-    }
+    }, [old[i][:200] for i in changed[:5]]
 
 
-def write_report(metrics: dict[str, Any], result: Any, layout: Layout) -> None:
+def write_report(metrics: dict[str, Any], changed_examples: list[str], result: Any, layout: Layout) -> None:
     m = metrics
     text = [
         "# Tokenizer extension: fertility and old-language invariance\n",
         f"Base: `{result.base_file}` ({result.kind}, {m['base_vocab']} tokens). Added {m['added']} pieces for "
-        f"{', '.join(m['new_languages'])} -> vocab {m['vocab']} (train pads the embedding matrix).\n",
+        f"{m['new_languages'].replace(',', ', ')} -> vocab {m['vocab']} (train pads the embedding matrix).\n",
         f"Candidates {m['candidates']}: pruned {m['pruned_exact']} that fire on the old-language training text, "
         f"{m['pruned_guard']} by the held-out guard, {m['pruned_unreachable']} unreachable.\n",
         "## Fertility on role: eval text\n",
@@ -277,7 +277,7 @@ def write_report(metrics: dict[str, Any], result: Any, layout: Layout) -> None:
         f"- AutoTokenizer == merged model: {m['roundtrip_lines'] - m['hf_mismatch_lines']} of {m['roundtrip_lines']} "
         "eval lines",
     ]
-    for ex in m["old_language_changed_examples"]:
+    for ex in changed_examples:
         text.append(f"  - changed: `{ex}`")
     with atomic_open(layout.reports / "fertility.md") as fh:
         fh.write("\n".join(text) + "\n")
