@@ -124,7 +124,7 @@ def main() -> None:
         normal = {p.piece for p in base.pieces if p.type == se.NORMAL}
         cand = [p for p in se.ranked_pieces(vi_model) if p not in have]
         conflicts = se.old_conflicts(base, old_lines)
-        guard = Guard(old_lines, vi_lines, min_freq=cfg["old_alphabet_min_freq"], foreign_ratio=cfg["foreign_ratio"])
+        guard = Guard(old_lines, {"vi": vi_lines}, min_freq=cfg["old_alphabet_min_freq"], foreign_ratio=cfg["foreign_ratio"])
         exact = se.reachable([p for p in cand if p not in conflicts], normal)
         shipped = se.reachable([p for p in cand if p not in conflicts and guard.allows(p)], normal)
         naive = se._copy(base)
