@@ -255,3 +255,34 @@ def test_training_path_imports_without_the_data_and_ops_stack():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_calibration_caps_the_new_rows_mass_and_keeps_their_order():
+    from cpt.training.embeddings import calibrate_new_logits
+
+    model = _model(False)
+    # a "trained" base: 60 steps on text that never uses ids 70..99, so it learns never to predict them
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        batch = torch.randint(0, 70, (8, 17), generator=gen)
+        model(input_ids=batch, labels=batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    x = torch.randint(0, 70, (4, 16), generator=gen)
+    extend_embeddings(model, {"base_vocab": 100, "vocab": 160,
+                              "added": [{"id": 100 + i, "base_ids": [i, i + 1]} for i in range(60)]})
+    head0 = model.lm_head.weight.detach().clone()
+
+    @torch.no_grad()
+    def new_share():
+        logits = model(input_ids=x).logits
+        return float(torch.softmax(logits, -1)[..., 100:].sum(-1).mean()), logits[..., 100:160].argsort(-1)
+
+    share0, order0 = new_share()
+    report = calibrate_new_logits(model, x, base_vocab=100, target_mass=0.01)
+    share1, order1 = new_share()
+    assert share0 > 0.2 and report["new_mass_before"] == pytest.approx(share0, rel=1e-4)
+    assert share1 <= 0.0101 and report["new_logit_shift"] > 0
+    assert torch.equal(model.lm_head.weight[:100], head0[:100])  # old rows untouched
+    assert torch.equal(order0, order1)  # at every position the new tokens keep their order among themselves

@@ -55,7 +55,7 @@ from cpt.params import section
 from cpt.progress import progress
 from cpt.training import checkpoint, distributed, flops
 from cpt.training.data import ReplaySampler, ShardSplit, eval_rows, open_shards
-from cpt.training.embeddings import extend_embeddings
+from cpt.training.embeddings import calibrate_new_logits, extend_embeddings
 from cpt.training.loss import CausalLMLoss
 from cpt.training.optim import build_optimizer, set_lr
 from cpt.training.schedule import SCHEDULES, lr_at
@@ -79,6 +79,7 @@ DEFAULTS: dict[str, Any] = {
     "grad_clip": 1.0,
     "replay_ratio": 0.25,
     "embed_init": "subtoken_mean",
+    "new_token_mass": 0.01,
     "eval_interval": 20,
     "eval_blocks": 32,
     "ckpt_interval": 20,
@@ -294,6 +295,10 @@ def _train(cfg: dict, seed: int, layout: Layout, info: distributed.DistInfo, dev
     embed_report = extend_embeddings(hf_model, new_tokens, cfg["embed_init"], seed)
     core.to(device)
     if not state:
+        if cfg["new_token_mass"]:
+            embed_report.update(calibrate_new_logits(
+                hf_model, _calibration_blocks(train_old, cfg["micro_batch"]).to(device),
+                int(new_tokens["base_vocab"]), float(cfg["new_token_mass"])))
         old_after = _mean_loss(core, val["old"], old_rows, cfg["micro_batch"], device, amp_dtype)
         change = (old_after - old_before) / old_before if old_before and math.isfinite(old_before) else float("nan")
         log.info("old-domain val loss before resize %.4f, after %.4f (%+.2f%%, %d blocks; init %s)",
@@ -445,8 +450,9 @@ def _train(cfg: dict, seed: int, layout: Layout, info: distributed.DistInfo, dev
         "train_seconds": train_seconds, "loss_new": final["loss_new"], "loss_old": final["loss_old"],
         "bpb_new": final["bpb_new"], "bpb_old": final["bpb_old"], "train_loss": train_loss,
         "old_loss_before_resize": resize["old_loss_before"], "old_loss_after_resize": resize["old_loss_after"],
-        "old_loss_resize_change": resize["old_loss_change"], "embeddings": {k: resize[k] for k in
-        ("vocab", "base_vocab", "rows_before", "rows_after", "added", "init", "init_fallback", "tied")},
+        "old_loss_resize_change": resize["old_loss_change"], "embeddings": {k: resize.get(k) for k in
+        ("vocab", "base_vocab", "rows_before", "rows_after", "added", "init", "init_fallback", "tied",
+         "new_logit_shift", "new_mass_before", "new_mass_after")},
         "params": n_params, "flops_per_token": per_token, "world_size": info.world_size, "device": device.type,
         "replay_ratio": float(cfg["replay_ratio"]), "epochs": sampler.epochs(samples),
         "resumed_from": start_step or None, "retrained": True,
@@ -487,6 +493,14 @@ def _resize_probe_rows(split: ShardSplit | None, max_blocks: int, rows_before: i
         return np.zeros(0, dtype=np.int64)
     rows = eval_rows(split, max_blocks)
     return np.array([i for i in rows if int(split.blocks[i].max()) < rows_before], dtype=np.int64)
+
+
+def _calibration_blocks(split: ShardSplit | None, micro_batch: int) -> torch.Tensor:
+    """A few old-domain TRAIN blocks (spread over the split, ~4k tokens) for calibrate_new_logits; inputs only."""
+    if split is None or split.n_blocks == 0:
+        return torch.zeros((0, 1), dtype=torch.long)
+    n = min(split.n_blocks, max(1, micro_batch, 4096 // split.blocks.shape[1]))
+    return split.rows(np.linspace(0, split.n_blocks - 1, n).round().astype(np.int64))[:, :-1]
 
 
 def _mean_loss(core, split, rows, micro_batch, device, amp_dtype) -> float:
