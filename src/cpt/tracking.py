@@ -64,7 +64,7 @@ DEFAULTS: dict[str, Any] = {
     "spool_dir": "data/tracking_spool",
 }
 
-# Reports each stage writes (docs/architecture.md); logged as artifacts when the stage closes.
+# Reports each stage writes (docs/architecture.md); logged as artifacts when the stage closes, with metrics/<stage>.json.
 STAGE_ARTIFACTS: dict[str, tuple[str, ...]] = {
     "ingest": ("data/raw/manifest.json",),
     "clean": ("data/clean/manifest.json",),
@@ -73,7 +73,7 @@ STAGE_ARTIFACTS: dict[str, tuple[str, ...]] = {
     "tokenizer": ("reports/fertility.md", "data/tokenizer/new_tokens.json"),
     "shards": ("data/shards/meta.json",),
     "train": ("metrics/train_curve.csv",),
-    "eval": ("reports/eval",),
+    "eval": (),  # the eval stage logs reports/eval/* itself (artifact folder eval/)
 }
 
 
