@@ -76,7 +76,7 @@ def test_output_is_an_hf_llama_with_untied_head_and_gqa(built):
     assert info["source"] == "builtin:tiny" and info["tiny"]["steps"] == 100
 
 
-def test_hf_tokenizer_encodes_like_the_sentencepiece_model(built, corpora):
+def test_hf_tokenizer_encodes_like_the_sentencepiece_model(built, corpora, books):
     """stack.md trap 8: the HF folder must hold a real Llama tokenizer, token-for-token equal to tokenizer.model."""
     import sentencepiece as spm
     from transformers import AutoTokenizer
@@ -86,10 +86,12 @@ def test_hf_tokenizer_encodes_like_the_sentencepiece_model(built, corpora):
     assert type(hf).__name__ in ("LlamaTokenizer", "LlamaTokenizerFast")
     sp = spm.SentencePieceProcessor(model_file=str(layout.base / "tokenizer.model"))
     assert len(hf) == sp.get_piece_size() and sp.bos_id() == 1 and sp.eos_id() == 2 and sp.pad_id() == -1
-    # real English lines the tokenizer was NOT trained on (WikiText-2 test), plus verse from the books
+    # real English lines the tokenizer was NOT trained on (WikiText-2 test), and the books' own lines (indented
+    # verse, NLTK-spaced punctuation, dialogue)
     lines = (corpora / "en_wikitext2" / "test.txt").read_text(encoding="utf-8").splitlines()[:400]
+    lines += [ln for book in books for ln in book.splitlines()[::4]]
     lines = [ln for ln in lines if ln.strip()]
-    assert len(lines) > 150
+    assert len(lines) > 900
     leading = 0
     for line in lines:
         # WikiText's literal "<unk>" is text here, as in the shards (cpt.packing.load_tokenizer)
