@@ -12,6 +12,7 @@ export MLFLOW_DISABLE_TELEMETRY         := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_HOME                     ?= $(abspath .prefect)
 export TOKENIZERS_PARALLELISM           ?= false
+export OMP_WAIT_POLICY                  ?= PASSIVE
 
 .PHONY: help setup demo test test-fast bench remote clean-data
 
