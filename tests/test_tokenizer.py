@@ -365,3 +365,14 @@ def test_eval_text_never_reaches_training(tmp_path, texts, mistral_model):
     stage.run(params(mistral_model, languages=["vi"], vocab_size=1000, max_train_chars=400_000, check_lines=50), layout)
     nt = json.loads((layout.tokenizer / "new_tokens.json").read_text())
     assert not any("qxj" in a["piece"] for a in nt["added"])
+
+
+def test_deterministic_for_a_seed(tmp_path, texts, mistral_model):
+    outs = []
+    for run in ("a", "b"):
+        layout = make_clean(tmp_path / run, texts, langs=("vi",))
+        stage.run(params(mistral_model, languages=["vi"], vocab_size=800, max_train_chars=300_000, check_lines=20),
+                  layout)
+        outs.append([(layout.tokenizer / f).read_bytes() for f in ("tokenizer.model", "tokenizer.json",
+                                                                    "new_tokens.json")])
+    assert outs[0] == outs[1]

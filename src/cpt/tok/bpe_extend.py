@@ -308,5 +308,6 @@ def extend_bpe(base_ref, cfg: dict[str, Any], seed: int, new_text: dict[str, lis
         encode=enc(merged),
         encode_hf=enc(hf._tokenizer),
         decode_hf=lambda ids: hf.decode(ids),
+        decode_base=lambda ids: base.decode(ids, skip_special_tokens=False),
         **counts,
     )

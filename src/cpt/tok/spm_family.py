@@ -33,6 +33,7 @@ class Extension:
     encode: Callable[[list[str]], list[list[int]]]
     encode_hf: Callable[[list[str]], list[list[int]]]
     decode_hf: Callable[[list[int]], str]
+    decode_base: Callable[[list[int]], str]
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -128,5 +129,6 @@ def extend_spm(base_ref, cfg: dict[str, Any], seed: int, new_text: dict[str, lis
         encode=lambda lines: sp_new.encode(lines, num_threads=threads),
         encode_hf=lambda lines: [e.ids for e in hf._tokenizer.encode_batch(lines, add_special_tokens=False)],
         decode_hf=lambda ids: hf.decode(ids),
+        decode_base=lambda ids: sp_base.decode(ids),
         **counts,
     )
