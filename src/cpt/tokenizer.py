@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from cpt.errors import ConfigError, DataError
-from cpt.io import atomic_open, write_json
+from cpt.io import atomic_open
 from cpt.layout import Layout
 from cpt.params import section
 from cpt.progress import progress

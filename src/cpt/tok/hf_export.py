@@ -11,15 +11,14 @@ everywhere. Here every pair ``(a, b)`` with ``a+b`` in the vocabulary becomes a 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, processors
 from tokenizers.models import BPE
 
 from cpt.io import atomic_open, read_json, write_json
-from cpt.tok.spm_extend import BYTE, NORMAL, SPACE, USER_DEFINED, write_proto
+from cpt.tok.spm_extend import NORMAL, SPACE, USER_DEFINED, write_proto
 
 CONTROL_TYPES = (2, 3)  # UNKNOWN, CONTROL
 
@@ -120,15 +119,3 @@ def write_folder(proto, out: Path, base_dir: Path | None) -> None:
     write_json(out / "tokenizer_config.json", cfg)
     smap = {k: cfg[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token") if cfg.get(k)}
     write_json(out / "special_tokens_map.json", smap)
-
-
-def special_tokens(folder: Path) -> dict[str, str]:
-    """The named special tokens of an HF tokenizer folder (for the 'same special tokens as the base' check)."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(folder))
-    return {k: str(v) for k, v in tok.special_tokens_map.items() if isinstance(v, str)}
-
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, ensure_ascii=False)
