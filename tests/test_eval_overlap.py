@@ -103,3 +103,11 @@ def test_real_shards_stage_output_passes_and_a_decontamination_miss_is_caught(tm
     assert leaked["eval_docs_in_train_shards"] == 2 - held_out
     with pytest.raises(DataError, match="ntrex_vi"):
         check_overlap(layout, cfg)
+
+
+def test_prefix_prefilter_never_hides_a_leak_behind_leading_whitespace_or_a_long_document():
+    long_doc = "  \n " + "Một câu rất dài. " * 500
+    index = overlap.OverlapIndex()
+    index.add("heldout", [long_doc, "ngắn"])
+    checked, leaks, _ = index.find_texts([long_doc.strip(), " ngắn ", long_doc + " khác", "x"])
+    assert checked == 4 and leaks == {"heldout": 2}

@@ -49,12 +49,24 @@ class OverlapIndex:
 
     by_text: dict[str, str] = field(default_factory=dict)
     by_ids: dict[str, str] = field(default_factory=dict)
+    prefixes: set[str] = field(default_factory=set)  # first PREFIX normalised characters of each document
+
+    PREFIX = 32
+
+    @classmethod
+    def _prefix(cls, text: str) -> str:
+        # normalise() of a short head, so a 1 MB training book is never normalised whole just to be rejected
+        head = normalise(text[: 8 * cls.PREFIX])
+        if len(head) < cls.PREFIX and len(text) > 8 * cls.PREFIX:
+            head = normalise(text)
+        return head[: cls.PREFIX]
 
     def add(self, source: str, texts: Iterable[str], encode=None) -> None:
         """``encode(list[str]) -> list[list[int]]``: the shards tokenizer, no special tokens."""
         texts = [t for t in texts if normalise(t)]
         for t in texts:
             self.by_text.setdefault(text_hash(t), source)
+            self.prefixes.add(self._prefix(t))
         if encode is not None and texts:
             variants = texts + [t.strip() for t in texts if t.strip() != t]
             for ids in encode(variants):
@@ -75,7 +87,14 @@ class OverlapIndex:
 
     def find_texts(self, train_texts: Iterable[str]) -> tuple[int, dict[str, int], list[str]]:
         """(documents checked, {source: leaked documents}, a few leaked snippets) for training texts."""
-        return self._count(((text_hash(t), repr(normalise(t)[:80])) for t in train_texts), self.by_text)
+        def keys():
+            for t in train_texts:
+                if self._prefix(t) in self.prefixes:  # cheap pre-filter; the full hash decides
+                    yield text_hash(t), repr(normalise(t)[:80])
+                else:
+                    yield "", ""
+
+        return self._count(keys(), self.by_text)
 
     def find_segments(self, segments: Iterable[np.ndarray]) -> tuple[int, dict[str, int], list[str]]:
         """The same for token-id segments of a training stream."""
