@@ -297,7 +297,7 @@ def _train(cfg: dict, seed: int, layout: Layout, info: distributed.DistInfo, dev
     if not state:
         if cfg["new_token_mass"]:
             embed_report.update(calibrate_new_logits(
-                hf_model, _calibration_blocks(train_old, cfg["micro_batch"]).to(device),
+                hf_model, _calibration_blocks(train_old).to(device),
                 int(new_tokens["base_vocab"]), float(cfg["new_token_mass"])))
         old_after = _mean_loss(core, val["old"], old_rows, cfg["micro_batch"], device, amp_dtype)
         change = (old_after - old_before) / old_before if old_before and math.isfinite(old_before) else float("nan")
@@ -495,11 +495,11 @@ def _resize_probe_rows(split: ShardSplit | None, max_blocks: int, rows_before: i
     return np.array([i for i in rows if int(split.blocks[i].max()) < rows_before], dtype=np.int64)
 
 
-def _calibration_blocks(split: ShardSplit | None, micro_batch: int) -> torch.Tensor:
-    """A few old-domain TRAIN blocks (spread over the split, ~4k tokens) for calibrate_new_logits; inputs only."""
+def _calibration_blocks(split: ShardSplit | None) -> torch.Tensor:
+    """A few old-domain TRAIN blocks (spread over the split, ~2k tokens) for calibrate_new_logits; inputs only."""
     if split is None or split.n_blocks == 0:
         return torch.zeros((0, 1), dtype=torch.long)
-    n = min(split.n_blocks, max(1, micro_batch, 4096 // split.blocks.shape[1]))
+    n = min(split.n_blocks, max(1, 2048 // split.blocks.shape[1]))
     return split.rows(np.linspace(0, split.n_blocks - 1, n).round().astype(np.int64))[:, :-1]
 
 

@@ -171,7 +171,7 @@ def calibrate_new_logits(model: nn.Module, blocks: torch.Tensor, base_vocab: int
             log.warning("new-row calibration: the base gives no direction that lowers every new logit; skipped")
             return {"new_logit_shift": 0.0, "new_mass_before": before, "new_mass_after": before}
         lo = 0.0
-        for _ in range(30):
+        for _ in range(20):  # |hi - lo| < hi / 1e6
             mid = (lo + hi) / 2
             lo, hi = (mid, hi) if mass(mid) > target_mass else (lo, mid)
         delta = hi
