@@ -102,14 +102,18 @@ def harness(tmp_path_factory):
             yield home
 
 
-@pytest.fixture()
-def toy(tmp_path, monkeypatch):
-    root = tmp_path / "proj"
+@pytest.fixture(scope="module")
+def toy(harness, tmp_path_factory):
+    """The small DVC project, run once through the `pipeline` flow (tracked; train fails once, then resumes).
+    The tests below read that run, then change params and run again (in file order, on the same project)."""
+    import os
+
+    root = tmp_path_factory.mktemp("toy") / "proj"
     root.mkdir()
     (root / "stage.py").write_text(STAGE_PY)
     (root / "dvc.yaml").write_text(DVC_YAML)
     mlflow_db(root)
-    (root / "params.yaml").write_text(textwrap.dedent(f"""\
+    (root / "params.yaml").write_text(textwrap.dedent("""\
         seed: 1
         train:
           lr: 0.1  # peak LR
@@ -125,9 +129,21 @@ def toy(tmp_path, monkeypatch):
     for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"], ["git", "add", "-A"],
                 ["git", "commit", "-q", "-m", "toy"]):
         subprocess.run(cmd, cwd=root, env=env, check=True, capture_output=True)
-    for var in ("CPT_MLFLOW_RUN_ID", "MLFLOW_TRACKING_URI", "CPT_TRACKING", "DVC_EXP_NAME"):
-        monkeypatch.delenv(var, raising=False)
-    return root
+    saved = {v: os.environ.pop(v) for v in ("CPT_MLFLOW_RUN_ID", "MLFLOW_TRACKING_URI", "CPT_TRACKING",
+                                            "DVC_EXP_NAME") if v in os.environ}
+    from flows.pipeline import pipeline
+
+    try:
+        results = pipeline(root=str(root), stages=["ingest", "train", "eval"], retry_delay=0, train_retries=1)
+        yield root, results
+    finally:
+        os.environ.update(saved)
+
+
+def mlflow_client(root: Path):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
 
 
 def test_one_task_per_stage_named_as_the_stage():
@@ -142,17 +158,13 @@ def test_one_task_per_stage_named_as_the_stage():
         pipeline._selected(STAGES, ["ingest", "trian"])
 
 
-def test_pipeline_retries_train_resumes_and_nests_stage_runs(harness, toy):
-    from mlflow import MlflowClient
-
-    from flows.pipeline import pipeline
-
-    results = pipeline(root=str(toy), stages=["ingest", "train", "eval"], retry_delay=0, train_retries=1)
+def test_train_retry_resumes_and_stages_nest_under_the_flow_run(toy):
+    root, results = toy
     assert [(r["stage"], r["ran"]) for r in results] == [("ingest", True), ("train", True), ("eval", True)]
-    train = json.loads((toy / "metrics" / "train.json").read_text())
+    train = json.loads((root / "metrics" / "train.json").read_text())
     assert train == {"lr": 0.1, "attempt": 2, "resumed": True}  # failed once, the retry found the checkpoint
     # MLflow: one parent run for the execution; every stage process (run by DVC) is a nested run of it
-    c = MlflowClient(tracking_uri=f"sqlite:///{toy / 'mlflow.db'}")
+    c = mlflow_client(root)
     runs = c.search_runs([c.get_experiment_by_name("cpt").experiment_id])
     parents = [r for r in runs if r.info.run_name == "pipeline"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
@@ -164,54 +176,49 @@ def test_pipeline_retries_train_resumes_and_nests_stage_runs(harness, toy):
     assert [m.step for m in c.get_metric_history(parent, "loss/new")] == [5, 10]
 
 
-def test_rerun_is_dvc_cached_and_a_param_change_reruns_only_downstream(harness, toy):
-    from flows.pipeline import data_prep, pipeline
+def test_dvc_decides_what_reruns_and_set_params_writes_like_dvc_exp(toy):
+    from flows.pipeline import pipeline
 
-    (toy / "params.yaml").write_text((toy / "params.yaml").read_text().replace("fail_attempts: 1", "fail_attempts: 0"))
-    first = data_prep(root=str(toy), stages=["ingest"], track=False)
-    assert [r["ran"] for r in first] == [True]
-    changed = pipeline(root=str(toy), stages=["ingest", "train"], set_params=["train.lr=0.5"], track=False)
-    # DVC decides: ingest is up to date (skipped, as `dvc repro` would), train depends on the changed param
+    root, _ = toy
+    changed = pipeline(root=str(root), stages=["ingest", "train"], set_params=["train.lr=0.5"], track=False)
+    # ingest is up to date (skipped, as `dvc repro` would), train depends on the changed param
     assert [(r["stage"], r["ran"]) for r in changed] == [("ingest", False), ("train", True)]
     assert changed[1]["metrics"]["lr"] == 0.5
-    params = (toy / "params.yaml").read_text()
-    assert "lr: 0.5  # peak LR" in params  # written like `dvc exp run -S`: comments kept
+    assert "lr: 0.5  # peak LR" in (root / "params.yaml").read_text()  # DVC's -S writer: comments kept
 
 
 def test_dvc_experiment_is_its_own_mlflow_run_and_diffs(toy):
     """`dvc exp run -S` reruns what the change invalidated, and those stages land in MLflow under one parent run
     named after the experiment; `dvc exp show --json`, `dvc metrics diff` and `dvc plots diff` see it."""
-    from mlflow import MlflowClient
-
+    root, _ = toy
     env = base_env()
-    (toy / "params.yaml").write_text((toy / "params.yaml").read_text().replace("fail_attempts: 1", "fail_attempts: 0"))
     dvc = [sys.executable, "-m", "dvc"]
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@x.invalid"]
-    subprocess.run([*dvc, "repro"], cwd=toy, env={**env, "CPT_TRACKING": "0"}, check=True, capture_output=True)
-    subprocess.run([*git, "add", "-A"], cwd=toy, check=True)
-    subprocess.run([*git, "commit", "-qm", "baseline"], cwd=toy, check=True)
-    run = subprocess.run([*dvc, "exp", "run", "-n", "lr5", "-S", "train.lr=0.5"], cwd=toy, env=env,
+    subprocess.run([*git, "add", "-A"], cwd=root, check=True)
+    subprocess.run([*git, "commit", "-qm", "baseline"], cwd=root, check=True)
+    lr = json.loads((root / "metrics" / "train.json").read_text())["lr"]
+    run = subprocess.run([*dvc, "exp", "run", "-n", "lr7", "-S", "train.lr=0.7"], cwd=root, env=env,
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "Stage 'ingest' didn't change, skipping" in run.stdout
-    shown = json.loads(subprocess.run([*dvc, "exp", "show", "--json"], cwd=toy, env=env, capture_output=True,
+    shown = json.loads(subprocess.run([*dvc, "exp", "show", "--json"], cwd=root, env=env, capture_output=True,
                                       text=True, check=True).stdout)
-    assert "lr5" in [r.get("name") for b in shown for e in (b.get("experiments") or []) for r in e.get("revs", [])]
-    diff = json.loads(subprocess.run([*dvc, "metrics", "diff", "HEAD", "lr5", "--json"], cwd=toy, env=env,
+    assert "lr7" in [r.get("name") for b in shown for e in (b.get("experiments") or []) for r in e.get("revs", [])]
+    diff = json.loads(subprocess.run([*dvc, "metrics", "diff", "HEAD", "lr7", "--json"], cwd=root, env=env,
                                      capture_output=True, text=True, check=True).stdout)
-    assert diff["metrics/train.json"]["lr"] == {"old": 0.1, "new": 0.5, "diff": 0.4}
-    plots = json.loads(subprocess.run([*dvc, "plots", "diff", "HEAD", "lr5", "--json"], cwd=toy, env=env,
+    assert diff["metrics/train.json"]["lr"]["old"] == lr and diff["metrics/train.json"]["lr"]["new"] == 0.7
+    plots = json.loads(subprocess.run([*dvc, "plots", "diff", "HEAD", "lr7", "--json"], cwd=root, env=env,
                                       capture_output=True, text=True, check=True).stdout)
     (loss,) = plots["data"]["loss"]  # the old/new loss curves of both revisions, in one plot
-    assert loss["revisions"] == ["HEAD", "lr5"]
+    assert loss["revisions"] == ["HEAD", "lr7"]
     rows = loss["content"]["data"]["values"]
-    assert {r["rev"] for r in rows} == {"HEAD", "lr5"} and {r.get("field") for r in rows} >= {"loss_new", "loss_old"}
-    c = MlflowClient(tracking_uri=f"sqlite:///{toy / 'mlflow.db'}")
+    assert {r["rev"] for r in rows} == {"HEAD", "lr7"} and {r.get("field") for r in rows} >= {"loss_new", "loss_old"}
+    c = mlflow_client(root)
     exp_id = c.get_experiment_by_name("cpt").experiment_id
-    parents = c.search_runs([exp_id], filter_string="tags.`cpt.dvc_exp` = 'lr5'")
+    parents = c.search_runs([exp_id], filter_string="tags.`cpt.dvc_exp` = 'lr7'")
     parent = [r for r in parents if "mlflow.parentRunId" not in r.data.tags]
-    assert len(parent) == 1 and parent[0].info.run_name == "dvc exp lr5"
-    assert parent[0].data.params["train.lr"] == "0.5"
+    assert len(parent) == 1 and parent[0].info.run_name == "dvc exp lr7"
+    assert parent[0].data.params["train.lr"] == "0.7"
     nested = c.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent[0].info.run_id}'")
     assert sorted(r.info.run_name for r in nested) == ["eval", "train"]  # ingest was up to date
     assert parent[0].info.status == "FINISHED"  # eval, the last stage, closed it
