@@ -20,7 +20,7 @@ help:
 	@echo "make demo   - create $(VENV), install, run the whole pipeline with 'dvc repro'"
 	@echo "make test   - create $(VENV) if needed, run the test suite (slow integration tests included)"
 	@echo "make test-fast - the suite without the slow integration tests"
-	@echo "make bench  - benchmarks under bench/ (CPU ones; GPU ones need a CUDA machine)"
+	@echo "make bench  - the CPU benchmarks under bench/ (results in bench/results/); GPU ones need a CUDA machine"
 	@echo "make remote DVC_REMOTE=/path - point the default DVC remote elsewhere (local config, not committed)"
 
 $(STAMP): pyproject.toml
@@ -47,7 +47,10 @@ test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: setup
-	$(BIN)/python bench/run_all.py
+	$(BIN)/python bench/bench_clean.py
+	$(BIN)/python bench/bench_shards.py
+	$(BIN)/python bench/bench_tokenizer.py
+	@echo "GPU: on a CUDA machine run $(BIN)/python bench/bench_train_gpu.py (and bench/study.py for the recipe study)"
 
 remote: setup
 	mkdir -p $(DVC_REMOTE)
