@@ -53,11 +53,15 @@ from prefect.client.orchestration import get_client
 
 with get_client(sync_client=True) as c:
     flow_runs = c.read_flow_runs()
+    nightly = c.read_deployment_by_name("pipeline/nightly")
     task_runs = c.read_task_runs()
     print(json.dumps({
         "flow_runs": {str(r.id): {"flow": c.read_flow(r.flow_id).name, "state": r.state_type.value,
                                   "parent_task": str(r.parent_task_run_id)} for r in flow_runs},
         "task_runs": [{"name": t.name, "state": t.state_type.value, "flow_run": str(t.flow_run_id)} for t in task_runs],
+        "nightly": {"crons": [s.schedule.cron for s in nightly.schedules], "pool": nightly.work_pool_name,
+                    "queue": nightly.work_queue_name, "env": nightly.job_variables.get("env"),
+                    "limit": nightly.global_concurrency_limit.limit if nightly.global_concurrency_limit else None},
     }))
 """
 
@@ -133,8 +137,10 @@ def test_deployment_run_completes_with_a_task_per_stage_and_its_artifacts(stack)
     assert state["flow_runs"][fid]["flow"] == "pipeline"
     subflows = {r["flow"] for r in state["flow_runs"].values() if r["parent_task"] != "None"}
     assert subflows == {"data_prep", "train", "evaluate"}
-    nightly = [r for i, r in state["flow_runs"].items() if i != fid and r["parent_task"] == "None"]
-    assert nightly and all(r["state"] == "SCHEDULED" for r in nightly)  # the cron schedule of prefect.yaml
+    # the deployment as prefect.yaml declares it: nightly cron, gpu pool, queue gpu-0, GPU by job variable, limit 1
+    assert state["nightly"]["crons"] == ["0 2 * * *"]
+    assert (state["nightly"]["pool"], state["nightly"]["queue"]) == ("gpu", "gpu-0")
+    assert state["nightly"]["env"]["CUDA_VISIBLE_DEVICES"] == "0" and state["nightly"]["limit"] == 1
     stage_tasks = [t for t in state["task_runs"] if t["name"] in STAGES]
     assert sorted(t["name"] for t in stage_tasks) == sorted(STAGES)
     assert all(t["state"] == "COMPLETED" for t in stage_tasks)
