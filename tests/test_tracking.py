@@ -208,3 +208,17 @@ def test_a_refused_operation_is_dropped_not_blocking_the_rest(project):
     assert json.loads(run.data.tags["cpt.tracking.param_conflicts"]) == {"train.lr": ["0.0003", "0.5"]}
     assert [m.value for m in c.get_metric_history(tr.run_id, "loss/new")] == [1.0, 0.5]
     assert run.info.status == "FINISHED"
+
+
+def test_replay_cli_reports_what_it_did(project, capsys):
+    layout, params = project
+    import yaml
+
+    (layout.root / "params.yaml").write_text(yaml.safe_dump(params))
+    assert tracking.main(["replay", "--root", str(layout.root)]) == 0
+    assert "nothing to replay" in capsys.readouterr().out
+    dead = {**params, "tracking": {**params["tracking"], "uri": f"http://127.0.0.1:{free_port()}"}}
+    tracking.for_stage("clean", dead, layout).close("FINISHED", {"docs": 3})  # spooled
+    assert tracking.main(["replay", "--root", str(layout.root)]) == 0  # params.yaml points at the live store
+    out = capsys.readouterr().out
+    assert out.startswith("ok ") and "replayed into run" in out
