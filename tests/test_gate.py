@@ -123,3 +123,11 @@ def test_unreachable_registry_never_promotes_and_never_raises(tmp_path):
     assert d["passed"] and not d["promoted"]
     assert "champion lookup failed" in d["vs_champion"]["reasons"][0]
     assert any("model registration failed" in n for n in d["notes"])
+
+
+def test_params_yaml_documents_the_code_defaults(repo_root):
+    from cpt.params import load_params
+
+    params = load_params(repo_root / "params.yaml")
+    assert params["gate"] == gate.DEFAULTS
+    assert params["tracking"] == tracking.DEFAULTS
