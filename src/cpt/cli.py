@@ -46,15 +46,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at emit time (as logging's own last-resort handler does), so a handler
+    installed by one in-process CLI call never holds a stream that was swapped and closed since (pytest capture,
+    Prefect's log redirection)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: D102
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def configure_logging(stage: str, verbose: bool = False) -> None:
-    """cpt's own loggers at INFO on stderr; third-party libraries (great-expectations, mlflow, prefect...) only at
-    WARNING, so a stage's log stays readable in `dvc repro` and in Prefect's log view."""
-    handler = logging.StreamHandler(sys.stderr)
+    """cpt's loggers at INFO on stderr. The root logger is left alone (WARNING by default), so third-party INFO
+    chatter (great-expectations, mlflow, prefect...) stays out of a stage's log in `dvc repro` and Prefect."""
+    logger = logging.getLogger("cpt")
+    for old in [h for h in logger.handlers if isinstance(h, _StderrHandler)]:
+        logger.removeHandler(old)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter(f"%(asctime)s cpt {stage}: %(message)s", datefmt="%H:%M:%S"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.WARNING)
-    logging.getLogger("cpt").setLevel(logging.DEBUG if verbose else logging.INFO)
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 def run_stage(stage: str, params: dict, layout: Layout) -> dict:
