@@ -65,3 +65,12 @@ def test_dvc_stages_match_cli_verbs(repo_root):
         assert stage["cmd"].split()[:2] == ["cpt", name]
         metrics = [next(iter(m)) if isinstance(m, dict) else m for m in stage.get("metrics", [])]
         assert f"metrics/{name}.json" in metrics
+
+
+def test_unknown_param_keys_are_refused_not_ignored():
+    from cpt.errors import ConfigError
+    from cpt.params import with_defaults
+
+    assert with_defaults("train", {"lr": 2}, {"lr": 1, "steps": 3}) == {"lr": 2, "steps": 3}
+    with pytest.raises(ConfigError, match=r"train: unknown key\(s\) \['replay_ration'\]"):
+        with_defaults("train", {"replay_ration": 0.1}, {"replay_ratio": 0.25})

@@ -18,17 +18,16 @@ Either way data/base also gets ``cpt_base.json`` (``{"source": ..., ...}``) and 
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 from cpt import tiny
 from cpt.errors import ConfigError, DataError
-from cpt.io import write_json
+from cpt.io import replace_dir, write_json
 from cpt.layout import Layout
 from cpt.packing import val_ids
-from cpt.params import section
+from cpt.params import stage_config, with_defaults
 from cpt.records import iter_docs
 
 log = logging.getLogger("cpt.base")
@@ -43,14 +42,8 @@ DEFAULTS: dict[str, Any] = {
 
 
 def config(params: dict[str, Any]) -> dict[str, Any]:
-    cfg = {**DEFAULTS, **section(params, "base")}
-    unknown = sorted(set(cfg) - set(DEFAULTS))
-    if unknown:
-        raise ConfigError(f"params base: unknown key(s) {unknown}; known: {sorted(DEFAULTS)}")
-    tiny_cfg = {**tiny.DEFAULTS, **(cfg["tiny"] or {})}
-    unknown = sorted(set(tiny_cfg) - set(tiny.DEFAULTS))
-    if unknown:
-        raise ConfigError(f"params base.tiny: unknown key(s) {unknown}; known: {sorted(tiny.DEFAULTS)}")
+    cfg = stage_config(params, "base", DEFAULTS)
+    tiny_cfg = with_defaults("base.tiny", cfg["tiny"], tiny.DEFAULTS)
     for key in ("vocab_size", "hidden_size", "layers", "heads", "kv_heads", "intermediate_size", "block_size",
                 "steps", "batch_size"):
         if not isinstance(tiny_cfg[key], int) or tiny_cfg[key] < 1:
@@ -61,16 +54,6 @@ def config(params: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"params base.tiny.val_fraction: expected 0 <= value < 0.5, got {tiny_cfg['val_fraction']}")
     cfg["tiny"] = tiny_cfg
     return cfg
-
-
-def _swap_in(tmp: Path, out: Path) -> None:
-    """Replace ``out`` by the finished ``tmp`` folder (two renames; a crash never leaves a half-written base)."""
-    old = out.with_name(f".{out.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _build_tiny(cfg: dict[str, Any], seed: int, layout: Layout, tmp: Path) -> dict[str, Any]:
@@ -190,5 +173,5 @@ def run(params: dict[str, Any], layout: Layout) -> dict[str, Any]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _swap_in(tmp, out)
+    replace_dir(tmp, out)
     return metrics

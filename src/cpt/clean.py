@@ -34,7 +34,7 @@ from cpt.decontam import EvalIndex
 from cpt.errors import ConfigError, DataError
 from cpt.io import atomic_open, read_jsonl, write_jsonl
 from cpt.layout import Layout
-from cpt.params import section
+from cpt.params import section, stage_config, with_defaults
 from cpt.progress import progress
 from cpt.records import SourceInfo, read_manifest, write_manifest
 
@@ -62,15 +62,9 @@ QUARANTINE = "quarantine.jsonl"
 
 def _config(params: dict[str, Any]) -> dict[str, Any]:
     sec = section(params, "clean")
-    unknown = set(sec) - set(DEFAULTS)
-    if unknown:
-        raise ConfigError(f"clean: unknown keys {sorted(unknown)}; allowed: {sorted(DEFAULTS)}")
-    cfg = {**DEFAULTS, **sec}
+    cfg = stage_config(params, "clean", DEFAULTS)
     for sub in ("dedup", "decontam"):
-        extra = set(sec.get(sub) or {}) - set(DEFAULTS[sub])
-        if extra:
-            raise ConfigError(f"clean.{sub}: unknown keys {sorted(extra)}; allowed: {sorted(DEFAULTS[sub])}")
-        cfg[sub] = {**DEFAULTS[sub], **(sec.get(sub) or {})}
+        cfg[sub] = with_defaults(f"clean.{sub}", sec.get(sub), DEFAULTS[sub])
     for lang, th in (cfg["filters"] or {}).items():
         if th is None:
             continue  # `vi:` with nothing under it: the defaults

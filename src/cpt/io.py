@@ -11,6 +11,7 @@ import gzip
 import json
 import math
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator, TextIO
@@ -34,6 +35,18 @@ def atomic_open(path: str | Path, mode: str = "w", encoding: str | None = "utf-8
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def replace_dir(tmp: str | Path, out: str | Path) -> None:
+    """Swap a finished folder ``tmp`` in for ``out`` (two renames on one filesystem), so a crash at any moment
+    leaves either the old or the new folder at ``out``, never a half-written one."""
+    tmp, out = Path(tmp), Path(out)
+    old = out.with_name(f".{out.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _json_default(obj: Any) -> Any:

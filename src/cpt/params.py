@@ -88,6 +88,27 @@ def section(params: dict[str, Any], name: str) -> dict[str, Any]:
     return sec
 
 
+def with_defaults(name: str, values: dict[str, Any] | None, defaults: dict[str, Any]) -> dict[str, Any]:
+    """``defaults`` overlaid with the user's ``values`` for the params section (or sub-section) ``name``. An unknown
+    key is an error, never ignored: a typo such as ``train.replay_ration`` would otherwise silently run the default."""
+    from cpt.errors import ConfigError
+
+    values = values or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"params {name}: expected a mapping, got {type(values).__name__}")
+    unknown = sorted(set(values) - set(defaults))
+    if unknown:
+        raise ConfigError(
+            f"params {name}: unknown key(s) {unknown} (unknown params are refused, not ignored); known: {sorted(defaults)}"
+        )
+    return {**defaults, **values}
+
+
+def stage_config(params: dict[str, Any], name: str, defaults: dict[str, Any]) -> dict[str, Any]:
+    """The stage's section of ``params`` over the stage's ``defaults`` (see ``with_defaults``)."""
+    return with_defaults(name, section(params, name), defaults)
+
+
 def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"train": {"lr": 1}}`` -> ``{"train.lr": 1}`` (lists stay whole, as JSON-able values)."""
     flat: dict[str, Any] = {}

@@ -18,14 +18,13 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
 from cpt.errors import ConfigError, DataError
-from cpt.io import atomic_open, write_json
+from cpt.io import atomic_open, replace_dir, write_json
 from cpt.layout import Layout
 from cpt.packing import (
     BlockWriter,
@@ -36,7 +35,7 @@ from cpt.packing import (
     token_dtype,
     tokenizers_parallelism,
 )
-from cpt.params import section
+from cpt.params import stage_config
 from cpt.progress import progress
 from cpt.records import DOMAINS, iter_docs, select_sources
 
@@ -54,10 +53,7 @@ SPLITS = ("train", "val")
 
 
 def config(params: dict[str, Any]) -> dict[str, Any]:
-    cfg = {**DEFAULTS, **section(params, "shards")}
-    unknown = sorted(set(cfg) - set(DEFAULTS))
-    if unknown:
-        raise ConfigError(f"params shards: unknown key(s) {unknown}; known: {sorted(DEFAULTS)}")
+    cfg = stage_config(params, "shards", DEFAULTS)
     if not isinstance(cfg["block_size"], int) or cfg["block_size"] < 2:
         raise ConfigError(f"params shards.block_size: expected an integer >= 2, got {cfg['block_size']!r}")
     if not 0 <= float(cfg["val_fraction"]) < 0.5:
@@ -166,12 +162,7 @@ def run(params: dict[str, Any], layout: Layout) -> dict[str, Any]:
         "splits": splits,
     }
     write_json(tmp / "meta.json", meta)
-    old = out.with_name(f".{out.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, out)
 
     tokens = sum(s["tokens"] for s in splits.values())
     for name, st in splits.items():

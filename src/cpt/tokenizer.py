@@ -27,7 +27,7 @@ from typing import Any, Iterable, Iterator
 from cpt.errors import ConfigError, DataError
 from cpt.io import atomic_open
 from cpt.layout import Layout
-from cpt.params import section
+from cpt.params import stage_config
 from cpt.progress import progress
 from cpt.records import iter_docs, select_sources
 from cpt.tok import fertility as fert
@@ -55,11 +55,7 @@ DEFAULT_VOCAB = 8000
 
 
 def config(params: dict[str, Any]) -> dict[str, Any]:
-    sec = section(params, "tokenizer")
-    unknown = set(sec) - set(DEFAULTS)
-    if unknown:
-        raise ConfigError(f"tokenizer: unknown param(s) {sorted(unknown)}; known: {sorted(DEFAULTS)}")
-    cfg = {**DEFAULTS, **sec}
+    cfg = stage_config(params, "tokenizer", DEFAULTS)
     if cfg["guard"] not in GUARDS:
         raise ConfigError(f"tokenizer.guard: {cfg['guard']!r}; expected one of {GUARDS}")
     if cfg["model_type"] not in ("bpe", "unigram"):

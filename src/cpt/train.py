@@ -36,7 +36,6 @@ import io
 import json
 import logging
 import math
-import os
 import random
 import shutil
 import time
@@ -49,9 +48,9 @@ import torch
 from cpt import tracking
 from cpt.device import autocast, autocast_dtype
 from cpt.errors import ConfigError, CptError, DataError
-from cpt.io import atomic_open, read_json
+from cpt.io import atomic_open, read_json, replace_dir
 from cpt.layout import Layout
-from cpt.params import section
+from cpt.params import section, stage_config
 from cpt.progress import progress
 from cpt.training import checkpoint, distributed, flops
 from cpt.training.data import ReplaySampler, ShardSplit, eval_rows, open_shards
@@ -113,11 +112,7 @@ class TrainingDiverged(CptError):
 
 
 def config(params: dict) -> dict[str, Any]:
-    sec = section(params, "train")
-    unknown = sorted(set(sec) - set(DEFAULTS))
-    if unknown:
-        raise ConfigError(f"params.yaml: unknown train keys {unknown}; known: {sorted(DEFAULTS)}")
-    cfg = {**DEFAULTS, **sec}
+    cfg = stage_config(params, "train", DEFAULTS)
     for key in ("steps", "micro_batch", "grad_accum", "eval_interval", "ckpt_interval", "log_interval", "loss_chunk"):
         if not isinstance(cfg[key], int) or cfg[key] < 1:
             raise ConfigError(f"params.yaml: train.{key}={cfg[key]!r} must be an integer >= 1")
@@ -210,9 +205,7 @@ def export_model(core: torch.nn.Module, hf_model: torch.nn.Module, tokenizer_dir
     for f in sorted(tokenizer_dir.iterdir()):
         if f.is_file():
             shutil.copy2(f, tmp / f.name)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    replace_dir(tmp, out)
 
 
 def run(params: dict, layout: Layout) -> dict:

@@ -23,10 +23,10 @@ import shutil
 from typing import Any
 
 from cpt import filters
-from cpt.errors import ConfigError, DataError, ValidationFailed
+from cpt.errors import DataError, ValidationFailed
 from cpt.io import read_jsonl
 from cpt.layout import Layout
-from cpt.params import section
+from cpt.params import section, stage_config
 from cpt.records import DOMAINS, ROLES, read_manifest
 from cpt.textnorm import nfc, text_hash
 
@@ -157,10 +157,7 @@ def _run_suite(ctx: Any, name: str, frame: Any, expectations: list[tuple[str, An
 
 
 def run(params: dict[str, Any], layout: Layout) -> dict[str, Any]:
-    cfg = {**DEFAULTS, **section(params, "validate")}
-    unknown = set(cfg) - set(DEFAULTS)
-    if unknown:
-        raise ConfigError(f"validate: unknown keys {sorted(unknown)}; allowed: {sorted(DEFAULTS)}")
+    cfg = stage_config(params, "validate", DEFAULTS)
     docs, per_source = _frames(layout)
 
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
