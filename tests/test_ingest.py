@@ -179,3 +179,30 @@ def test_cli_reports_a_missing_source_in_one_line(tmp_path, capsys):
     assert main(["ingest", "-p", str(params), "--root", str(tmp_path)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "'gone'" in err[0] and "no file matches" in err[0]
+
+
+def test_squad_json_gives_one_document_per_distinct_context(tmp_path, corpora):
+    """XQuAD-style sources: paragraphs become eval documents (so decontamination sees them); repeated contexts
+    count once; a malformed article is a reject with its reason, not a crash."""
+    import json as _json
+
+    from cpt.ingest import Source, read_squad
+
+    squad = {"data": [
+        {"title": "A", "paragraphs": [{"context": "Một đoạn văn.", "qas": []}, {"context": "Một đoạn văn.", "qas": []},
+                                      {"qas": []}]},
+        {"title": "B"},
+    ]}
+    path = tmp_path / "x.json"
+    path.write_text(_json.dumps(squad, ensure_ascii=False), encoding="utf-8")
+    src = Source(name="x", lang="vi", domain="new", role="eval", path=str(path), files=[path])
+    items = list(read_squad(path, src))
+    docs = [i for i in items if isinstance(i, tuple)]
+    rejects = [i for i in items if not isinstance(i, tuple)]
+    assert docs == [(1, "A/0", "Một đoạn văn.")]
+    assert sorted(r.reason for r in rejects) == ["no paragraphs", "no text field"]
+
+    real = corpora / "xquad" / "xquad.vi.json"
+    real_docs = [i for i in read_squad(real, Source(name="xq", lang="vi", domain="new", role="eval", path=str(real),
+                                                       files=[real])) if isinstance(i, tuple)]
+    assert len(real_docs) == 240  # SOURCE.md: 240 paragraphs, all distinct

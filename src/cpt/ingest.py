@@ -8,7 +8,9 @@ to ``data/raw/rejects.jsonl`` as ``{source, file, line, reason, detail}`` and ar
 
 Formats: ``.jsonl`` / ``.jsonl.gz`` / ``.json.gz`` (one JSON object per line), ``.parquet``, ``.txt`` (``unit`` says
 what a document is: ``line`` one per line (NTREX), ``wikitext`` one per `` = Title = `` article (WikiText),
-``blank`` blank-line-separated paragraphs, ``file`` the whole file), and ``hf`` (a Hugging Face dataset, streamed).
+``blank`` blank-line-separated paragraphs, ``file`` the whole file), ``.json`` in the SQuAD v1.1 layout (XQuAD,
+MLQA...: one document per distinct paragraph ``context``, so QA sets can be eval sources and reach decontamination),
+and ``hf`` (a Hugging Face dataset, streamed).
 ``max_docs`` caps a source: ``sample: first`` keeps the first N valid documents, ``sample: uniform`` a seeded,
 order-preserving uniform sample of N (one pass, bounded memory), so a cap on a title-sorted dump such as viwiki
 does not keep only the articles whose titles start with a digit.
@@ -92,7 +94,7 @@ class Reject:
 def _format_of(path: Path) -> str:
     name = path.name.lower()
     for suffix, fmt in ((".jsonl.gz", "jsonl"), (".json.gz", "jsonl"), (".jsonl", "jsonl"), (".parquet", "parquet"),
-                        (".txt.gz", "txt"), (".txt", "txt")):
+                        (".txt.gz", "txt"), (".txt", "txt"), (".json", "squad")):
         if name.endswith(suffix):
             return fmt
     return ""
@@ -149,7 +151,7 @@ def parse_sources(cfg: dict[str, Any], layout: Layout) -> list[Source]:
                     raise DataError(f"{where}: {f} is not a file")
                 if not _format_of(f):
                     raise DataError(
-                        f"{where}: {f}: unknown format; expected .txt, .jsonl, .jsonl.gz, .json.gz or .parquet"
+                        f"{where}: {f}: unknown format; expected .txt, .jsonl, .jsonl.gz, .json.gz, .parquet or SQuAD-style .json"
                     )
         else:
             try:
@@ -255,6 +257,38 @@ def read_parquet(path: Path, src: Source) -> Iterator[tuple[int, str | None, str
             yield from _record(path, row, {k: data[k][i] for k in cols if data[k][i] is not None}, src)
 
 
+def read_squad(path: Path, src: Source) -> Iterator[tuple[int, str | None, str] | Reject]:
+    """SQuAD v1.1 layout (``data[].paragraphs[].context``): one document per distinct context, id ``<title>/<n>``;
+    the 'line' of a document is its paragraph's position (1-based) in the file."""
+    raw = path.read_bytes()
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise DataError(f"ingest source {src.name!r}: {path}: invalid UTF-8 at byte {exc.start}") from exc
+    except json.JSONDecodeError as exc:
+        raise DataError(f"ingest source {src.name!r}: {path}: not JSON ({exc.msg}, line {exc.lineno})") from exc
+    if not isinstance(obj, dict) or not isinstance(obj.get("data"), list):
+        raise DataError(f"ingest source {src.name!r}: {path}: .json must be SQuAD-style ({{'data': [...]}})")
+    seen: set[str] = set()
+    n = 0
+    for a, article in enumerate(obj["data"]):
+        title = str(article.get("title", a)) if isinstance(article, dict) else str(a)
+        paragraphs = article.get("paragraphs") if isinstance(article, dict) else None
+        if not isinstance(paragraphs, list):
+            yield Reject(str(path), n + 1, "no paragraphs", f"article {a} ({title!r}) has no 'paragraphs' list")
+            continue
+        for p, para in enumerate(paragraphs):
+            n += 1
+            context = para.get("context") if isinstance(para, dict) else None
+            if not isinstance(context, str):
+                yield Reject(str(path), n, "no text field", f"article {a} paragraph {p} has no string 'context'")
+                continue
+            if context in seen:  # the same context under several question groups
+                continue
+            seen.add(context)
+            yield n, f"{title}/{p}", context
+
+
 def read_hf(src: Source) -> Iterator[tuple[int, str | None, str] | Reject]:
     import datasets
 
@@ -312,7 +346,7 @@ def iter_source(src: Source) -> Iterator[tuple[str, int, str | None, str] | Reje
         for item in read_hf(src):
             yield item if isinstance(item, Reject) else (f"hf:{src.hf}", *item)
         return
-    reader = {"jsonl": read_jsonl, "parquet": read_parquet, "txt": read_txt}
+    reader = {"jsonl": read_jsonl, "parquet": read_parquet, "txt": read_txt, "squad": read_squad}
     for path in src.files:
         for item in reader[_format_of(path)](path, src):
             yield item if isinstance(item, Reject) else (str(path), *item)
