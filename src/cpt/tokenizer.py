@@ -261,9 +261,12 @@ def evaluate(result: Any, cfg: dict[str, Any], langs: list[str], layout: Layout)
 
 def write_report(metrics: dict[str, Any], changed_examples: list[str], result: Any, layout: Layout) -> None:
     m = metrics
+    base_file = Path(result.base_file)
+    if base_file.is_relative_to(layout.root):  # a committed report names no machine's absolute path
+        base_file = base_file.relative_to(layout.root)
     text = [
         "# Tokenizer extension: fertility and old-language invariance\n",
-        f"Base: `{result.base_file}` ({result.kind}, {m['base_vocab']} tokens). Added {m['added']} pieces for "
+        f"Base: `{base_file}` ({result.kind}, {m['base_vocab']} tokens). Added {m['added']} pieces for "
         f"{m['new_languages'].replace(',', ', ')} -> vocab {m['vocab']} (train pads the embedding matrix).\n",
         f"Candidates {m['candidates']}: pruned {m['pruned_exact']} that fire on the old-language training text, "
         f"{m['pruned_guard']} by the held-out guard, {m['pruned_unreachable']} unreachable.\n",
