@@ -35,3 +35,13 @@ def test_read_jsonl_names_file_and_line(tmp_path):
     path.write_text('{"a": 1}\n{oops\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2"):
         list(read_jsonl(path))
+
+
+def test_atomic_files_get_umask_permissions_not_0600(tmp_path, monkeypatch):
+    """mkstemp creates 0600 files: a model or metrics file only its writer can read breaks shared GPU hosts."""
+    import cpt.io
+
+    monkeypatch.setattr(cpt.io, "_UMASK", 0o022)
+    with atomic_open(tmp_path / "f.txt") as fh:
+        fh.write("x")
+    assert (tmp_path / "f.txt").stat().st_mode & 0o777 == 0o644
