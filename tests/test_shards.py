@@ -290,17 +290,7 @@ def test_token_dtype_by_vocab():
 
 def test_base_and_shards_import_without_the_data_and_ops_stack():
     """The GPU box has only the training stack: base, tiny, shards and packing must import (and tokenise) there."""
-    import subprocess
-    import sys
+    from training_stack import run_without_data_and_ops_stack
 
-    blocked = ["matplotlib", "pandas", "datasets", "datasketch", "great_expectations", "mlflow", "prefect", "dvc"]
-    code = (
-        "import sys\n"
-        "class Block:\n def find_spec(self, name, path=None, target=None):\n"
-        f"  if name.split('.')[0] in {blocked!r}: raise ModuleNotFoundError('blocked ' + name)\n"
-        "sys.meta_path.insert(0, Block())\n"
-        "import cpt.base, cpt.shards, cpt.packing, cpt.tiny\n"
-        "print('ok')\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    proc = run_without_data_and_ops_stack("import cpt.base, cpt.shards, cpt.packing, cpt.tiny\nprint('ok')\n")
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]

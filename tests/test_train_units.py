@@ -241,19 +241,11 @@ def test_training_path_imports_without_the_data_and_ops_stack():
     """The GPU box has only torch + transformers + tokenizers + sentencepiece + safetensors + numpy + pyyaml + tqdm.
     (transformers itself is imported lazily in the stage; blocking its optional extras here would only test how
     transformers reacts to a package that is installed but refuses to import.)"""
-    import subprocess
-    import sys
+    from training_stack import run_without_data_and_ops_stack
 
-    blocked = ["matplotlib", "pandas", "datasets", "datasketch", "great_expectations", "mlflow", "prefect", "dvc"]
-    code = (
-        "import sys\n"
-        "class Block:\n def find_spec(self, name, path=None, target=None):\n"
-        f"  if name.split('.')[0] in {blocked!r}: raise ModuleNotFoundError('blocked ' + name)\n"
-        "sys.meta_path.insert(0, Block())\n"
-        "import cpt.train, cpt.training.checkpoint, cpt.training.distributed, cpt.training.flops\n"
-        "print('ok')\n"
+    proc = run_without_data_and_ops_stack(
+        "import cpt.train, cpt.training.checkpoint, cpt.training.distributed, cpt.training.flops\nprint('ok')\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
 
 
