@@ -29,3 +29,14 @@ def corpora() -> Path:
     if not (path / "README.md").exists():
         pytest.fail(f"corpora not found at {path}: put ../shared beside the repo or set CPT_CORPORA")
     return path
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models on a shared 2-core box: one intra-op thread is several times faster than two that wait."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

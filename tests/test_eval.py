@@ -166,13 +166,7 @@ def make_project(root: Path, corpora: Path, *, leak: bool = False) -> Layout:
     return layout
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models on a shared 2-core box: one intra-op thread is several times faster than two that wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from cpt.errors import DataError
 from cpt.eval import check_overlap, config
@@ -20,12 +19,7 @@ from cpt.evaluation import overlap
 from test_eval import make_project
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_clean_pipeline_slice_has_no_eval_document_in_the_training_shards(tmp_path, corpora):
