@@ -203,12 +203,14 @@ def _decode(path: Path, lineno: int, raw: bytes) -> str | Reject:
         return Reject(str(path), lineno, "invalid UTF-8", f"byte {exc.start}: {raw[max(0, exc.start - 20):exc.start + 20]!r}")
 
 
-def read_jsonl(path: Path, src: Source) -> Iterator[tuple[int, str | None, str] | Reject]:
+def _text_lines(path: Path) -> Iterator[tuple[int, str | Reject]]:
+    """Decoded lines; an undecodable line comes as its Reject (the file goes on), a corrupt gzip ends the file."""
     for lineno, raw in _binary_lines(path):
-        if isinstance(raw, Reject):
-            yield raw
-            return
-        line = _decode(path, lineno, raw)
+        yield lineno, raw if isinstance(raw, Reject) else _decode(path, lineno, raw)
+
+
+def read_jsonl(path: Path, src: Source) -> Iterator[tuple[int, str | None, str] | Reject]:
+    for lineno, line in _text_lines(path):
         if isinstance(line, Reject):
             yield line
             continue
@@ -312,11 +314,7 @@ def read_txt(path: Path, src: Source) -> Iterator[tuple[int, str | None, str] | 
         if text.strip():
             yield start, None, text
 
-    for lineno, raw in _binary_lines(path):
-        if isinstance(raw, Reject):
-            yield raw
-            break
-        line = _decode(path, lineno, raw)
+    for lineno, line in _text_lines(path):
         if isinstance(line, Reject):
             yield line
             continue
