@@ -80,12 +80,16 @@ def test_train_outputs_metrics_and_no_silent_retrain(project, tmp_path):
     assert out.shape[1] == ids.shape[1] + 5
     assert not model.config.tie_word_embeddings  # an untied base stays untied
 
-    # a second run with the same params does not retrain: it re-exports from the final checkpoint
+    # a second run with the same params does not retrain: it re-exports from the final checkpoint (and the curve:
+    # dvc repro deletes a stage's outputs before running it)
     shutil.rmtree(layout.model)
+    curve_before = (layout.metrics / "train_curve.csv").read_text()
+    (layout.metrics / "train_curve.csv").unlink()
     n_lines = len((layout.checkpoints / "steps.jsonl").read_text().splitlines())
     again = cpt.train.run(params, layout)
     assert again["retrained"] is False and again["loss_new"] == m["loss_new"]
     assert (layout.model / "model.safetensors").exists()
+    assert (layout.metrics / "train_curve.csv").read_text() == curve_before
     assert len((layout.checkpoints / "steps.jsonl").read_text().splitlines()) == n_lines
 
     # checkpoints of a run with other params (dvc exp run -S ...) are not continued: training starts over ...

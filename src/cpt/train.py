@@ -329,6 +329,8 @@ def _train(cfg: dict, seed: int, layout: Layout, info: distributed.DistInfo, dev
     if state.get("finished") and state["step"] == cfg["steps"]:
         log.info("%s is the final checkpoint of this run (step %d): re-exporting %s without training "
                  "(set train.resume=false to retrain)", resume_from, state["step"], layout.model)
+        if info.main:  # dvc repro deletes the stage's outputs first: the curve comes back with the model
+            write_curve(layout.metrics / "train_curve.csv", state["curve"])
         export_model(core, hf_model, layout.tokenizer, layout.model, save_dtype, info)
         return {**state["metrics"], "retrained": False, "resumed_from": state["step"]}
 
