@@ -29,10 +29,11 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from cpt import clean, dedup  # noqa: E402
+from cpt.data import dedup  # noqa: E402
+from cpt.stages import clean  # noqa: E402
 from cpt.io import read_jsonl, write_json, write_jsonl  # noqa: E402
 from cpt.layout import Layout  # noqa: E402
-from cpt.records import SourceInfo, write_manifest  # noqa: E402
+from cpt.data.records import SourceInfo, write_manifest  # noqa: E402
 
 
 def cpu_seconds() -> float:
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         quarantine = {r["id"]: r["reason"] for r in read_jsonl(layout.clean / "quarantine.jsonl")}
         kept_ids = {d["id"] for d in read_jsonl(layout.clean / "viwiki.jsonl")}
         normalised = {}
-        from cpt import textnorm
+        from cpt.data import textnorm
 
         for d in docs:
             i = f"viwiki/{d['id']}"

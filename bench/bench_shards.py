@@ -33,11 +33,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 os.environ.setdefault("CPT_PROGRESS", "0")
 
-from cpt import shards, tiny  # noqa: E402
+from cpt.stages import shards  # noqa: E402
+from cpt.training import tiny  # noqa: E402
 from cpt.io import write_json, write_jsonl  # noqa: E402
 from cpt.layout import Layout  # noqa: E402
-from cpt.packing import load_tokenizer, tokenizers_parallelism  # noqa: E402
-from cpt.records import SourceInfo, iter_docs, write_manifest  # noqa: E402
+from cpt.data.packing import load_tokenizer, tokenizers_parallelism  # noqa: E402
+from cpt.data.records import SourceInfo, iter_docs, write_manifest  # noqa: E402
 
 SOURCES = [  # (name, file, lang, domain, max docs or None) as in params.yaml ingest
     ("viwiki", "viwiki/viwiki.jsonl.gz", "vi", "new", 2000),

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_tokenizer.py [--vi-vocab 12000] [--max-train-chars 0] [--out bench/results/tokenizer.json]
 
-Runs the real stage (``cpt.tokenizer.run``) on a data/clean built from ../shared/corpora (train: viwiki, cmrc2018,
+Runs the real stage (``cpt.stages.tokenizer.run``) on a data/clean built from ../shared/corpora (train: viwiki, cmrc2018,
 jsquad + 吾輩は猫である, UD Korean-Kaist + KLUE premises; old-language chooser: the Gutenberg books), then compares, on
 the SAME candidate pieces, the recipes in the field notes:
 
@@ -33,10 +33,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from cpt import tokenizer as stage  # noqa: E402
+from cpt.stages import tokenizer as stage  # noqa: E402
+from cpt.tok import sampling  # noqa: E402
 from cpt.io import write_json, write_jsonl  # noqa: E402
 from cpt.layout import Layout  # noqa: E402
-from cpt.records import SourceInfo, write_manifest  # noqa: E402
+from cpt.data.records import SourceInfo, write_manifest  # noqa: E402
 from cpt.tok import fertility as fert  # noqa: E402
 from cpt.tok import spm_extend as se  # noqa: E402
 from cpt.tok.guard import Guard  # noqa: E402
@@ -115,8 +116,8 @@ def main() -> None:
         # -- the recipes compared on the same Vietnamese candidates -------------------------------------------
         cfg = stage.config(params)
         base = se.load_proto(base_dir / "tokenizer.model")
-        vi_lines = stage.sample_lines(layout.clean, 1234, 0, role="train", domain="new", lang="vi")
-        old_lines = stage.sample_lines(layout.clean, 1234, 0, role="train", domain="old")
+        vi_lines = sampling.sample_lines(layout.clean, 1234, 0, role="train", domain="new", lang="vi")
+        old_lines = sampling.sample_lines(layout.clean, 1234, 0, role="train", domain="old")
         t = time.perf_counter()
         vi_model = se.train_new_model(vi_lines, base, se.TrainConfig(vocab_size=args.vi_vocab, seed=1234))
         vi_train_seconds = time.perf_counter() - t

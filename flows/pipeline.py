@@ -7,7 +7,7 @@ Prefect adds what DVC lacks:
 * retries: the train task retries (``train_retries``) and, since ``train.resume`` is on and ``data/checkpoints`` is
   ``persist: true`` in dvc.yaml, a retry resumes from the last checkpoint instead of starting over;
 * one MLflow parent run per pipeline execution: the outermost flow opens it and hands its id to every stage process
-  in ``CPT_MLFLOW_RUN_ID``, so each stage is a nested run (cpt.tracking);
+  in ``CPT_MLFLOW_RUN_ID``, so each stage is a nested run (cpt.ops.tracking);
 * routing and GPU exclusivity: train/evaluate take a Prefect global concurrency slot ``gpu-<CUDA_VISIBLE_DEVICES>``
   (a no-op until ``prefect gcl create gpu-0 --limit 1`` exists), on top of the deployment/work-queue limits;
 * moving data between machines: ``pull`` runs ``dvc pull`` of the inputs first, ``push`` sends outputs back.
@@ -32,7 +32,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
 
-from cpt import tracking
+from cpt.ops import tracking
 from cpt.io import read_json
 from cpt.layout import Layout
 from cpt.params import load_params

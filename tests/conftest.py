@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-# Before torch loads: spinning OpenMP threads cost up to 40x on a busy 2-core box (measured, see cpt.tiny).
+# Before torch loads: spinning OpenMP threads cost up to 40x on a busy 2-core box (measured, see cpt.training.tiny).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("CPT_PROGRESS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

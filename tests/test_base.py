@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see cpt.tiny: spinning OpenMP threads on a busy 2-core box
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see cpt.training.tiny: spinning OpenMP threads on a busy 2-core box
 
 import gzip
 import json
@@ -16,11 +16,13 @@ import numpy as np
 import pytest
 import torch
 
-from cpt import base, packing, tiny
+from cpt.data import packing
+from cpt.stages import base
+from cpt.training import tiny
 from cpt.errors import ConfigError, DataError
 from cpt.io import write_jsonl
 from cpt.layout import Layout
-from cpt.records import SourceInfo, write_manifest
+from cpt.data.records import SourceInfo, write_manifest
 
 MICRO = {"vocab_size": 512, "hidden_size": 64, "layers": 2, "heads": 4, "kv_heads": 2, "intermediate_size": 128,
          "block_size": 64, "steps": 100, "batch_size": 8, "lr": 2e-2, "min_lr": 2e-3, "warmup_steps": 5,
@@ -95,10 +97,10 @@ def test_hf_tokenizer_encodes_like_the_sentencepiece_model(built, corpora, books
     assert len(lines) > 900
     leading = 0
     for line in lines:
-        # WikiText's literal "<unk>" is text here, as in the shards (cpt.packing.load_tokenizer)
+        # WikiText's literal "<unk>" is text here, as in the shards (cpt.data.packing.load_tokenizer)
         ids = hf.encode(line, add_special_tokens=False, split_special_tokens=True)
         if line[0].isspace():
-            # the one documented difference (cpt.tiny): SentencePiece adds its dummy "▁" even before a space
+            # the one documented difference (cpt.training.tiny): SentencePiece adds its dummy "▁" even before a space
             assert sp.encode(line) == [sp.piece_to_id("▁")] + ids, line
             leading += 1
         else:

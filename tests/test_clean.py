@@ -11,11 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cpt import clean, dedup, filters, textnorm
+from cpt.data import dedup, filters, textnorm
+from cpt.stages import clean
 from cpt.errors import ConfigError
 from cpt.io import read_jsonl, write_jsonl
 from cpt.layout import Layout
-from cpt.records import SourceInfo, read_manifest, write_manifest
+from cpt.data.records import SourceInfo, read_manifest, write_manifest
 
 # Real viwiki articles (line numbers in viwiki.jsonl.gz): templated commune stubs of Bắc Yên district, year stubs
 # of the form "Năm N là một năm trong lịch Julius", and ordinary articles that must survive.

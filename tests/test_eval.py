@@ -27,7 +27,7 @@ from cpt.evaluation.bpb import BpbScorer, plan_windows
 from cpt.evaluation.models import load_model
 from cpt.io import read_json, write_jsonl
 from cpt.layout import Layout
-from cpt.records import SourceInfo, write_manifest
+from cpt.data.records import SourceInfo, write_manifest
 
 
 # ---------------------------------------------------------------- fixtures (also imported by test_eval_overlap.py)
@@ -337,7 +337,7 @@ def test_stage_reports_gain_forgetting_xcopa_and_samples(tmp_path, corpora):
 
 
 def test_unknown_eval_key_and_bad_stride_are_config_errors(tmp_path):
-    from cpt.eval import config
+    from cpt.stages.eval import config
 
     with pytest.raises(ConfigError, match="eval.strid"):
         config({"eval": {"strid": 3}})
@@ -351,7 +351,7 @@ def test_eval_path_imports_without_the_data_and_ops_stack():
     from training_stack import run_without_data_and_ops_stack
 
     out = run_without_data_and_ops_stack(
-        "import cpt.eval, cpt.evaluation.report as r\n"
+        "import cpt.stages.eval, cpt.evaluation.report as r\n"
         "import pathlib, tempfile\n"
         "d = pathlib.Path(tempfile.mkdtemp())\n"
         "print(r.write_figure(d / 'x.png', {}, []))\n"
@@ -361,7 +361,7 @@ def test_eval_path_imports_without_the_data_and_ops_stack():
 
 
 def test_params_yaml_eval_section_is_the_code_defaults(repo_root):
-    from cpt.eval import DEFAULTS, config
+    from cpt.stages.eval import DEFAULTS, config
     from cpt.params import load_params
 
     assert config(load_params(repo_root / "params.yaml")) == DEFAULTS
@@ -375,7 +375,7 @@ def test_window_capped_by_the_model_keeps_the_stride_ratio(fixture_models):
 
 
 def test_budget_fills_the_byte_budget_and_counts_exactly_the_bytes_kept():
-    from cpt.eval import budget
+    from cpt.evaluation.sources import budget
 
     docs = ["a" * 40, "b" * 40, "c" * 40]
     assert budget(docs, None, 120) == (docs, 0)

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from cpt.errors import DataError
-from cpt.eval import check_overlap, config
+from cpt.evaluation.overlap import check_overlap
+from cpt.stages.eval import config
 from cpt.evaluation import overlap
 from test_eval import make_project
 
@@ -63,7 +64,7 @@ def _real_shards(layout, params):
     """Run the real `shards` stage on the project's clean folder, with the cpt fixture's tokenizer."""
     import shutil
 
-    from cpt import shards
+    from cpt.stages import shards
 
     shutil.rmtree(layout.shards / "new", ignore_errors=True)
     shutil.rmtree(layout.shards / "old", ignore_errors=True)
@@ -73,7 +74,7 @@ def _real_shards(layout, params):
 @pytest.mark.slow
 def test_real_shards_stage_output_passes_and_a_decontamination_miss_is_caught(tmp_path, corpora):
     from cpt.io import read_jsonl, write_jsonl
-    from cpt.records import read_manifest
+    from cpt.data.records import read_manifest
 
     layout = make_project(tmp_path, corpora)
     params = {"seed": 3, "shards": {"tokenizer": str(layout.model), "block_size": 32, "val_fraction": 0.1}}

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from cpt import tracking
+from cpt.ops import tracking
 from cpt.layout import Layout
 
 stage = sys.argv[1]

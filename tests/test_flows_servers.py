@@ -84,7 +84,7 @@ def stack(tmp_path_factory, corpora):
     env.pop("CPT_MLFLOW_RUN_ID", None)
     env.pop("CPT_TRACKING", None)
     # a stage that starts while the tracking server is down (checked in test_a_server_started_mid_stage_...)
-    from cpt import tracking
+    from cpt.ops import tracking
     from cpt.layout import Layout
 
     early = tracking.for_stage("train", {"tracking": {"uri": f"http://127.0.0.1:{mport}", "flush_interval": 0.5,

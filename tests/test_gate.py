@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from cpt import gate, tracking
+from cpt.ops import gate, tracking
 from cpt.layout import Layout
 
 PARAMS = {

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from cpt import ingest
+from cpt.stages import ingest
 from cpt.errors import ConfigError, DataError
 from cpt.io import read_jsonl
 from cpt.layout import Layout
-from cpt.records import read_manifest
+from cpt.data.records import read_manifest
 
 
 def _params(corpus: Path, *sources: dict, seed: int = 1) -> dict:
@@ -186,7 +186,7 @@ def test_squad_json_gives_one_document_per_distinct_context(tmp_path, corpora):
     count once; a malformed article is a reject with its reason, not a crash."""
     import json as _json
 
-    from cpt.ingest import Source, read_squad
+    from cpt.data.sources import Source, read_squad
 
     squad = {"data": [
         {"title": "A", "paragraphs": [{"context": "Một đoạn văn.", "qas": []}, {"context": "Một đoạn văn.", "qas": []},

@@ -1,4 +1,4 @@
-"""Stage `shards` and cpt.packing: packing is lossless, the split is deterministic and shared with `base`, eval text
+"""Stage `shards` and cpt.data.packing: packing is lossless, the split is deterministic and shared with `base`, eval text
 never gets in, and the counts (tokens, bytes, tail) are exact. Real text from the corpora; a small SentencePiece
 Llama tokenizer trained here stands in for the extended tokenizer (same folder format)."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see cpt.tiny: spinning OpenMP threads on a busy 2-core box
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see cpt.training.tiny: spinning OpenMP threads on a busy 2-core box
 
 import gzip
 import hashlib
@@ -18,11 +18,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cpt import packing, shards
+from cpt.data import packing
+from cpt.stages import shards
 from cpt.errors import ConfigError, DataError
 from cpt.io import write_jsonl
 from cpt.layout import Layout
-from cpt.records import SourceInfo, write_manifest
+from cpt.data.records import SourceInfo, write_manifest
 
 EVAL_MARKER = "ZZEVALONLYZZ"
 
@@ -47,7 +48,7 @@ def texts(corpora):
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory, texts):
     """A Llama-format tokenizer folder (tokenizer.model + tokenizer.json), like data/base and data/tokenizer."""
-    from cpt import tiny
+    from cpt.training import tiny
 
     folder = tmp_path_factory.mktemp("tok")
     lines = [ln for t in texts["en"] + texts["vi"][:40] for ln in t.split("\n") if ln.strip()]
@@ -97,7 +98,7 @@ def built(tmp_path_factory, texts, tokenizer_dir):
 
 
 def _docs(layout, domain):
-    from cpt.records import iter_docs
+    from cpt.data.records import iter_docs
 
     return list(iter_docs(layout.clean, role="train", domain=domain))
 
@@ -217,7 +218,7 @@ def test_config_and_input_errors(tmp_path, texts, tokenizer_dir):
         shards.run(_params(tokenizer_dir), Layout(tmp_path / "empty"))
 
 
-# -- cpt.packing units ------------------------------------------------------------------------------------------------
+# -- cpt.data.packing units ------------------------------------------------------------------------------------------------
 
 def test_stream_split_equals_val_ids_and_larger_fractions_contain_smaller():
     rng = random.Random(0)
@@ -292,5 +293,5 @@ def test_base_and_shards_import_without_the_data_and_ops_stack():
     """The GPU box has only the training stack: base, tiny, shards and packing must import (and tokenise) there."""
     from training_stack import run_without_data_and_ops_stack
 
-    proc = run_without_data_and_ops_stack("import cpt.base, cpt.shards, cpt.packing, cpt.tiny\nprint('ok')\n")
+    proc = run_without_data_and_ops_stack("import cpt.stages.base, cpt.stages.shards, cpt.data.packing, cpt.training.tiny\nprint('ok')\n")
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]

@@ -16,11 +16,12 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 
-from cpt import tokenizer as stage
+from cpt.stages import tokenizer as stage
+from cpt.tok import sampling
 from cpt.errors import ConfigError, DataError
 from cpt.io import write_jsonl
 from cpt.layout import Layout
-from cpt.records import SourceInfo, write_manifest
+from cpt.data.records import SourceInfo, write_manifest
 from cpt.tok import spm_extend as se
 
 FIVE = ("en", "vi", "zh", "ja", "ko")

@@ -1,4 +1,4 @@
-"""cpt.tracking against a real MLflow store (embedded SQLite). A tracking store that is down never fails or stalls a
+"""cpt.ops.tracking against a real MLflow store (embedded SQLite). A tracking store that is down never fails or stalls a
 stage: a dead port here; a server started mid-stage in test_flows_servers.py (it shares that module's server)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from cpt import gate, tracking
+from cpt.ops import gate, tracking
 from cpt.cli import run_stage
 from cpt.layout import Layout
 from test_flows_support import free_port, mlflow_db
@@ -145,14 +145,14 @@ def test_run_stage_failure_closes_the_run_failed(project, monkeypatch):
     import sys
     import types
 
-    mod = types.ModuleType("cpt.boom")
+    mod = types.ModuleType("cpt.stages.boom")
 
     def run(params, layout):
         tracking.current().log_metrics({"loss/new": 1.0}, step=1)
         raise RuntimeError("boom")
 
     mod.run = run
-    monkeypatch.setitem(sys.modules, "cpt.boom", mod)
+    monkeypatch.setitem(sys.modules, "cpt.stages.boom", mod)
     opened = []
     real = tracking.for_stage
     monkeypatch.setattr(tracking, "for_stage", lambda *a: opened.append(real(*a)) or opened[-1])

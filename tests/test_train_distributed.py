@@ -22,12 +22,12 @@ WORKER = textwrap.dedent(
     import json, os, sys
     import torch.distributed as dist
     dist.init_process_group("gloo")
-    import cpt.train
+    import cpt.stages.train
     from cpt.layout import Layout
     params = json.loads(os.environ["PARAMS"])
     for parallel in ("ddp", "fsdp"):
         p = {**params, "train": {**params["train"], "parallel": parallel}}
-        metrics = cpt.train.run(p, Layout(os.path.join(sys.argv[1], parallel)))
+        metrics = cpt.stages.train.run(p, Layout(os.path.join(sys.argv[1], parallel)))
         if dist.get_rank() == 0:
             with open(os.path.join(sys.argv[1], parallel + ".json"), "w") as fh:
                 json.dump(metrics, fh)
@@ -42,13 +42,13 @@ def _steps(layout: Layout) -> list[dict]:
 
 @pytest.mark.slow
 def test_two_gloo_processes_match_one(tmp_path, corpora):
-    import cpt.train
+    import cpt.stages.train
 
     src = make_project(tmp_path / "src", corpora, tied=True)
     params = tiny_params(steps=6, eval_interval=3, ckpt_interval=3, micro_batch=4)
     single = Layout(tmp_path / "single")
     shutil.copytree(src / "data", single.root / "data")
-    ref = cpt.train.run(params, single)
+    ref = cpt.stages.train.run(params, single)
 
     for parallel in ("ddp", "fsdp"):
         shutil.copytree(src / "data", tmp_path / "multi" / parallel / "data")

@@ -41,7 +41,7 @@ def _steps(layout: Layout) -> dict[int, dict]:
 CHILD = textwrap.dedent(
     """
     import os, signal, sys
-    from cpt import tracking
+    from cpt.ops import tracking
     class Killer(tracking.Tracker):
         def log_metrics(self, metrics, step=None):
             if step == int(os.environ["KILL_AT"]) and "loss" in metrics:
@@ -54,12 +54,12 @@ CHILD = textwrap.dedent(
 
 
 def test_sigkill_then_resume_is_bit_identical(project, tmp_path):
-    import cpt.train
+    import cpt.stages.train
 
     params = tiny_params()
     # 1. the uninterrupted run, in-process
     ref = _copy(project, tmp_path / "ref")
-    ref_metrics = cpt.train.run(params, ref)
+    ref_metrics = cpt.stages.train.run(params, ref)
     ref_steps = _steps(ref)
     assert sorted(ref_steps) == list(range(1, 13))
 
@@ -79,7 +79,7 @@ def test_sigkill_then_resume_is_bit_identical(project, tmp_path):
     (killed.checkpoints / ".tmp-step_0000008" / "model.pt").write_bytes(b"half")
 
     # 3. resume in-process
-    metrics = cpt.train.run(params, killed)
+    metrics = cpt.stages.train.run(params, killed)
     assert metrics["resumed_from"] == 4
     assert not (killed.checkpoints / ".tmp-step_0000008").exists()
     got = _steps(killed)

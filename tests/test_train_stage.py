@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 
-from cpt import tracking
+from cpt.ops import tracking
 from cpt.errors import ConfigError
 from cpt.layout import Layout
 from train_fixture import make_project, tiny_params
@@ -37,14 +37,14 @@ class Recorder(tracking.Tracker):
 
 @pytest.mark.slow
 def test_train_outputs_metrics_and_no_silent_retrain(project, tmp_path):
-    import cpt.train
+    import cpt.stages.train
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     layout = _layout(project, tmp_path)
     params = tiny_params()
     rec = tracking.activate(Recorder())
     try:
-        m = cpt.train.run(params, layout)
+        m = cpt.stages.train.run(params, layout)
     finally:
         tracking.activate(tracking.Tracker())
 
@@ -86,25 +86,25 @@ def test_train_outputs_metrics_and_no_silent_retrain(project, tmp_path):
     curve_before = (layout.metrics / "train_curve.csv").read_text()
     (layout.metrics / "train_curve.csv").unlink()
     n_lines = len((layout.checkpoints / "steps.jsonl").read_text().splitlines())
-    again = cpt.train.run(params, layout)
+    again = cpt.stages.train.run(params, layout)
     assert again["retrained"] is False and again["loss_new"] == m["loss_new"]
     assert (layout.model / "model.safetensors").exists()
     assert (layout.metrics / "train_curve.csv").read_text() == curve_before
     assert len((layout.checkpoints / "steps.jsonl").read_text().splitlines()) == n_lines
 
     # checkpoints of a run with other params (dvc exp run -S ...) are not continued: training starts over ...
-    other = cpt.train.run(tiny_params(replay_ratio=0.5, steps=4, eval_interval=2), layout)
+    other = cpt.stages.train.run(tiny_params(replay_ratio=0.5, steps=4, eval_interval=2), layout)
     assert other["retrained"] and other["resumed_from"] is None and other["steps"] == 4
     # ... unless resume=force, which continues (schedule changes only) and refuses a data-mix change
-    more = cpt.train.run(tiny_params(replay_ratio=0.5, steps=6, eval_interval=2, resume="force"), layout)
+    more = cpt.stages.train.run(tiny_params(replay_ratio=0.5, steps=6, eval_interval=2, resume="force"), layout)
     assert more["resumed_from"] == 4 and more["steps"] == 6
     with pytest.raises(ConfigError, match="replay_ratio"):
-        cpt.train.run(tiny_params(replay_ratio=0.3, steps=6, resume="force"), layout)
+        cpt.stages.train.run(tiny_params(replay_ratio=0.3, steps=6, resume="force"), layout)
 
 
 @pytest.mark.slow
 def test_nan_loss_stops_with_the_last_good_checkpoint(project, tmp_path, monkeypatch):
-    import cpt.train
+    import cpt.stages.train
     from cpt.training.loss import CausalLMLoss
 
     layout = _layout(project, tmp_path)
@@ -121,11 +121,11 @@ def test_nan_loss_stops_with_the_last_good_checkpoint(project, tmp_path, monkeyp
         return total, losses
 
     monkeypatch.setattr(CausalLMLoss, "forward", poisoned)
-    with pytest.raises(cpt.train.TrainingDiverged, match=r"loss is nan at step 6 .*step_0000004 is kept.*resume=force"):
-        cpt.train.run(params, layout)
+    with pytest.raises(cpt.stages.train.TrainingDiverged, match=r"loss is nan at step 6 .*step_0000004 is kept.*resume=force"):
+        cpt.stages.train.run(params, layout)
     assert [p.name for p in layout.checkpoints.glob("step_*")] == ["step_0000004"]
     assert not (layout.model).exists()
     monkeypatch.setattr(CausalLMLoss, "forward", real_forward)
     # the user lowers the LR and continues from the good checkpoint
-    m = cpt.train.run(tiny_params(lr=1e-3, resume="force"), layout)
+    m = cpt.stages.train.run(tiny_params(lr=1e-3, resume="force"), layout)
     assert m["resumed_from"] == 4 and m["steps"] == 12

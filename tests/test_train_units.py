@@ -192,7 +192,8 @@ def test_mean_and_random_inits_and_bad_ids():
 # ---- schedule phases and optimizer groups --------------------------------------------------------------------------
 
 def test_lr_phases_and_config_validation():
-    from cpt.train import config, lr_for
+    from cpt.stages.train import config
+    from cpt.training.schedule import lr_for
 
     cfg = config({"train": {"steps": 100, "lr": 1.0, "min_lr": 0.1, "warmup": 0.1, "embed_only_steps": 20}})
     lrs = [lr_for(s, cfg) for s in range(100)]
@@ -232,7 +233,7 @@ def test_embed_only_phase_leaves_the_body_exactly_unchanged():
 
 def test_params_yaml_train_section_equals_the_code_defaults(repo_root):
     from cpt.params import load_params
-    from cpt.train import DEFAULTS, config
+    from cpt.stages.train import DEFAULTS, config
 
     assert config(load_params(repo_root / "params.yaml")) == DEFAULTS
 
@@ -244,7 +245,7 @@ def test_training_path_imports_without_the_data_and_ops_stack():
     from training_stack import run_without_data_and_ops_stack
 
     proc = run_without_data_and_ops_stack(
-        "import cpt.train, cpt.training.checkpoint, cpt.training.distributed, cpt.training.flops\nprint('ok')\n"
+        "import cpt.stages.train, cpt.training.checkpoint, cpt.training.distributed, cpt.training.flops\nprint('ok')\n"
     )
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
 

@@ -8,7 +8,7 @@ import unicodedata
 
 import pytest
 
-from cpt import clean, ingest, validate
+from cpt.stages import clean, ingest, validate
 from cpt.errors import ValidationFailed
 from cpt.io import read_jsonl, write_jsonl
 from cpt.layout import Layout

@@ -15,10 +15,11 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from cpt import __version__, tracking
+from cpt import __version__
 from cpt.errors import CptError
 from cpt.io import write_metrics
 from cpt.layout import Layout
+from cpt.ops import tracking
 from cpt.params import ParamsError, load_params
 from cpt.stages import DESCRIPTIONS, STAGES
 
@@ -77,7 +78,7 @@ def configure_logging(stage: str, verbose: bool = False) -> None:
 
 def run_stage(stage: str, params: dict, layout: Layout) -> dict:
     """Run one stage in-process and write its metrics file. Used by the CLI and by the Prefect tasks' tests."""
-    module = importlib.import_module(f"cpt.{stage}")
+    module = importlib.import_module(f"cpt.stages.{stage}")
     tracker = tracking.activate(tracking.for_stage(stage, params, layout))
     started = time.perf_counter()
     try:
@@ -103,7 +104,7 @@ def _after_stage(stage: str, params: dict, layout: Layout, metrics: dict, tracke
     """Post-stage hooks. After eval: the promotion gate (register the model, alias ``champion`` if it earned it,
     write metrics/gate.json); here rather than in the eval stage so it runs whenever eval runs, tracked or not."""
     if stage == "eval":
-        from cpt import gate
+        from cpt.ops import gate
 
         gate.run(params, layout, metrics, tracker)
 

@@ -16,7 +16,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator, TextIO
 
-
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 

@@ -18,7 +18,7 @@ import torch
 from cpt.device import autocast_dtype, pick_device
 from cpt.errors import ConfigError, DataError
 
-log = logging.getLogger("cpt.eval")
+log = logging.getLogger("cpt.stages.eval")
 
 
 @dataclass
@@ -78,3 +78,5 @@ def load_model(name: str, path: Path, *, device: str = "auto", dtype: str = "aut
     lm = LoadedModel(name, path, model, tokenizer, prefix_token_id(tokenizer, path), dev, amp, max_pos)
     log.info("%s: %s (%.2fM params, vocab %d) on %s", name, path, lm.parameters / 1e6, len(tokenizer), dev)
     return lm
+
+

@@ -18,16 +18,20 @@ from __future__ import annotations
 import hashlib
 import logging
 import unicodedata
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
+from cpt.data.records import iter_docs
 from cpt.errors import DataError
+from cpt.evaluation.sources import heldout_groups
 from cpt.io import read_json
+from cpt.layout import Layout
 
-log = logging.getLogger("cpt.eval")
+log = logging.getLogger("cpt.stages.eval")
 
 
 def normalise(text: str) -> str:
@@ -131,3 +135,63 @@ def shard_segments(path: Path, dtype: str, eos_id: int, special_ids: Iterable[in
             seg = seg[~np.isin(seg, drop)]
         if len(seg):
             yield seg
+
+
+def check_overlap(layout: Layout, cfg: dict) -> dict[str, Any]:
+    """Eval (and held-out) documents found in the clean training records / the training shards; see overlap.py."""
+    ocfg = cfg["overlap"]
+    if not ocfg["enabled"]:
+        return {"enabled": 0}
+    eval_docs: dict[str, list[str]] = defaultdict(list)
+    for doc in iter_docs(layout.clean, role="eval"):
+        eval_docs[doc["source"]].append(doc["text"])
+    heldout = [t for _, _, texts in heldout_groups(layout, cfg).values() for t in texts]
+
+    encode, segments, tokens = None, [], 0
+    if ocfg["shards"]:
+        meta, streams = shard_streams(layout.resolve(ocfg["shards"]))
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(layout.resolve(meta.get("tokenizer") or layout.tokenizer))
+        tok.model_max_length = 1 << 62  # whole documents; this tokenizer only encodes here
+
+        def encode(texts: list[str]) -> list[list[int]]:
+            return tok(texts, add_special_tokens=False)["input_ids"]
+
+        specials = [i for i in (meta.get("bos_id"), tok.bos_token_id, tok.pad_token_id) if i is not None]
+        for path in streams:
+            segs = list(shard_segments(path, meta["dtype"], int(meta["eos_id"]), specials, ocfg["max_tokens"]))
+            tokens += sum(len(s) for s in segs)
+            segments.extend(segs)
+
+    eval_index, held_index = OverlapIndex(), OverlapIndex()
+    for src, texts in eval_docs.items():
+        eval_index.add(src, texts, encode)
+    held_index.add("heldout", heldout, encode)
+    n_records, leaks_records, ex1 = eval_index.find_texts(d["text"] for d in iter_docs(layout.clean, role="train"))
+    n_shard, leaks_shards, ex2 = eval_index.find_segments(segments)
+    _, held_leaks, ex3 = held_index.find_segments(segments)
+    result = {
+        "enabled": 1,
+        "eval_docs_indexed": sum(len(v) for v in eval_docs.values()),
+        "heldout_docs_indexed": len(heldout),
+        "train_records_checked": n_records,
+        "shard_docs_checked": n_shard,
+        "shard_tokens_checked": tokens,
+        "eval_docs_in_train_records": sum(leaks_records.values()),
+        "eval_docs_in_train_shards": sum(leaks_shards.values()),
+        "heldout_docs_in_train_shards": sum(held_leaks.values()),
+    }
+    leaked = {k: leaks_records.get(k, 0) + leaks_shards.get(k, 0) for k in sorted(set(leaks_records) | set(leaks_shards))}
+    if leaked and ocfg["fail"]:
+        raise DataError(
+            f"{layout.clean} / {ocfg['shards']}: evaluation documents found in the training data "
+            f"({leaked}); e.g. {(ex1 + ex2)[:2]}. The role barrier is broken upstream; refusing to report "
+            f"contaminated numbers (eval.overlap.fail: false to report anyway)"
+        )
+    if leaked:
+        log.warning("evaluation documents found in the training data: %s", leaked)
+    if held_leaks:
+        log.warning("%d held-out documents also appear in the training shards (%s): heldout_* bpb is optimistic",
+                    sum(held_leaks.values()), ex3[:1])
+    return result

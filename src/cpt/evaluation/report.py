@@ -15,7 +15,7 @@ from typing import Any
 
 from cpt.io import atomic_open
 
-log = logging.getLogger("cpt.eval")
+log = logging.getLogger("cpt.stages.eval")
 
 LM_EVAL = (
     "lm_eval --model hf --model_args pretrained=data/models/cpt,dtype=bfloat16 "

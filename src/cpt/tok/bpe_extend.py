@@ -13,14 +13,14 @@ equal to an old-language word would fire, so those words count as conflicts too.
 
 from __future__ import annotations
 
+import functools
+import heapq
 import json
 import logging
 import time
-from pathlib import Path
 from collections import Counter, defaultdict
+from pathlib import Path
 from typing import Any, Callable, Iterable
-import functools
-import heapq
 
 from tokenizers import Tokenizer
 
@@ -218,8 +218,8 @@ def old_pairs(base: Tokenizer, spec: dict[str, Any], lines: Iterable[str]) -> tu
 
 def extend_bpe(base_ref, cfg: dict[str, Any], seed: int, new_text: dict[str, list[str]], old_text: list[str],
                layout: Layout, timings: dict[str, float]):
+    from cpt.tok.sampling import vocab_size_for
     from cpt.tok.spm_family import Extension
-    from cpt.tokenizer import vocab_size_for
 
     base, spec = load(base_ref.file)
     byte_level = is_byte_level(spec)

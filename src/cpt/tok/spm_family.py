@@ -80,7 +80,7 @@ def new_tokens(base: se.pb.ModelProto, merged: se.pb.ModelProto, added: list[str
 
 def extend_spm(base_ref, cfg: dict[str, Any], seed: int, new_text: dict[str, list[str]], old_text: list[str],
                layout: Layout, timings: dict[str, float]) -> Extension:
-    from cpt.tokenizer import interleave, vocab_size_for
+    from cpt.tok.sampling import interleave, vocab_size_for
 
     base = se.load_proto(base_ref.file)
     se.check_base(base, base_ref.file)

@@ -35,7 +35,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from cpt.io import atomic_open, read_json, write_json
 
-log = logging.getLogger("cpt.train")
+log = logging.getLogger("cpt.stages.train")
 
 LATEST = "latest"
 STATE = "state.json"

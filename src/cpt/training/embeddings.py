@@ -27,7 +27,7 @@ from torch import nn
 
 from cpt.errors import ConfigError, DataError
 
-log = logging.getLogger("cpt.train")
+log = logging.getLogger("cpt.stages.train")
 
 INITS = ("subtoken_mean", "mean", "random")
 

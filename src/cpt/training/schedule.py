@@ -43,3 +43,15 @@ def lr_at(
         return max_lr
     progress = min(1.0, (step - decay_start) / max(1, decay))
     return max_lr + (min_lr - max_lr) * progress
+
+
+def lr_for(step: int, cfg: dict) -> float:
+    """LR at optimizer step ``step``; the embeddings-only phase is a run of its own with its own warmup/decay."""
+    phase0 = int(cfg["embed_only_steps"])
+    if step < phase0:
+        s, total = step, phase0
+    else:
+        s, total = step - phase0, cfg["steps"] - phase0
+    return lr_at(s, max_lr=float(cfg["lr"]), min_lr=float(cfg["min_lr"]), total_steps=total,
+                 warmup_steps=int(round(float(cfg["warmup"]) * total)), schedule=cfg["schedule"],
+                 decay_steps=max(1, int(round(float(cfg["decay_fraction"]) * total))))

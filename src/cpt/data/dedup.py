@@ -112,7 +112,7 @@ def token_hashes(text: str, mode: str) -> Tokens:
     code points computed for all tokens at once from one prefix sum: sum_k x_k P^k over the token, times
     P^-start (mod 2^64, P odd), so the hash does not depend on where the token sits.
     """
-    from cpt.filters import word_char_table
+    from cpt.data.filters import word_char_table
 
     lowered = text.lower()
     cps = np.frombuffer(lowered.encode("utf-32-le"), dtype=np.uint32)

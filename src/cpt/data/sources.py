@@ -1,57 +1,38 @@
-"""Stage ``ingest``: read the configured sources into ``data/raw/<source>.jsonl`` (document records).
-
-Every source is checked before any work (a missing file, an unknown format or a bad key is a ConfigError/DataError
-naming the source), so a typo in params.yaml fails in a second instead of after minutes of reading. Then each
-source is streamed record by record; bad input never crashes the stage and is never lost silently: invalid UTF-8,
-a line that is not JSON, a record without its text field, an empty text, a duplicate id, a truncated gzip member go
-to ``data/raw/rejects.jsonl`` as ``{source, file, line, reason, detail}`` and are counted in ``metrics/ingest.json``.
-
-Formats: ``.jsonl`` / ``.jsonl.gz`` / ``.json.gz`` (one JSON object per line), ``.parquet``, ``.txt`` (``unit`` says
-what a document is: ``line`` one per line (NTREX), ``wikitext`` one per `` = Title = `` article (WikiText),
-``blank`` blank-line-separated paragraphs, ``file`` the whole file), ``.json`` in the SQuAD v1.1 layout (XQuAD,
-MLQA...: one document per distinct paragraph ``context``, so QA sets can be eval sources and reach decontamination),
-and ``hf`` (a Hugging Face dataset, streamed).
-``max_docs`` caps a source: ``sample: first`` keeps the first N valid documents, ``sample: uniform`` a seeded,
-order-preserving uniform sample of N (one pass, bounded memory), so a cap on a title-sorted dump such as viwiki
-does not keep only the articles whose titles start with a digit.
-"""
+"""Ingest's sources: the ``ingest.sources`` entries parsed and checked before any work, and one reader per format
+(.jsonl(.gz), .parquet, .txt with its units, SQuAD-style .json, streamed ``hf`` datasets). Readers yield
+``(line, id, text)`` or a ``Reject`` naming file, line and reason; nothing is dropped silently."""
 
 from __future__ import annotations
 
 import glob
 import gzip
-import hashlib
-import heapq
 import json
-import logging
 import re
-import shutil
 import zlib
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from cpt.data.records import DOMAINS, ROLES
 from cpt.errors import ConfigError, DataError
-from cpt.io import atomic_open, write_jsonl
 from cpt.layout import Layout
-from cpt.params import section
-from cpt.progress import progress
-from cpt.records import DOMAINS, ROLES, SourceInfo, write_manifest
 
-log = logging.getLogger("cpt.ingest")
-
-DEFAULTS: dict[str, Any] = {
-    "corpus_dir": "../shared/corpora",
-    "sources": [],
-}
+DEFAULT_CORPUS_DIR = "../shared/corpora"  # ingest.corpus_dir: where relative source paths are found
 SOURCE_KEYS = {
     "name", "path", "hf", "config", "split", "lang", "domain", "role", "text_field", "id_field", "max_docs", "unit",
     "sample", "data_files",
 }
+
+
 UNITS = ("line", "wikitext", "blank", "file")
+
+
 SAMPLES = ("first", "uniform")
+
+
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
 # WikiText article titles: " = Title = " (one '=' each side); sections are " = = Sec = = " and are not matched.
 _WIKITEXT_TITLE = re.compile(r"^ ?= [^=].* = ?$")
 
@@ -105,7 +86,7 @@ def parse_sources(cfg: dict[str, Any], layout: Layout) -> list[Source]:
     raw_sources = cfg.get("sources")
     if not isinstance(raw_sources, list) or not raw_sources:
         raise ConfigError("ingest.sources: expected a non-empty list of sources")
-    corpus_dir = layout.resolve(cfg.get("corpus_dir", DEFAULTS["corpus_dir"]))
+    corpus_dir = layout.resolve(cfg.get("corpus_dir", DEFAULT_CORPUS_DIR))
     seen: set[str] = set()
     out: list[Source] = []
     for i, src in enumerate(raw_sources):
@@ -179,9 +160,6 @@ def _resolve_files(files: Any, corpus_dir: Path, layout: Layout) -> Any:
     if isinstance(files, dict):
         return {k: _resolve_files(v, corpus_dir, layout) for k, v in files.items()}
     raise ConfigError(f"data_files must be a path, a list or a mapping, got {type(files).__name__}")
-
-
-# ---------------------------------------------------------------- readers: yield (line, own_id, text) or Reject
 
 
 def _binary_lines(path: Path) -> Iterator[tuple[int, bytes | Reject]]:
@@ -348,105 +326,3 @@ def iter_source(src: Source) -> Iterator[tuple[str, int, str | None, str] | Reje
     for path in src.files:
         for item in reader[_format_of(path)](path, src):
             yield item if isinstance(item, Reject) else (str(path), *item)
-
-
-# ---------------------------------------------------------------- the stage
-
-
-def _sample_key(seed: int, doc_id: str) -> bytes:
-    return hashlib.blake2b(f"{seed}:{doc_id}".encode(), digest_size=8).digest()
-
-
-def ingest_source(src: Source, out_file: Path, seed: int, rejects: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stream one source into its JSONL file; rejected records are appended to ``rejects``."""
-    reasons: Counter[str] = Counter()
-    seen_ids: set[str] = set()
-    kept: list[tuple[bytes, int, dict]] = []  # uniform sampling: a heap of (-key, order, record), bounded by max_docs
-    n_valid = 0
-
-    def reject(r: Reject) -> None:
-        reasons[r.reason] += 1
-        rejects.append({"source": src.name, "file": r.file, "line": r.line, "reason": r.reason, "detail": r.detail})
-
-    def records() -> Iterator[dict[str, Any]]:
-        nonlocal n_valid
-        for item in progress(iter_source(src), desc=f"ingest {src.name}", unit=" docs"):
-            if isinstance(item, Reject):
-                reject(item)
-                continue
-            file, line, own, text = item
-            if not text.strip():
-                reject(Reject(file, line, "empty text", ""))
-                continue
-            doc_id = f"{src.name}/{own if own is not None else n_valid}"
-            if doc_id in seen_ids:
-                reject(Reject(file, line, "duplicate id", doc_id))
-                continue
-            seen_ids.add(doc_id)
-            n_valid += 1
-            yield {"id": doc_id, "source": src.name, "lang": src.lang, "domain": src.domain, "role": src.role,
-                   "text": text}
-            if src.sample == "first" and src.max_docs is not None and n_valid >= src.max_docs:
-                return
-
-    if src.sample == "uniform" and src.max_docs is not None:
-        # Keep the max_docs records with the smallest seeded hash of their id (a uniform sample that does not
-        # depend on file order), then write them back in file order so the output reads like the input.
-        for order, rec in enumerate(records()):
-            key = _sample_key(seed, rec["id"])
-            item = (bytes(255 - b for b in key), order, rec)  # max-heap on key via inverted bytes
-            if len(kept) < src.max_docs:
-                heapq.heappush(kept, item)
-            elif item > kept[0]:
-                heapq.heapreplace(kept, item)
-        rows: Any = (rec for _, _, rec in sorted(kept, key=lambda t: t[1]))
-    else:
-        rows = records()
-
-    n_docs = 0
-    n_bytes = 0
-    with atomic_open(out_file) as fh:
-        for rec in rows:
-            fh.write(json.dumps(rec, ensure_ascii=False))
-            fh.write("\n")
-            n_docs += 1
-            n_bytes += len(rec["text"].encode("utf-8"))
-    if n_docs == 0:
-        raise DataError(f"ingest source {src.name!r}: no valid documents ({dict(reasons) or 'empty input'})")
-    return {"docs": n_docs, "bytes": n_bytes, "candidates": n_valid, "rejected": dict(sorted(reasons.items())),
-            "lang": src.lang, "domain": src.domain, "role": src.role, "format": src.fmt}
-
-
-def run(params: dict[str, Any], layout: Layout) -> dict[str, Any]:
-    cfg = {**DEFAULTS, **section(params, "ingest")}
-    seed = int(params.get("seed", 0))
-    sources = parse_sources(cfg, layout)  # every check before any work
-
-    if layout.raw.exists():
-        shutil.rmtree(layout.raw)  # our output folder: no stale source files from an earlier source list
-    layout.raw.mkdir(parents=True)
-
-    rejects: list[dict[str, Any]] = []
-    infos: list[SourceInfo] = []
-    by_source: dict[str, Any] = {}
-    for src in sources:
-        stats = ingest_source(src, layout.raw / f"{src.name}.jsonl", seed, rejects)
-        by_source[src.name] = stats
-        infos.append(SourceInfo(src.name, src.lang, src.domain, src.role, f"{src.name}.jsonl", stats["docs"]))
-        log.info("%s: %d docs, %.1f MB, %d rejected", src.name, stats["docs"], stats["bytes"] / 1e6,
-                 sum(stats["rejected"].values()))
-    write_jsonl(layout.raw / "rejects.jsonl", rejects)
-    write_manifest(layout.raw, infos)
-
-    reasons: Counter[str] = Counter()
-    for s in by_source.values():
-        reasons.update(s["rejected"])
-    return {
-        "sources": len(infos),
-        "docs": sum(s["docs"] for s in by_source.values()),
-        "bytes": sum(s["bytes"] for s in by_source.values()),
-        "rejected": sum(reasons.values()),
-        "rejected_by_reason": dict(sorted(reasons.items())),
-        "docs_by_role": {r: sum(s["docs"] for s in by_source.values() if s["role"] == r) for r in ROLES},
-        "by_source": by_source,
-    }

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cpt.dedup import CHAR_LANGS, Tokens, shingles, token_hashes
-from cpt.textnorm import text_hash
+from cpt.data.dedup import CHAR_LANGS, Tokens, shingles, token_hashes
+from cpt.data.textnorm import text_hash
 
 
 @dataclass

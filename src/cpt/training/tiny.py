@@ -36,14 +36,20 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F
+import torch.nn.functional as F  # noqa: E402
 
-from cpt.device import autocast, autocast_dtype, pick_device
-from cpt.progress import progress
-from cpt.training.schedule import lr_at
+from cpt.data.packing import val_ids  # noqa: E402
+from cpt.data.records import iter_docs  # noqa: E402
+from cpt.device import autocast, autocast_dtype, pick_device  # noqa: E402
+from cpt.errors import DataError  # noqa: E402
+from cpt.io import write_json  # noqa: E402
+from cpt.layout import Layout  # noqa: E402
+from cpt.progress import progress  # noqa: E402
+from cpt.training.schedule import lr_at  # noqa: E402
 
-log = logging.getLogger("cpt.base")
+log = logging.getLogger("cpt.stages.base")
 
+BUILTIN_TINY = "builtin:tiny"  # base.source that builds this model instead of loading one
 DEFAULTS: dict[str, Any] = {
     # tokenizer
     "vocab_size": 4096,
@@ -64,7 +70,7 @@ DEFAULTS: dict[str, Any] = {
     "warmup_steps": 15,
     "weight_decay": 0.1,
     "grad_clip": 1.0,
-    # held-out English (same hash split as shards; keep >= shards.val_fraction, see cpt.packing)
+    # held-out English (same hash split as shards; keep >= shards.val_fraction, see cpt.data.packing)
     "val_fraction": 0.1,
     "eval_bytes": 262_144,
     "device": "auto",
@@ -303,3 +309,35 @@ def build(train_texts: list[str], heldout: list[str], out: Path, cfg: dict[str, 
         metrics["unigram_bpb"] = metrics["unigram_loss"] * count / math.log(2) / eval_bytes
     model.to("cpu").save_pretrained(str(out))
     return metrics
+
+
+def build_tiny_base(cfg: dict[str, Any], seed: int, layout: Layout, tmp: Path) -> dict[str, Any]:
+    tcfg = cfg["tiny"]
+    try:
+        docs = list(iter_docs(layout.clean, role="train", domain="old"))
+    except FileNotFoundError as exc:
+        raise DataError(str(exc)) from exc
+    if not docs:
+        raise DataError(f"{layout.clean}: no role: train, domain: old documents to pretrain builtin:tiny on")
+    held = val_ids([str(d["id"]) for d in docs], seed, float(tcfg["val_fraction"]))
+    train = [d["text"] for d in docs if str(d["id"]) not in held]
+    heldout = [d["text"] for d in docs if str(d["id"]) in held]
+    log.info("builtin:tiny: %d English documents for pretraining, %d held out", len(train), len(heldout))
+    try:
+        metrics = build(train, heldout, tmp, tcfg, seed)
+    except (ValueError, FloatingPointError) as exc:
+        raise DataError(f"{layout.clean}: builtin:tiny pretraining failed: {exc}") from exc
+    info = {
+        "source": BUILTIN_TINY,
+        "seed": seed,
+        "tiny": tcfg,
+        "train_docs": len(train),
+        "heldout_docs": sorted(held),
+        # timings stay in metrics/base.json: inside the artifact they changed its DVC hash on every identical rerun
+        "metrics": {k: v for k, v in metrics.items() if not k.endswith(("_seconds", "_per_s"))},
+    }
+    write_json(tmp / "cpt_base.json", info)
+    if "heldout_loss" in metrics:
+        log.info("held-out loss %.4f (%.4f bits/byte) vs unigram %.4f", metrics["heldout_loss"],
+                 metrics["heldout_bpb"], metrics["unigram_loss"])
+    return {"source": BUILTIN_TINY, "train_docs": len(train), "heldout_docs": len(heldout), **metrics}

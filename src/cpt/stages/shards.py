@@ -1,9 +1,9 @@
 """Stage `shards`: tokenise the cleaned ``role: train`` text into packed, memory-mappable token blocks.
 
-For each domain (``new``, then ``old``) the documents stream from ``data/clean`` (``cpt.records.iter_docs``, so eval
-sources never get here), are split train/val by a hash of their id and the seed (``cpt.packing.StreamSplit``), are
+For each domain (``new``, then ``old``) the documents stream from ``data/clean`` (``cpt.data.records.iter_docs``, so eval
+sources never get here), are split train/val by a hash of their id and the seed (``cpt.data.packing.StreamSplit``), are
 tokenised with the extended tokenizer's fast backend in parallel batches, and are packed as ``[BOS] text EOS`` into
-``block_size``-token blocks (``cpt.packing.BlockWriter``; BOS only when the tokenizer's convention has one, e.g.
+``block_size``-token blocks (``cpt.data.packing.BlockWriter``; BOS only when the tokenizer's convention has one, e.g.
 Llama's ``<s>``; the last partial block of each split is dropped and counted). Outputs (docs/architecture.md):
 
     data/shards/{new,old}/{train,val}.bin   flat little-endian uint16/uint32 ids, blocks back to back
@@ -15,31 +15,26 @@ Read a split with ``numpy.memmap(path, dtype=meta["dtype"], mode="r").reshape(-1
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import shutil
 import time
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from cpt.errors import ConfigError, DataError
-from cpt.io import atomic_open, replace_dir, write_json
-from cpt.layout import Layout
-from cpt.packing import (
-    BlockWriter,
-    StreamSplit,
-    encode_pipelined,
+from cpt.data.packing import (
     load_tokenizer,
     special_ids,
     token_dtype,
     tokenizers_parallelism,
 )
+from cpt.data.records import DOMAINS, select_sources
+from cpt.data.shard_writer import pack_domain
+from cpt.errors import ConfigError, DataError
+from cpt.io import atomic_open, replace_dir, write_json
+from cpt.layout import Layout
 from cpt.params import stage_config
 from cpt.progress import progress
-from cpt.records import DOMAINS, iter_docs, select_sources
 
-log = logging.getLogger("cpt.shards")
+log = logging.getLogger("cpt.stages.shards")
 
 DEFAULTS: dict[str, Any] = {
     "tokenizer": "data/tokenizer",  # HF tokenizer folder with tokenizer.json (the tokenizer stage's output)
@@ -49,7 +44,6 @@ DEFAULTS: dict[str, Any] = {
     "eos_token": "auto",  # auto: tokenizer_config.json's eos_token
     "batch_chars": 4_000_000,  # characters per encode_batch call (bounds memory; big enough to use every core)
 }
-SPLITS = ("train", "val")
 
 
 def config(params: dict[str, Any]) -> dict[str, Any]:
@@ -63,60 +57,6 @@ def config(params: dict[str, Any]) -> dict[str, Any]:
     if int(cfg["batch_chars"]) < 1:
         raise ConfigError("params shards.batch_chars must be positive")
     return cfg
-
-
-def _batches(docs: Iterator[dict[str, Any]], batch_chars: int) -> Iterator[list[dict[str, Any]]]:
-    batch: list[dict[str, Any]] = []
-    size = 0
-    for doc in docs:
-        text = doc.get("text")
-        if not isinstance(text, str):
-            raise DataError(f"data/clean ({doc.get('source')}): document {doc.get('id')!r} has no text string")
-        batch.append(doc)
-        size += len(text)
-        if size >= batch_chars:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
-
-
-def _pack_domain(domain: str, layout: Layout, out: Path, tok, specials, dtype, cfg, seed, heldout_fh,
-                 bar) -> dict[str, dict[str, Any]]:
-    block = int(cfg["block_size"])
-    splitter = StreamSplit(seed, float(cfg["val_fraction"]))
-    stats: dict[str, dict[str, Any]] = {}
-    with contextlib.ExitStack() as stack:
-        writers = {
-            split: BlockWriter(stack.enter_context(atomic_open(out / domain / f"{split}.bin", "wb")), block, dtype,
-                               specials)
-            for split in SPLITS
-        }
-
-        def emit(routed):
-            for split, (doc, ids) in routed:
-                writers[split].add(ids, doc["text"], doc.get("lang", "und"))
-                if split == "val":
-                    heldout_fh.write(json.dumps(doc, ensure_ascii=False))
-                    heldout_fh.write("\n")
-
-        docs = iter_docs(layout.clean, role="train", domain=domain)
-        for batch, encodings in encode_pipelined(tok, _batches(docs, int(cfg["batch_chars"]))):
-            for doc, enc in zip(batch, encodings):
-                emit(splitter.route(str(doc["id"]), (doc, enc.ids)))
-            bar.update(sum(len(d["text"]) for d in batch))
-        emit(splitter.finish())
-        for split in SPLITS:
-            st = writers[split].finish(tok)
-            stats[split] = st.to_dict()
-    for split in SPLITS:
-        st = stats[split]
-        if st["docs"] == 0 and st["tail_tokens"] > 0:
-            raise DataError(
-                f"{out / domain / (split + '.bin')}: the {domain}/{split} text ({st['tail_tokens']} tokens) does "
-                f"not fill one block of {block}; lower shards.block_size or raise shards.val_fraction"
-            )
-    return stats
 
 
 def run(params: dict[str, Any], layout: Layout) -> dict[str, Any]:
@@ -144,7 +84,7 @@ def run(params: dict[str, Any], layout: Layout) -> dict[str, Any]:
     with tokenizers_parallelism(True), atomic_open(tmp / "heldout.jsonl") as heldout_fh, \
             progress(desc="shards", unit="char", unit_scale=True) as bar:
         for domain in DOMAINS:
-            for split, st in _pack_domain(domain, layout, tmp, tok, specials, dtype, cfg, seed, heldout_fh,
+            for split, st in pack_domain(domain, layout, tmp, tok, specials, dtype, cfg, seed, heldout_fh,
                                           bar).items():
                 splits[f"{domain}/{split}"] = st
     seconds = time.perf_counter() - started

@@ -13,7 +13,7 @@ total bytes, so a big eval set is not outvoted by a small one. A source's domain
 both are compared; when there are none the comparison is skipped and the decision says so.
 
 ``run`` is the post-eval hook (``cpt.cli.run_stage`` calls it whenever the eval stage runs): it asks the tracker
-(``cpt.tracking``) for the current champion, registers the model, decides, sets the alias and writes
+(``cpt.ops.tracking``) for the current champion, registers the model, decides, sets the alias and writes
 ``metrics/gate.json``. With tracking off it still decides vs the base and writes the file.
 """
 
@@ -26,7 +26,7 @@ from typing import Any
 from cpt.io import write_json
 from cpt.params import section
 
-log = logging.getLogger("cpt.gate")
+log = logging.getLogger("cpt.ops.gate")
 
 DEFAULTS: dict[str, Any] = {
     "min_gain": 0.02,  # bits per byte the new domain must improve by

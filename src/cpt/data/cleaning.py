@@ -1,21 +1,5 @@
-"""Stage ``clean``: data/raw -> data/clean (normalised, filtered, deduplicated, decontaminated).
-
-A datatrove-style chain of small steps, each in its own module, run in this order:
-
-1. ``textnorm.normalize`` on every document (NFC, controls, whitespace, MediaWiki sections) — train and eval.
-2. ``filters.check`` per language on training documents (length, digits, symbols, repeated lines, script).
-   Eval documents are never quality-filtered (NTREX lines are single short sentences); only an eval text that is
-   empty after normalisation is dropped, and counted.
-3. Exact dedup of training documents on the normalised-text hash (first in input order kept).
-4. Decontamination of training documents against every ``role: eval`` document (long n-grams, ``decontam``).
-   It runs before near-dedup so that a cluster's kept document is never one that is then thrown out.
-5. Near dedup of training documents with MinHash LSH (``dedup``), one kept per cluster (first in input order).
-   Dedup spans all training sources (cross-source duplicates count); eval sources are not deduplicated.
-
-Nothing is dropped silently: every dropped document goes to ``data/clean/quarantine.jsonl`` as
-``{id, source, reason, detail, ref}`` (``ref``: the kept duplicate or the eval document it overlaps) and every
-reason is counted in ``metrics/clean.json``, overall and per source.
-"""
+"""The clean chain (see ``cpt.stages.clean``): normalise, filter, exact dedup, decontaminate, near dedup, then write
+data/clean with every dropped document in the quarantine file and counted in the metrics."""
 
 from __future__ import annotations
 
@@ -29,57 +13,19 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from cpt import dedup, filters, textnorm
-from cpt.decontam import EvalIndex
-from cpt.errors import ConfigError, DataError
+from cpt.data import dedup, filters, textnorm
+from cpt.data.decontam import EvalIndex
+from cpt.data.records import SourceInfo, read_manifest, write_manifest
+from cpt.errors import DataError
 from cpt.io import atomic_open, read_jsonl, write_jsonl
 from cpt.layout import Layout
-from cpt.params import section, stage_config, with_defaults
 from cpt.progress import progress
-from cpt.records import SourceInfo, read_manifest, write_manifest
 
-log = logging.getLogger("cpt.clean")
-
-DEFAULTS: dict[str, Any] = {
-    "wiki_markup": True,
-    "drop_sections": list(textnorm.DEFAULT_DROP_SECTIONS),
-    "filters": {},
-    "dedup": {
-        "exact": True,
-        "near": True,
-        "threshold": 0.8,
-        "lsh_threshold": 0.6,
-        "num_perm": 128,
-        "bands": None,
-        "rows": None,
-        "word_ngram": 5,
-        "char_ngram": 5,
-    },
-    "decontam": {"enabled": True, "word_ngram": 13, "char_ngram": 25},
-}
+log = logging.getLogger("cpt.stages.clean")
 QUARANTINE = "quarantine.jsonl"
 
 
-def _config(params: dict[str, Any]) -> dict[str, Any]:
-    sec = section(params, "clean")
-    cfg = stage_config(params, "clean", DEFAULTS)
-    for sub in ("dedup", "decontam"):
-        cfg[sub] = with_defaults(f"clean.{sub}", sec.get(sub), DEFAULTS[sub])
-    for lang, th in (cfg["filters"] or {}).items():
-        if th is None:
-            continue  # `vi:` with nothing under it: the defaults
-        if not isinstance(th, dict):
-            raise ConfigError(f"clean.filters.{lang}: expected a mapping of thresholds")
-        bad = set(th) - filters.FILTER_KEYS
-        if bad:
-            raise ConfigError(f"clean.filters.{lang}: unknown thresholds {sorted(bad)}; allowed: {sorted(filters.FILTER_KEYS)}")
-    thr = cfg["dedup"]["threshold"]
-    if not 0.0 < float(thr) <= 1.0:
-        raise ConfigError(f"clean.dedup.threshold must be in (0, 1], got {thr!r}")
-    return cfg
-
-
-class _Stats:
+class Stats:
     """Per-source counters; every dropped document passes through ``drop``."""
 
     def __init__(self) -> None:
@@ -103,15 +49,14 @@ class _Stats:
                                 "ref": ref})
 
 
-def run(params: dict[str, Any], layout: Layout) -> dict[str, Any]:
-    cfg = _config(params)
-    seed = int(params.get("seed", 0))
+def clean_corpus(cfg: dict[str, Any], seed: int, layout: Layout) -> dict[str, Any]:
+    """The whole chain (module docstring) over data/raw; writes data/clean and returns the stage's metrics."""
     try:
         sources = read_manifest(layout.raw)
     except FileNotFoundError as exc:
         raise DataError(str(exc)) from exc
     timings: dict[str, float] = {}
-    stats = _Stats()
+    stats = Stats()
     t0 = time.perf_counter()
 
     # 1-2. normalise everything, filter training documents

@@ -1,47 +1,20 @@
-"""Stage ``validate``: a Great Expectations 1.x gate over data/clean; a broken expectation stops ``dvc repro``.
-
-Two batches, two suites:
-
-* ``clean_docs`` — one row per cleaned document (id, source, lang, role, n_chars, text_hash, is_nfc, script_ratio):
-  text not null / not empty, ids unique, roles and domains known, NFC, per-language length bounds and script
-  ratio for training documents (the bounds of ``clean.filters``, so the gate checks that clean did its job), unique
-  text hash among training documents, and **no eval document in training** (no training text hash equal to an
-  eval text hash).
-* ``clean_sources`` — one row per source: documents within ``validate.row_counts`` bounds (default: at least
-  ``validate.min_docs``), and the fraction of raw documents kept at least ``validate.min_keep_ratio`` (train) /
-  ``validate.min_eval_keep_ratio`` (eval), which catches a filter gone wrong.
-
-Data Docs HTML goes to ``reports/data_docs/`` (index.html). ``metrics/validate.json`` has ``success`` and one entry per
-expectation with its result; on failure ``ValidationFailed`` names each failing expectation with example ids.
-"""
+"""The checks ``validate`` runs: per-document and per-source frames built from data/raw and data/clean, the
+expectations over them, and running one great-expectations suite (imported lazily; it costs ~4 s)."""
 
 from __future__ import annotations
 
-import logging
-import os
-import shutil
 from typing import Any
 
-from cpt import filters
-from cpt.errors import DataError, ValidationFailed
+from cpt.data import filters
+from cpt.data.records import DOMAINS, ROLES, read_manifest
+from cpt.data.textnorm import nfc, text_hash
+from cpt.errors import DataError
 from cpt.io import read_jsonl
 from cpt.layout import Layout
-from cpt.params import section, stage_config
-from cpt.records import DOMAINS, ROLES, read_manifest
-from cpt.textnorm import nfc, text_hash
-
-log = logging.getLogger("cpt.validate")
-
-DEFAULTS: dict[str, Any] = {
-    "min_docs": 1,
-    "row_counts": {},
-    "min_keep_ratio": 0.5,
-    "min_eval_keep_ratio": 0.99,
-    "examples": 5,
-}
+from cpt.params import section
 
 
-def _frames(layout: Layout) -> tuple[Any, Any]:
+def doc_frames(layout: Layout) -> tuple[Any, Any]:
     import pandas as pd
 
     try:
@@ -74,7 +47,7 @@ def _frames(layout: Layout) -> tuple[Any, Any]:
     return docs, per_source
 
 
-def _doc_expectations(docs: Any, params: dict[str, Any]) -> list[tuple[str, Any]]:
+def doc_expectations(docs: Any, params: dict[str, Any]) -> list[tuple[str, Any]]:
     import great_expectations.expectations as gxe
 
     pandas = {"condition_parser": "pandas"}
@@ -104,7 +77,7 @@ def _doc_expectations(docs: Any, params: dict[str, Any]) -> list[tuple[str, Any]
     return ex
 
 
-def _source_expectations(per_source: Any, cfg: dict[str, Any]) -> list[tuple[str, Any]]:
+def source_expectations(per_source: Any, cfg: dict[str, Any]) -> list[tuple[str, Any]]:
     import great_expectations.expectations as gxe
 
     pandas = {"condition_parser": "pandas"}
@@ -121,7 +94,7 @@ def _source_expectations(per_source: Any, cfg: dict[str, Any]) -> list[tuple[str
     return ex
 
 
-def _run_suite(ctx: Any, name: str, frame: Any, expectations: list[tuple[str, Any]], index_col: str) -> list[dict]:
+def run_suite(ctx: Any, name: str, frame: Any, expectations: list[tuple[str, Any]], index_col: str) -> list[dict]:
     import great_expectations as gx
 
     asset = ctx.data_sources.add_pandas(f"{name}_source").add_dataframe_asset(name)
@@ -154,53 +127,3 @@ def _run_suite(ctx: Any, name: str, frame: Any, expectations: list[tuple[str, An
                 "examples": [str(e)[:120] for e in examples],
             })
     return out
-
-
-def run(params: dict[str, Any], layout: Layout) -> dict[str, Any]:
-    cfg = stage_config(params, "validate", DEFAULTS)
-    docs, per_source = _frames(layout)
-
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-    import great_expectations as gx
-
-    site = layout.reports / "data_docs"
-    if site.exists():
-        shutil.rmtree(site)
-    site.mkdir(parents=True)
-    ctx = gx.get_context(mode="ephemeral")
-    try:
-        ctx.variables.progress_bars = {"globally": False, "metric_calculations": False}
-    except Exception:  # noqa: BLE001 - cosmetic only
-        pass
-    ctx.add_data_docs_site(site_name="cpt", site_config={
-        "class_name": "SiteBuilder",
-        "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(site)},
-        "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-    })
-    results = _run_suite(ctx, "clean_docs", docs, _doc_expectations(docs, params), "id")
-    results += _run_suite(ctx, "clean_sources", per_source, _source_expectations(per_source, cfg), "source")
-
-    failed = [r for r in results if not r["success"]]
-    metrics = {
-        "success": not failed,
-        "docs": int(len(docs)),
-        "sources": int(len(per_source)),
-        "evaluated": len(results),
-        "failed": len(failed),
-        "data_docs": str((site / "index.html").relative_to(layout.root)) if site.is_relative_to(layout.root)
-        else str(site / "index.html"),
-        "expectations": {r["name"]: {k: v for k, v in r.items() if k != "name"} for r in results},
-    }
-    if failed:
-        lines = [
-            f"{r['name']} ({r['expectation']} on {r['column']}"
-            + (f" where {r['row_condition']}" if r["row_condition"] else "")
-            + f"): {r['unexpected_count']} of {r['element_count']} unexpected, e.g. {r['examples'][:cfg['examples']]}"
-            for r in failed
-        ]
-        raise ValidationFailed(
-            f"{len(failed)} of {len(results)} expectations failed on {layout.clean} (Data Docs: {site}/index.html):\n  "
-            + "\n  ".join(lines)
-        )
-    log.info("%d expectations passed on %d documents; Data Docs at %s", len(results), len(docs), site / "index.html")
-    return metrics

@@ -1,0 +1,53 @@
+"""Scoring the models eval compares, one in memory at a time: bits per byte on every source, XCOPA, samples."""
+
+from __future__ import annotations
+
+import gc
+import logging
+from pathlib import Path
+from typing import Any
+
+from cpt.evaluation import samples, xcopa
+from cpt.evaluation.bpb import BpbScorer, Score
+from cpt.evaluation.models import load_model
+from cpt.layout import Layout
+
+log = logging.getLogger("cpt.stages.eval")
+
+
+def score_models(paths: dict[str, Path], sources: list, xcopa_items: dict[str, list], cfg: dict, seed: int,
+                 layout) -> tuple[dict, dict, dict, dict]:
+    """Each model in turn (one in memory at a time): bits per byte on every source, XCOPA, samples.
+    Returns (scores, xcopa accuracies, generations, model info), each keyed by model name."""
+    scores: dict[str, dict[str, Score]] = {}
+    xacc: dict[str, dict[str, dict]] = {}
+    gens: dict[str, list[dict[str, str]]] = {}
+    info: dict[str, dict[str, Any]] = {}
+    for name, path in paths.items():
+        lm = load_model(name, path, device=cfg["device"], dtype=cfg["dtype"])
+        scorer = BpbScorer(lm, cfg["max_length"], cfg["stride"], cfg["batch_size"])
+        info[name] = {"path": shown(path, layout), "params": lm.parameters, "vocab": len(lm.tokenizer),
+                      "max_length": scorer.max_length, "stride": scorer.stride}
+        scores[name] = {s.name: scorer.score(s.texts, desc=s.name) for s in sources}
+        for s in sources:
+            log.info("%s %-16s bpb %.4f (loss %.4f over %d tokens)", name, s.name, scores[name][s.name].bpb,
+                     scores[name][s.name].loss, scores[name][s.name].tokens)
+        xacc[name] = {lang: xcopa.accuracy(scorer, items, lang) for lang, items in xcopa_items.items()}
+        scfg = cfg["samples"]
+        if scfg.get("enabled", True) and scfg.get("prompts"):
+            gens[name] = samples.generate(
+                lm, scfg["prompts"], max_new_tokens=int(scfg["max_new_tokens"]),
+                temperature=float(scfg["temperature"]), top_p=float(scfg["top_p"]), seed=seed,
+            )
+        del lm, scorer
+        gc.collect()
+
+    return scores, xacc, gens, info
+
+
+def shown(path: Path, layout: Layout) -> str:
+    """A path as the report shows it: relative to the project root when inside it (stable across machines)."""
+    try:
+        return str(Path(path).relative_to(layout.root))
+    except ValueError:
+        return str(path)

@@ -1,0 +1,61 @@
+"""The tracking interface stages see: ``current()`` returns the process-wide tracker (the null tracker unless a
+stage runner activated an MLflow one). Kept apart from the MLflow code so that importing it costs nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking server could not be reached (the caller decides what that means)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the null tracker and the process-wide current tracker
+
+
+class Tracker:
+    """The null tracker: every call is accepted and dropped (tracking is off)."""
+
+    active = False
+    run_id: str | None = None
+    model_name: str | None = None
+
+    def log_params(self, params: dict[str, Any]) -> None:  # noqa: D102
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:  # noqa: D102
+        pass
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:  # noqa: D102
+        pass
+
+    def set_tags(self, tags: dict[str, Any]) -> None:  # noqa: D102
+        pass
+
+    def close(self, status: str = "FINISHED", metrics: dict[str, Any] | None = None) -> None:  # noqa: D102
+        pass
+
+    # registry, used by the promotion gate (cpt.ops.gate); the null tracker has no registry
+    def get_alias(self, name: str, alias: str) -> dict[str, Any] | None:  # noqa: D102
+        return None
+
+    def register_model(self, path: str | Path, tags: dict[str, Any] | None = None) -> str | None:  # noqa: D102
+        return None
+
+    def set_alias(self, name: str, alias: str, version: str) -> None:  # noqa: D102
+        pass
+
+
+_current: Tracker = Tracker()
+
+
+def current() -> Tracker:
+    return _current
+
+
+def activate(tracker: Tracker) -> Tracker:
+    global _current
+    _current = tracker
+    return tracker

@@ -1,0 +1,109 @@
+"""Which text the tokenizer extension sees: the base to extend, the new languages, deterministic samples of the new-
+language training text and the old-language chooser text (``role: train`` only), and the ``role: eval`` lines every
+reported number is measured on."""
+
+from __future__ import annotations
+
+import hashlib
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from cpt.data.records import iter_docs, select_sources
+from cpt.errors import ConfigError, DataError
+from cpt.layout import Layout
+
+DEFAULT_VOCAB = 8000
+
+
+def vocab_size_for(cfg: dict[str, Any], lang: str) -> int:
+    v = cfg["vocab_size"]
+    if isinstance(v, dict):
+        v = v.get(lang, DEFAULT_VOCAB)
+    if not isinstance(v, int) or v < 100:
+        raise ConfigError(f"tokenizer.vocab_size for {lang}: {v!r}; expected an integer >= 100")
+    return v
+
+
+@dataclass(frozen=True)
+class Base:
+    kind: str  # "spm" | "bpe"
+    file: Path  # tokenizer.model or tokenizer.json
+    folder: Path | None  # the folder holding HF config files, if any
+
+
+def find_base(cfg: dict[str, Any], layout: Layout) -> Base:
+    path = layout.resolve(cfg["base"]) if cfg["base"] else layout.base
+    if path.is_dir():
+        if (path / "tokenizer.model").exists():
+            return Base("spm", path / "tokenizer.model", path)
+        if (path / "tokenizer.json").exists():
+            return Base("bpe", path / "tokenizer.json", path)
+        raise DataError(f"{path}: tokenizer.base folder has neither tokenizer.model nor tokenizer.json")
+    if path.is_file():
+        if path.suffix == ".json":
+            return Base("bpe", path, path.parent if (path.parent / "tokenizer_config.json").exists() else None)
+        return Base("spm", path, path.parent if (path.parent / "tokenizer_config.json").exists() else None)
+    hint = " (run `cpt base` first)" if not cfg["base"] else ""
+    raise DataError(f"{path}: tokenizer.base not found{hint}")
+
+
+def _lines(docs: Iterable[dict[str, Any]]) -> Iterator[str]:
+    for doc in docs:
+        for line in unicodedata.normalize("NFC", doc["text"]).split("\n"):
+            if line.strip():
+                yield line
+
+
+def _keep(doc_id: str, seed: int, fraction: float) -> bool:
+    h = hashlib.blake2b(f"{seed}:{doc_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") / 2**64 < fraction
+
+
+def sample_lines(folder: Path, seed: int, max_chars: int, **filters: str) -> list[str]:
+    """Lines of the matching documents, a seeded document sample when the text exceeds ``max_chars`` (0 = all).
+    Sampling by hashed document id keeps it deterministic and independent of file order."""
+    total = sum(len(d["text"]) for d in iter_docs(folder, **filters))
+    fraction = 1.0 if not max_chars or total <= max_chars else max_chars / total
+    out: list[str] = []
+    for doc in iter_docs(folder, **filters):
+        if fraction >= 1.0 or _keep(str(doc.get("id")), seed, fraction):
+            out.extend(_lines([doc]))
+    return out
+
+
+def eval_lines(folder: Path, lang: str, limit: int) -> list[str]:
+    lines = list(_lines(iter_docs(folder, role="eval", lang=lang)))
+    return lines[:limit] if limit else lines
+
+
+def new_languages(cfg: dict[str, Any], layout: Layout) -> list[str]:
+    present: list[str] = []
+    for s in select_sources(layout.clean, role="train", domain="new"):
+        if s.lang not in present:
+            present.append(s.lang)
+    wanted = list(cfg["languages"] or present)
+    missing = [lang for lang in wanted if lang not in present]
+    if missing:
+        raise DataError(f"{layout.clean}: no role: train, domain: new documents for tokenizer.languages {missing}")
+    if not wanted:
+        raise DataError(f"{layout.clean}: no role: train, domain: new sources to train new pieces on")
+    return wanted
+
+
+def interleave(ranked: dict[str, list[str]]) -> list[str]:
+    """One list, best first, from each language's ranked pieces: by relative rank, so a 4k-piece language and an
+    8k-piece one share the top of the priority order fairly."""
+    keyed = []
+    for li, (lang, pieces) in enumerate(ranked.items()):
+        n = max(len(pieces), 1)
+        keyed += [(r / n, li, r, p) for r, p in enumerate(pieces)]
+    keyed.sort()
+    seen: set[str] = set()
+    out = []
+    for _, _, _, p in keyed:
+        if p not in seen:
+            seen.add(p)
+            out.append(p)
+    return out
