@@ -212,3 +212,26 @@ def test_resume_is_exact(trained, tmp_path, monkeypatch):
     assert all(torch.equal(a[k], b[k]) for k in a)
     again = run_stage("sft", p, Layout(proj))
     assert again["train"]["retrained"] is False and again["curve"] == full["curve"]
+
+
+def test_fused_loss_ignores_masked_targets():
+    """train's fused chunked loss with -100 targets: the same loss and gradients as torch's cross-entropy with
+    ignore_index, and exactly 0 for the ignored tokens (sft's prompt side)."""
+    import torch.nn.functional as F
+
+    from cpt.training.loss import linear_cross_entropy
+
+    torch.manual_seed(0)
+    h = torch.randn(10, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(20, 8, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 20, (10,))
+    t[[0, 3, 4, 9]] = -100
+    total, losses = linear_cross_entropy(h, w, t, chunk_size=4)
+    total.backward()
+    h2, w2 = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    ref = F.cross_entropy(h2 @ w2.t(), t, ignore_index=-100, reduction="sum")
+    ref.backward()
+    torch.testing.assert_close(total.double(), ref, rtol=1e-5, atol=1e-5)  # the fused path takes logits in fp32
+    assert (losses[[0, 3, 4, 9]] == 0).all()
+    torch.testing.assert_close(h.grad, h2.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w.grad, w2.grad, rtol=1e-5, atol=1e-5)
