@@ -73,14 +73,17 @@ def data_digest(splits: dict[str, PackedSplit | None]) -> str:
 
 
 def score(model, core, split: PackedSplit, micro_batch: int, info, device, amp_dtype) -> dict[str, float]:
-    """Held-out assistant-token loss (nats/token) and bits per byte of one language's packed eval rows."""
-    rows = list(range(split.n_blocks))[info.rank :: info.world_size]
+    """Held-out assistant-token loss (nats/token) and bits per byte of one language's packed eval rows. Under
+    several ranks the rows are cut to a multiple of the world size (FSDP needs every rank in every forward), as
+    train's eval_rows does; the bytes are those of the rows scored."""
+    n_rows = split.n_blocks - split.n_blocks % info.world_size
+    rows = list(range(n_rows))[info.rank :: info.world_size]
     core.eval()
     batches = (to_device(split.rows(rows[i : i + micro_batch]), device) for i in range(0, len(rows), micro_batch))
     total, n = evaluate(model, batches, device=device, amp_dtype=amp_dtype)
     core.train()
-    return {"loss": total / max(1, n), "bpb": total / LN2 / split.target_bytes if split.target_bytes else float("nan"),
-            "tokens": n}
+    nbytes = int(split.row_bytes[:n_rows].sum())
+    return {"loss": total / max(1, n), "bpb": total / LN2 / nbytes if nbytes else float("nan"), "tokens": n}
 
 
 def train(cfg: dict, seed: int, *, model_dir: Path, tokenizer_dir: Path, train_splits: dict[str, PackedSplit | None],

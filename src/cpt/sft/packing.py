@@ -36,6 +36,7 @@ class PackedSplit:
     target_tokens: int  # assistant tokens (trained / scored)
     target_bytes: int  # UTF-8 bytes behind them (for bits per byte)
     fill: float  # share of positions holding a real token
+    row_bytes: np.ndarray  # target bytes per row (a subset of rows is scored under several ranks)
 
     @property
     def n_blocks(self) -> int:
@@ -76,10 +77,12 @@ def pack(name: str, examples: list[Encoded], length: int, pad_id: int) -> Packed
     data[:, 0] = pad_id
     data[:, 1] = IGNORE
     used = 0
+    row_bytes = np.zeros(len(layout), dtype=np.int64)
     for r, members in enumerate(layout):
         at = 0
         for i in members:
             e, n = examples[i], need[i]
+            row_bytes[r] += e.assistant_bytes
             data[r, 0, at : at + n] = e.ids[:-1]
             data[r, 1, at : at + n] = e.labels[1:]
             data[r, 2, at : at + n] = np.arange(n)
@@ -87,8 +90,8 @@ def pack(name: str, examples: list[Encoded], length: int, pad_id: int) -> Packed
         data[r, 2, at:] = np.arange(length - at)  # padding: a segment of its own
         used += at
     targets = sum(sum(1 for t in e.labels[1:] if t != IGNORE) for e in examples)
-    return PackedSplit(name, data, len(examples), targets, sum(e.assistant_bytes for e in examples),
-                       used / max(1, data.shape[0] * length))
+    return PackedSplit(name, data, len(examples), targets, int(row_bytes.sum()),
+                       used / max(1, data.shape[0] * length), row_bytes)
 
 
 def to_device(rows: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
