@@ -237,6 +237,10 @@ def prepare(sources: list[dict], *, seed: int, eval_fraction: float, max_eval: i
                 if counts[ex["lang"]] > max_eval:
                     ex["role"] = "unused"
     _decontaminate(prep, sources, clean_dir, decontam)
+    for ex in prep.examples:
+        if ex["role"] == "unused":
+            st = prep.stats[ex["source"]]
+            st["eval_unused"] = st.get("eval_unused", 0) + 1
     prep.examples = [ex for ex in prep.examples if ex["role"] != "unused"]
     for ex in prep.examples:
         st = prep.stats[ex["source"]]
