@@ -22,7 +22,9 @@ from cpt.sft.packing import PackedSplit, pack
 from cpt.training import distributed
 
 log = logging.getLogger("cpt.sft")
-MODEL_FILES = ("config.json", "generation_config.json")
+# the tokenizer's files in an HF folder (weights and model config stay behind)
+TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
+                   "chat_template*", "new_tokens.json")
 
 
 def folders(layout: Layout, cfg: dict) -> dict[str, Path]:
@@ -45,7 +47,7 @@ def chat_tokenizer(model_dir: Path, setting: str, dest: Path, base_dir: Path | N
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)
     for f in sorted(model_dir.iterdir()):
-        if f.is_file() and f.name not in MODEL_FILES and not f.name.startswith("model") and f.suffix != ".safetensors":
+        if f.is_file() and any(f.match(pattern) for pattern in TOKENIZER_FILES):
             shutil.copy2(f, dest / f.name)
     tok.save_pretrained(dest)
     return tok, text, origin
