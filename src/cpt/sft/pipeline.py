@@ -32,9 +32,10 @@ def folders(layout: Layout, cfg: dict) -> dict[str, Path]:
             "checkpoints": layout.data / "sft_checkpoints", "reports": layout.reports / "sft"}
 
 
-def chat_tokenizer(model_dir: Path, setting: str, dest: Path, base_dir: Path | None = None):
+def chat_tokenizer(model_dir: Path, setting: str, dest: Path, base_dir: Path | None = None, write: bool = True):
     """The CPT model's tokenizer with the chat template set, saved (with every other tokenizer file of the model
-    folder, e.g. tokenizer.model, new_tokens.json) into ``dest``: the tokenizer files of the exported folder."""
+    folder, e.g. tokenizer.model, new_tokens.json) into ``dest``: the tokenizer files of the exported folder.
+    ``write``: only rank 0 writes (the others use the tokenizer in memory)."""
     from transformers import AutoTokenizer
 
     if not (model_dir / "config.json").exists():
@@ -44,6 +45,8 @@ def chat_tokenizer(model_dir: Path, setting: str, dest: Path, base_dir: Path | N
     template.check_tokenizer(tok, model_dir)
     text, origin = template.choose_template(tok, setting, base_dir)
     tok.chat_template = text
+    if not write:
+        return tok, text, origin
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)
     for f in sorted(model_dir.iterdir()):
@@ -75,7 +78,7 @@ def run(cfg: dict, seed: int, layout: Layout, params: dict, info: distributed.Di
     t0 = time.perf_counter()
     paths = folders(layout, cfg)
     tok, text, origin = chat_tokenizer(paths["model"], cfg["chat_template"], paths["data"] / "tokenizer",
-                                       layout.base)
+                                       layout.base, write=info.main)
     corpus_dir = layout.resolve((params.get("ingest") or {}).get("corpus_dir", "../shared/corpora"))
     sources = sft_data.check_sources(cfg["sources"], corpus_dir)
     prep = sft_data.prepare(sources, seed=seed, eval_fraction=float(cfg["eval_fraction"]), max_eval=cfg["max_eval"],
@@ -104,6 +107,8 @@ def run(cfg: dict, seed: int, layout: Layout, params: dict, info: distributed.Di
         write_jsonl(paths["data"] / "train.jsonl", (e for e in prep.examples if e["role"] == "train"))
         write_jsonl(paths["data"] / "eval.jsonl", (e for e in prep.examples if e["role"] == "eval"))
         write_jsonl(paths["data"] / "quarantine.jsonl", prep.quarantine)
+    if info.enabled:
+        torch.distributed.barrier()  # the chat tokenizer is on disk before any rank exports from it
     prep_seconds = time.perf_counter() - t0
     log.info("data: %s; packed %s", prep.stats, {p.name: (p.examples, p.n_blocks, round(p.fill, 3))
                                                 for p in packed.values()})
