@@ -4,7 +4,10 @@ Shared by the ``train`` stage and bench/bench_train_gpu.py, so the benchmark mea
 The loss is the mean over every target token of the GLOBAL batch: each rank back-propagates its token-loss sum
 divided by its own token count, and DDP / FSDP average over ranks, so 1 process x 4 sequences and 2 processes x 2
 sequences give the same gradient (all blocks have the same length, so there is no padding to weigh).
-Targets equal to ``IGNORE_INDEX`` (sft's prompt tokens and padding) are not counted: the mean is over trained tokens.
+Targets equal to ``IGNORE_INDEX`` (sft's prompt tokens and padding) are not counted: the mean is over trained tokens,
+and since ranks then hold different counts, each rank divides by the global count / world size (all-reduced first),
+so the averaged gradient is still the global per-token mean (for pretraining that is each rank's own count: the
+same division as before, bit for bit).
 """
 
 from __future__ import annotations
@@ -50,13 +53,17 @@ def train_step(
     """``micro_batches``: this rank's (inputs, targets[, position_ids]) tuples, int64 (B, T), already on ``device``
     (the tuple is the model's positional arguments)."""
     local_tokens = int(sum((b[1] != IGNORE_INDEX).sum() for b in micro_batches))
+    counts = distributed.all_reduce_sum(torch.tensor(float(local_tokens), dtype=torch.float64, device=device))
+    dist = torch.distributed
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    per_rank = max(1.0, float(counts) / world)
     total = torch.zeros((), dtype=torch.float64, device=device)
     token_losses = []
     for i, batch in enumerate(micro_batches):
         with distributed.no_sync(model, last_micro=i == len(micro_batches) - 1):
             with autocast(device, amp_dtype):
                 loss_sum, losses = model(*batch)
-            (loss_sum / max(1, local_tokens)).backward()
+            (loss_sum / per_rank).backward()
         total += loss_sum.detach().double()
         token_losses.append(losses.detach())
     stats = torch.stack([total, torch.tensor(float(local_tokens), dtype=torch.float64, device=device)])
