@@ -72,7 +72,7 @@ def _gpu_slot() -> contextlib.AbstractContextManager:
 
 def _run_stage(stage: str, root: str) -> dict[str, Any]:
     logger = get_run_logger()
-    with _gpu_slot() if stage in ("train", "eval") else contextlib.nullcontext():
+    with _gpu_slot() if stage in ("train", "eval", "sft") else contextlib.nullcontext():
         result = run_dvc(["repro", "--single-item", stage], root, logger=logger)
     metrics_file = Layout(Path(root)).metrics_file(stage)
     metrics = read_json(metrics_file) if metrics_file.exists() else {}
@@ -206,7 +206,7 @@ def evaluate(root: str = ".", pull: bool = False, push: bool = False, track: boo
 def pipeline(root: str = ".", stages: list[str] | None = None, set_params: list[str] | None = None,
              pull: bool = False, push: bool = False, train_retries: int = 2, retry_delay: float = 30.0,
              track: bool = True) -> list[dict[str, Any]]:
-    """The whole chain as subflows: data_prep -> train -> evaluate, under one MLflow parent run.
+    """The whole chain: data_prep -> train -> evaluate as subflows, then the sft task, under one MLflow parent run.
 
     ``stages`` runs a subset (in pipeline order); ``pull`` first fetches whatever the DVC remote already has (a GPU
     host then skips the data prep a CPU host did), ``push`` sends every output back at the end.
@@ -225,6 +225,8 @@ def pipeline(root: str = ".", stages: list[str] | None = None, set_params: list[
             results += train(root=str(path), train_retries=train_retries, retry_delay=retry_delay, track=track)
         if "eval" in selected:
             results += evaluate(root=str(path), track=track)
+        if "sft" in selected:  # instruction tuning of the cpt model: one more task in this flow, on the GPU slot
+            results += _run_stages(["sft"], path)
     if push:
         dvc_push(str(path), [])
     create_markdown_artifact(markdown=_summary(results, path), key="cpt-pipeline",

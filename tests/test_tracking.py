@@ -222,3 +222,25 @@ def test_replay_cli_reports_what_it_did(project, capsys):
     assert tracking.main(["replay", "--root", str(layout.root)]) == 0  # params.yaml points at the live store
     out = capsys.readouterr().out
     assert out.startswith("ok ") and "replayed into run" in out
+
+
+def test_gate_promotes_a_model_under_its_own_registered_name(project, tmp_path):
+    """The sft stage registers its model under sft.model_name, through the same gate (cpt.ops.gate.promote)."""
+    layout, params = project
+    params = {**params, "tracking": {**params["tracking"], "model_name": f"m-{tmp_path.name[:30]}"}}
+    folder = tmp_path / "sft_model"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    (folder / "model.safetensors").write_bytes(b"\0" * 64)
+    m = {"base": {"sft_heldout_vi": {"bpb": 2.0, "bytes": 100, "domain": "new"},
+                  "en_x": {"bpb": 1.0, "bytes": 100, "domain": "old"}},
+         "cpt": {"sft_heldout_vi": {"bpb": 1.5, "bytes": 100, "domain": "new"},
+                 "en_x": {"bpb": 1.01, "bytes": 100, "domain": "old"}}}
+    name = f"s-{tmp_path.name[:30]}"
+    tr = tracking.for_stage("sft", params, layout)
+    d = gate.promote({**params, "gate": {"min_gain": 0.1, "max_forgetting": 0.05}}, m, tr, folder, name)
+    tr.close("FINISHED", {})
+    assert d["promoted"] and d["registered_model"] == name and d["version"] == "1"
+    c = client(params)
+    assert str(c.get_model_version_by_alias(name, "champion").version) == "1"
+    assert not c.search_model_versions(f"name='{params['tracking']['model_name']}'")

@@ -245,7 +245,8 @@ def test_training_path_imports_without_the_data_and_ops_stack():
     from training_stack import run_without_data_and_ops_stack
 
     proc = run_without_data_and_ops_stack(
-        "import cpt.stages.train, cpt.training.checkpoint, cpt.training.distributed, cpt.training.flops\nprint('ok')\n"
+        "import cpt.stages.train, cpt.training.checkpoint, cpt.training.distributed, cpt.training.flops\n"
+        "import cpt.stages.sft, cpt.sft.pipeline\nprint('ok')\n"  # the sft stage runs on the GPU box too
     )
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
 

@@ -203,15 +203,18 @@ def summary_metrics(decision: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def run(params: dict[str, Any], layout: Any, eval_metrics: dict[str, Any], tracker: Any) -> dict[str, Any]:
-    """Post-eval hook: champion lookup -> decision -> register -> alias -> metrics/gate.json. Tracking problems are
-    recorded in the decision, never raised (the eval results are already safe on disk)."""
+def promote(params: dict[str, Any], eval_metrics: dict[str, Any], tracker: Any, model_dir: Any,
+            model_name: str | None = None) -> dict[str, Any]:
+    """Champion lookup -> decision -> register ``model_dir`` as a new version of ``model_name`` (default: the
+    tracker's ``tracking.model_name``) -> alias. Tracking problems are recorded in the decision, never raised.
+    The eval hook below uses it for the CPT model; the sft stage for its own model under its own name."""
     cfg = gate_params(params)
-    champion, note, model_name, lookup_failed = None, None, None, False
+    champion, note, lookup_failed = None, None, False
     if not getattr(tracker, "active", False):
+        model_name = None
         note = "tracking off: champion comparison skipped, nothing registered"
     else:
-        model_name = tracker.model_name
+        model_name = model_name or tracker.model_name
         try:
             champion = tracker.get_alias(model_name, cfg["alias"])
             note = None if champion else f"no '{cfg['alias']}' for registered model '{model_name}' yet"
@@ -222,10 +225,11 @@ def run(params: dict[str, Any], layout: Any, eval_metrics: dict[str, Any], track
     decision["registered_model"] = model_name
     decision["version"] = None
     if getattr(tracker, "active", False):
+        other_name = {} if model_name == tracker.model_name else {"name": model_name}
         try:
             decision["version"] = tracker.register_model(
-                layout.model, tags={"cpt.gate.sources": candidate_sources(decision), "cpt.gate.reason": decision["reason"],
-                                    "cpt.gate.passed": decision["passed"]})
+                model_dir, tags={"cpt.gate.sources": candidate_sources(decision), "cpt.gate.reason": decision["reason"],
+                                 "cpt.gate.passed": decision["passed"]}, **other_name)
         except Exception as exc:  # noqa: BLE001
             decision["notes"].append(f"model registration failed ({type(exc).__name__}: {exc})")
         if decision["passed"] and decision["version"] is None:
@@ -243,9 +247,15 @@ def run(params: dict[str, Any], layout: Any, eval_metrics: dict[str, Any], track
     if getattr(tracker, "active", False):
         tracker.log_metrics(summary_metrics(decision))
         tracker.set_tags({"cpt.gate.promoted": decision["promoted"], "cpt.gate.reason": decision["reason"][:5000]})
-    write_json(layout.metrics_file("gate"), decision, sort_keys=True)
-    tracker.log_artifact(layout.metrics_file("gate"))
     level = logging.INFO if decision["passed"] else logging.WARNING
     verdict = "PROMOTED" if decision["promoted"] else ("passed" if decision["passed"] else "not promoted")
-    log.log(level, "gate: %s (%s)", verdict, decision["reason"])
+    log.log(level, "gate (%s): %s (%s)", model_name or "untracked", verdict, decision["reason"])
+    return decision
+
+
+def run(params: dict[str, Any], layout: Any, eval_metrics: dict[str, Any], tracker: Any) -> dict[str, Any]:
+    """Post-eval hook: ``promote`` the CPT model (data/models/cpt), then write ``metrics/gate.json``."""
+    decision = promote(params, eval_metrics, tracker, layout.model)
+    write_json(layout.metrics_file("gate"), decision, sort_keys=True)
+    tracker.log_artifact(layout.metrics_file("gate"))
     return decision

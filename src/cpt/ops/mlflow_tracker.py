@@ -132,8 +132,11 @@ class MlflowTracker(Tracker):
             sources = {}
         return {"version": str(version.version), "run_id": version.run_id, "sources": sources}
 
-    def register_model(self, path: str | Path, tags: dict[str, Any] | None = None) -> str | None:
-        """Log the HF model folder into this run (``model/``) and register it as a new version of ``model_name``."""
+    def register_model(self, path: str | Path, tags: dict[str, Any] | None = None,
+                       name: str | None = None) -> str | None:
+        """Log the HF model folder into this run (``model/``) and register it as a new version of ``name``
+        (default: ``tracking.model_name``; the sft stage registers its model under its own name)."""
+        name = name or self.model_name
         if not self.cfg["log_model"]:
             return None
         path = Path(path)
@@ -147,15 +150,16 @@ class MlflowTracker(Tracker):
             client = self._sink.client
             client.log_artifacts(self.run_id, str(path), "model")
             try:
-                client.create_registered_model(self.model_name, description="cpt continually pretrained models; "
-                                               "alias 'champion' = the version that passed the promotion gate")
+                client.create_registered_model(name, description="cpt models (tracking.model_name: continually "
+                                               "pretrained; sft.model_name: instruction-tuned); alias 'champion' = "
+                                               "the version that passed the promotion gate")
             except MlflowException as exc:
                 if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
             source = client.get_run(self.run_id).info.artifact_uri.rstrip("/") + "/model"
             tag_strs = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (tags or {}).items()}
-            version = client.create_model_version(self.model_name, source, run_id=self.run_id, tags=tag_strs)
-        self.set_tags({"cpt.registered_model": f"{self.model_name}/{version.version}"})
+            version = client.create_model_version(name, source, run_id=self.run_id, tags=tag_strs)
+        self.set_tags({"cpt.registered_model": f"{name}/{version.version}"})
         return str(version.version)
 
     def set_alias(self, name: str, alias: str, version: str) -> None:

@@ -41,7 +41,8 @@ class Tracker:
     def get_alias(self, name: str, alias: str) -> dict[str, Any] | None:  # noqa: D102
         return None
 
-    def register_model(self, path: str | Path, tags: dict[str, Any] | None = None) -> str | None:  # noqa: D102
+    def register_model(self, path: str | Path, tags: dict[str, Any] | None = None,  # noqa: D102
+                       name: str | None = None) -> str | None:
         return None
 
     def set_alias(self, name: str, alias: str, version: str) -> None:  # noqa: D102

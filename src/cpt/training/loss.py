@@ -10,6 +10,10 @@ materialising logits (bench/bench_train_gpu.py).
 
 ``CausalLMLoss`` wraps any HF ``*ForCausalLM`` so that ``forward(input_ids, targets)`` returns the summed token loss
 and the per-token losses. It is the module that DDP / FSDP / torch.compile wrap, so one forward = one graph.
+
+Targets equal to ``IGNORE_INDEX`` (-100, torch's convention) add no loss and no gradient: the sft stage trains on
+assistant tokens only. ``position_ids`` (optional) reach the model: sft packs several conversations into one row
+with positions restarting at 0, from which transformers builds the block-diagonal attention mask.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+IGNORE_INDEX = -100
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -30,20 +36,25 @@ class _LinearCrossEntropy(torch.autograd.Function):
         losses = torch.empty(n, dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty_like(hidden) if with_grad else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if with_grad else None
+        valid_all = targets != IGNORE_INDEX
+        safe_targets = targets.clamp_min(0)
         for start in range(0, n, chunk_size):
             end = min(n, start + chunk_size)
             h = h_all[start:end]
-            tgt = targets[start:end]
+            tgt = safe_targets[start:end]
+            valid = valid_all[start:end]
             logits = (h @ w.t()).float()
             lse = torch.logsumexp(logits, dim=-1)
-            losses[start:end] = lse - logits.gather(1, tgt[:, None]).squeeze(1)
+            losses[start:end] = (lse - logits.gather(1, tgt[:, None]).squeeze(1)).masked_fill(~valid, 0.0)
             if with_grad:
-                # d(sum CE)/d logits = softmax - onehot, formed in place over the chunk's logits.
+                # d(sum CE)/d logits = softmax - onehot, formed in place over the chunk's logits. Ignored rows are
+                # zeroed on the (chunk, d) side, never on the (chunk, vocab) logits: masking costs O(chunk x d).
                 probs = logits.sub_(lse[:, None]).exp_()
                 probs[torch.arange(end - start, device=probs.device), tgt] -= 1.0
                 g = probs.to(compute_dtype)
-                grad_h[start:end] = (g @ w).to(hidden.dtype)  # type: ignore[index]
-                grad_w += (g.t() @ h).float()  # type: ignore[operator]
+                keep = valid.to(compute_dtype)[:, None]
+                grad_h[start:end] = ((g @ w) * keep).to(hidden.dtype)  # type: ignore[index]
+                grad_w += (g.t() @ (h * keep)).float()  # type: ignore[operator]
         if with_grad:
             ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))  # type: ignore[union-attr]
         ctx.mark_non_differentiable(losses)
@@ -72,7 +83,8 @@ def linear_cross_entropy(
 
 
 class CausalLMLoss(nn.Module):
-    """``forward(input_ids (B, T), targets (B, T)) -> (loss_sum, token_losses (B, T))`` for an HF causal LM."""
+    """``forward(input_ids (B, T), targets (B, T), position_ids=None) -> (loss_sum, token_losses (B, T))`` for an HF
+    causal LM; IGNORE_INDEX targets count 0."""
 
     def __init__(self, model: nn.Module, chunk_size: int = 4096, fused: bool = True):
         super().__init__()
@@ -84,16 +96,18 @@ class CausalLMLoss(nn.Module):
         softcap = getattr(model.config, "final_logit_softcapping", None)
         self.fused = fused and isinstance(head, nn.Linear) and head.bias is None and not softcap
 
-    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.fused:
-            hidden = self.model.base_model(input_ids=input_ids, use_cache=False)[0]
+            hidden = self.model.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False)[0]
             head = self.model.get_output_embeddings()
             total, losses = linear_cross_entropy(
                 hidden.flatten(0, 1), head.weight, targets.flatten(), chunk_size=self.chunk_size
             )
         else:
-            logits = self.model(input_ids=input_ids, use_cache=False).logits
-            losses = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
+            logits = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+            losses = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none",
+                                     ignore_index=IGNORE_INDEX)
             total = losses.sum()
             losses = losses.detach()
         return total, losses.view_as(targets)

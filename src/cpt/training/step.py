@@ -4,6 +4,10 @@ Shared by the ``train`` stage and bench/bench_train_gpu.py, so the benchmark mea
 The loss is the mean over every target token of the GLOBAL batch: each rank back-propagates its token-loss sum
 divided by its own token count, and DDP / FSDP average over ranks, so 1 process x 4 sequences and 2 processes x 2
 sequences give the same gradient (all blocks have the same length, so there is no padding to weigh).
+Targets equal to ``IGNORE_INDEX`` (sft's prompt tokens and padding) are not counted: the mean is over trained tokens,
+and since ranks then hold different counts, each rank divides by the global count / world size (all-reduced first),
+so the averaged gradient is still the global per-token mean (for pretraining that is each rank's own count: the
+same division as before, bit for bit).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from torch import nn
 
 from cpt.device import autocast
 from cpt.training import distributed, optim
+from cpt.training.loss import IGNORE_INDEX
 
 
 class NonFiniteLoss(RuntimeError):
@@ -37,7 +42,7 @@ class StepResult:
 def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
+    micro_batches: list[tuple[torch.Tensor, ...]],
     *,
     device: torch.device,
     amp_dtype: torch.dtype | None,
@@ -45,15 +50,20 @@ def train_step(
     clip_params: list[nn.Parameter],
     embed_only: bool = False,
 ) -> StepResult:
-    """``micro_batches``: this rank's (inputs, targets) pairs, int64 (B, T), already on ``device``."""
-    local_tokens = sum(t.numel() for _, t in micro_batches)
+    """``micro_batches``: this rank's (inputs, targets[, position_ids]) tuples, int64 (B, T), already on ``device``
+    (the tuple is the model's positional arguments)."""
+    local_tokens = int(sum((b[1] != IGNORE_INDEX).sum() for b in micro_batches))
+    counts = distributed.all_reduce_sum(torch.tensor(float(local_tokens), dtype=torch.float64, device=device))
+    dist = torch.distributed
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    per_rank = max(1.0, float(counts) / world)
     total = torch.zeros((), dtype=torch.float64, device=device)
     token_losses = []
-    for i, (inputs, targets) in enumerate(micro_batches):
+    for i, batch in enumerate(micro_batches):
         with distributed.no_sync(model, last_micro=i == len(micro_batches) - 1):
             with autocast(device, amp_dtype):
-                loss_sum, losses = model(inputs, targets)
-            (loss_sum / local_tokens).backward()
+                loss_sum, losses = model(*batch)
+            (loss_sum / per_rank).backward()
         total += loss_sum.detach().double()
         token_losses.append(losses.detach())
     stats = torch.stack([total, torch.tensor(float(local_tokens), dtype=torch.float64, device=device)])
@@ -72,14 +82,14 @@ def train_step(
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches, *, device: torch.device, amp_dtype: torch.dtype | None) -> tuple[float, int]:
-    """(summed token loss, tokens) over ``batches`` of (inputs, targets), summed over ranks."""
+    """(summed token loss, tokens) over ``batches`` of (inputs, targets[, position_ids]), summed over ranks."""
     total = torch.zeros((), dtype=torch.float64, device=device)
-    tokens = 0
-    for inputs, targets in batches:
+    tokens = torch.zeros((), dtype=torch.float64, device=device)
+    for batch in batches:
         with autocast(device, amp_dtype):
-            loss_sum, _ = model(inputs, targets)
+            loss_sum, _ = model(*batch)
         total += loss_sum.double()
-        tokens += targets.numel()
-    stats = torch.stack([total, torch.tensor(float(tokens), dtype=torch.float64, device=device)])
+        tokens += (batch[1] != IGNORE_INDEX).sum()
+    stats = torch.stack([total, tokens])
     distributed.all_reduce_sum(stats)
     return float(stats[0]), int(stats[1])

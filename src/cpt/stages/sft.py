@@ -1,0 +1,107 @@
+"""Stage ``sft``: instruction-tune the continually pretrained model (the third step of the Vistral recipe).
+
+Reads data/models/cpt (model + extended tokenizer), the instruction files of ``sft.sources`` (under
+``ingest.corpus_dir``) and data/clean's ``role: eval`` documents (decontamination); writes data/sft/ (the cleaned
+conversations, quarantine, the chat tokenizer), data/models/sft (HF folder: AutoModelForCausalLM + AutoTokenizer with
+``chat_template`` set), data/sft_checkpoints/ (resumable), reports/sft/ and metrics/sft.json. The work lives in
+``cpt.sft`` (data, template, packing, loop, evaluate); the training parts are train's own (``cpt.training``).
+
+Loss on assistant tokens only; conversations packed with position-id resets (attention never crosses two
+conversations); English instructions replayed (``replay_ratio``: share of training rows from ``domain: old``
+sources); the LR schedule, checkpoints and exact resume are train's. docs/sft.md has the why of each choice.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from cpt.errors import ConfigError
+from cpt.layout import Layout
+from cpt.params import section, stage_config, with_defaults
+from cpt.training.schedule import SCHEDULES
+
+DEFAULTS: dict[str, Any] = {
+    "model": "data/models/cpt",  # the CPT model to tune (HF folder + tokenizer)
+    "out": "data/models/sft",
+    "chat_template": "auto",  # auto (the model's own, else cpt's default) | default | path/to/template.jinja
+    "model_name": "cpt-sft",  # registered model name (MLflow)
+    "sources": [],
+    "eval_fraction": 0.15,
+    "max_eval": 80,
+    "max_length": 256,
+    "decontam": {"enabled": True, "word_ngram": 13, "char_ngram": 25},
+    "replay_ratio": 0.25,
+    "steps": 30,
+    "micro_batch": 8,
+    "grad_accum": 1,
+    "lr": 3.0e-3,
+    "min_lr": 3.0e-4,
+    "warmup": 0.1,
+    "schedule": "cosine",
+    "decay_fraction": 0.2,
+    "embed_lr_mult": 1.0,
+    "weight_decay": 0.0,
+    "betas": [0.9, 0.95],
+    "grad_clip": 1.0,
+    "eval_interval": 10,
+    "ckpt_interval": 20,
+    "keep_checkpoints": 2,
+    "resume": True,
+    "parallel": "ddp",
+    "device": "auto",
+    "dtype": "auto",
+    "compile": False,
+    "activation_checkpointing": False,
+    "loss_chunk": 4096,
+    "log_interval": 10,
+    "threads": None,
+    "plain_eval": {"sources": None, "max_docs": 50, "max_bytes": 10000, "heldout": "data/shards/heldout.jsonl",
+                   "max_length": 1024, "stride": 768, "batch_size": 8},
+    "samples": {"max_new_tokens": 48, "temperature": 0.8, "top_p": 0.95,
+                "prompts": {"vi": ["Hà Nội là thủ đô của nước nào?"], "en": ["Give three tips for staying healthy."]}},
+    "gate": {"min_gain": 0.02, "max_forgetting": 0.05, "champion_min_gain": None, "champion_max_forgetting": None,
+             "alias": "champion"},
+}
+
+
+def config(params: dict) -> dict[str, Any]:
+    cfg = stage_config(params, "sft", DEFAULTS)
+    for sub in ("decontam", "plain_eval", "samples", "gate"):
+        cfg[sub] = with_defaults(f"sft.{sub}", cfg[sub], DEFAULTS[sub])
+    for key in ("steps", "micro_batch", "grad_accum", "eval_interval", "ckpt_interval", "log_interval", "loss_chunk",
+                "max_length"):
+        if not isinstance(cfg[key], int) or cfg[key] < 1:
+            raise ConfigError(f"params.yaml: sft.{key}={cfg[key]!r} must be an integer >= 1")
+    for key, lo, hi in (("replay_ratio", 0.0, 1.0), ("eval_fraction", 0.0, 0.9), ("warmup", 0.0, 0.99)):
+        if not lo <= float(cfg[key]) <= hi:
+            raise ConfigError(f"params.yaml: sft.{key}={cfg[key]} must be in [{lo}, {hi}]")
+    if cfg["schedule"] not in SCHEDULES:
+        raise ConfigError(f"params.yaml: sft.schedule={cfg['schedule']!r}: expected one of {SCHEDULES}")
+    if float(cfg["min_lr"]) > float(cfg["lr"]):
+        raise ConfigError(f"params.yaml: sft.min_lr={cfg['min_lr']} > sft.lr={cfg['lr']}")
+    if cfg["resume"] not in (True, False, "force"):
+        raise ConfigError(f"params.yaml: sft.resume={cfg['resume']!r}: expected true, false or force")
+    cfg["embed_only_steps"] = 0  # train's schedule function reads it; sft has no embeddings-only phase
+    return cfg
+
+
+def run(params: dict, layout: Layout) -> dict:
+    from cpt.sft import pipeline
+    from cpt.training import distributed
+
+    cfg = config(params)
+    seed = int(params.get("seed", 0))
+    info, device = distributed.setup(cfg["device"])
+    deterministic_before, threads_before = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True)  # CPU runs are bit-reproducible (exact resume is tested there)
+    if cfg["threads"]:
+        torch.set_num_threads(int(cfg["threads"]))
+    try:
+        return pipeline.run(cfg, seed, layout, params, info, device, given=set(section(params, "sft")))
+    finally:
+        torch.use_deterministic_algorithms(deterministic_before)
+        torch.set_num_threads(threads_before)
+        distributed.teardown(info)
