@@ -1,4 +1,4 @@
-"""Stage ``ingest``: read the configured sources into ``data/raw/<source>.jsonl`` (document records).
+"""Stage ``ingest``: read the configured sources into ``data/raw/<source>/part-NNNNN.jsonl.zst`` shards (records).
 
 Every source is checked before any work (a missing file, an unknown format or a bad key is a ConfigError/DataError
 naming the source), so a typo in params.yaml fails in a second instead of after minutes of reading. Then each
@@ -20,17 +20,18 @@ from __future__ import annotations
 
 import hashlib
 import heapq
-import json
 import logging
 import shutil
 from collections import Counter
-from pathlib import Path
 from typing import Any, Iterator
 
+from cpt.data import engine
+from cpt.data.engine import Engine
 from cpt.data.records import ROLES, SourceInfo, write_manifest
+from cpt.data.shardio import ShardedWriter
 from cpt.data.sources import DEFAULT_CORPUS_DIR, Reject, Source, iter_source, parse_sources
 from cpt.errors import DataError
-from cpt.io import atomic_open, write_jsonl
+from cpt.io import replace_dir, write_jsonl
 from cpt.layout import Layout
 from cpt.params import section
 from cpt.progress import progress
@@ -40,6 +41,7 @@ log = logging.getLogger("cpt.stages.ingest")
 DEFAULTS: dict[str, Any] = {
     "corpus_dir": DEFAULT_CORPUS_DIR,
     "sources": [],
+    "shard_mb": 32,  # uncompressed JSONL per shard: the unit of work of clean and validate (cpt.data.shardio)
 }
 
 
@@ -53,8 +55,16 @@ def _sample_key(seed: int, doc_id: str) -> bytes:
     return hashlib.blake2b(f"{seed}:{doc_id}".encode(), digest_size=8).digest()
 
 
-def ingest_source(src: Source, out_file: Path, seed: int, rejects: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stream one source into its JSONL file; rejected records are appended to ``rejects``."""
+def ingest_task(src: Source, out_dir: str, seed: int, shard_bytes: int) -> tuple[dict[str, Any], list[dict], list[dict]]:
+    """One source as an engine task: (stats, rejects, shards)."""
+    rejects: list[dict[str, Any]] = []
+    writer = ShardedWriter(out_dir, shard_bytes)
+    stats = ingest_source(src, writer, seed, rejects)
+    return stats, rejects, writer.shards
+
+
+def ingest_source(src: Source, writer: ShardedWriter, seed: int, rejects: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stream one source into its shards; rejected records are appended to ``rejects``."""
     reasons: Counter[str] = Counter()
     seen_ids: set[str] = set()
     kept: list[tuple[bytes, int, dict]] = []  # uniform sampling: a heap of (-key, order, record), bounded by max_docs
@@ -101,12 +111,11 @@ def ingest_source(src: Source, out_file: Path, seed: int, rejects: list[dict[str
 
     n_docs = 0
     n_bytes = 0
-    with atomic_open(out_file) as fh:
-        for rec in rows:
-            fh.write(json.dumps(rec, ensure_ascii=False))
-            fh.write("\n")
-            n_docs += 1
-            n_bytes += len(rec["text"].encode("utf-8"))
+    for rec in rows:
+        writer.write(rec)
+        n_docs += 1
+        n_bytes += len(rec["text"].encode("utf-8"))
+    writer.close()
     if n_docs == 0:
         raise DataError(f"ingest source {src.name!r}: no valid documents ({dict(reasons) or 'empty input'})")
     return {"docs": n_docs, "bytes": n_bytes, "candidates": n_valid, "rejected": dict(sorted(reasons.items())),
@@ -118,21 +127,27 @@ def run(params: dict[str, Any], layout: Layout) -> dict[str, Any]:
     seed = int(params.get("seed", 0))
     sources = parse_sources(cfg, layout)  # every check before any work
 
-    if layout.raw.exists():
-        shutil.rmtree(layout.raw)  # our output folder: no stale source files from an earlier source list
-    layout.raw.mkdir(parents=True)
+    shard_bytes = int(float(cfg["shard_mb"]) * 1024 * 1024)
+    # Built in a sibling folder and swapped in whole: a killed run never leaves a half-written data/raw.
+    tmp = layout.raw.with_name(f".{layout.raw.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
 
     rejects: list[dict[str, Any]] = []
     infos: list[SourceInfo] = []
     by_source: dict[str, Any] = {}
-    for src in sources:
-        stats = ingest_source(src, layout.raw / f"{src.name}.jsonl", seed, rejects)
+    with Engine(engine.config(params)) as eng:  # one task per source, results in source order
+        results = eng.map(ingest_task, [(src, str(tmp / src.name), seed, shard_bytes) for src in sources],
+                          name="ingest")
+    for src, (stats, src_rejects, shards) in zip(sources, results):
         by_source[src.name] = stats
-        infos.append(SourceInfo(src.name, src.lang, src.domain, src.role, f"{src.name}.jsonl", stats["docs"]))
-        log.info("%s: %d docs, %.1f MB, %d rejected", src.name, stats["docs"], stats["bytes"] / 1e6,
-                 sum(stats["rejected"].values()))
-    write_jsonl(layout.raw / "rejects.jsonl", rejects)
-    write_manifest(layout.raw, infos)
+        rejects.extend(src_rejects)
+        infos.append(SourceInfo(src.name, src.lang, src.domain, src.role, src.name, stats["docs"], tuple(shards)))
+        log.info("%s: %d docs, %.1f MB in %d shards, %d rejected", src.name, stats["docs"], stats["bytes"] / 1e6,
+                 len(shards), sum(stats["rejected"].values()))
+    write_jsonl(tmp / "rejects.jsonl", rejects)
+    write_manifest(tmp, infos)
+    replace_dir(tmp, layout.raw)
 
     reasons: Counter[str] = Counter()
     for s in by_source.values():
