@@ -10,7 +10,11 @@ sentences as an eval source for decontamination. Each stage runs as ``python -m 
   accounting of the reaped process tree, so no peak is missed between samples);
 - ``peak_tree_mb``: the largest sum over the stage's processes, sampled every 0.1 s;
 - ``cpu_seconds``: user + system time of all the stage's processes (on a shared box, wall time depends on the other
-  jobs; the load average at the end of each stage is recorded beside it).
+  jobs; the load average at the end of each stage is recorded beside it);
+- ``task_cpu_s`` / ``driver_cpu_s`` / ``ideal_wall_s``: the engine's accounting (``cpt.data.engine``): CPU seconds of
+  the tasks and of the driver, and the wall time the stage's engine part would take on ``workers`` idle cores
+  (driver + each map's makespan of the measured task times). ``ideal_speedup_2_vs_1`` compares those: on a machine
+  whose cores are taken by other jobs, it is the measurable form of the 2-worker speed-up.
 
 ``shards`` needs a tokenizer: a 4k-piece SentencePiece BPE trained here on 20k pool sentences (seconds).
 
@@ -189,6 +193,10 @@ def main() -> None:
                     metrics = json.loads(mfile.read_text()) if mfile.exists() else {}
                     row = {"gb": gb, "stage": stage, "workers": w, **r,
                            "input_mb": round(sum(f.stat().st_size for f in corpus.glob("*.jsonl")) / 1e6)}
+                    if "engine" in metrics:  # CPU accounting of the stage's engine (see cpt.data.engine.Engine)
+                        e = metrics["engine"]
+                        row.update(task_cpu_s=e["task_cpu_s"], driver_cpu_s=e["driver_cpu_s"],
+                                   ideal_wall_s=e["ideal_wall_s"])
                     if stage == "clean":
                         row["metrics"] = {k: metrics.get(k) for k in ("docs_in", "docs_out", "exact_duplicates",
                                                                         "near_duplicates", "timings")}
@@ -200,17 +208,19 @@ def main() -> None:
     finally:
         if args.tmp is None:
             shutil.rmtree(scratch, ignore_errors=True)
-    speedups = {}
+    speedups, ideal = {}, {}
     for gb in args.sizes:
         for stage in args.stages:
-            t = {r["workers"]: r["seconds"] for r in rows if r["gb"] == gb and r["stage"] == stage}
-            if 1 in t and 2 in t:
-                speedups[f"{gb}GB/{stage}"] = round(t[1] / t[2], 2)
-    result = {"rows": rows, "speedup_2_vs_1": speedups, "projection": projection(rows) if rows else {},
+            sel = {r["workers"]: r for r in rows if r["gb"] == gb and r["stage"] == stage}
+            if 1 in sel and 2 in sel:
+                speedups[f"{gb}GB/{stage}"] = round(sel[1]["seconds"] / sel[2]["seconds"], 2)
+                if "ideal_wall_s" in sel[2]:
+                    ideal[f"{gb}GB/{stage}"] = round(sel[1]["ideal_wall_s"] / sel[2]["ideal_wall_s"], 2)
+    result = {"rows": rows, "speedup_2_vs_1": speedups, "ideal_speedup_2_vs_1": ideal, "projection": projection(rows) if rows else {},
               "machine": {"cores": os.cpu_count(), "load_avg_at_end": os.getloadavg()}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps({"speedup_2_vs_1": speedups, "projection": result["projection"]}, indent=1))
+    print(json.dumps({k: result[k] for k in ("speedup_2_vs_1", "ideal_speedup_2_vs_1", "projection")}, indent=1))
 
 
 if __name__ == "__main__":

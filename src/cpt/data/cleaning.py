@@ -186,7 +186,7 @@ def clean_corpus(cfg: dict[str, Any], seed: int, layout: Layout, engine: EngineC
     timings["write"] = time.perf_counter() - t3
     replace_dir(tmp, layout.clean)
     shutil.rmtree(work, ignore_errors=True)
-    metrics.update(eval_ngrams=eval_ngrams, near_dedup=near_info,
+    metrics.update(eval_ngrams=eval_ngrams, near_dedup=near_info, engine=eng.summary(),
                    timings={**{k: round(v, 3) for k, v in timings.items()},
                             **{f"workers_{k}": round(v, 3) for k, v in sorted(worker.items())}})
     log.info("%d -> %d docs (%.1f -> %.1f MB); rejected %s, exact dups %d, near dups %d, decontaminated %d",

@@ -17,8 +17,10 @@ worker count.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import os
+import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -67,14 +69,44 @@ def config(params: dict[str, Any]) -> EngineConfig:
     return EngineConfig(cfg["kind"], workers, cfg["address"] or None, int(cfg["max_retries"]))
 
 
+def _timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
+    """Run one task and measure the CPU seconds it took in its worker."""
+    c0 = time.process_time()
+    out = fn(*args)
+    return out, time.process_time() - c0
+
+
+def makespan(cpu: list[float], workers: int) -> float:
+    """The finish time of ``cpu`` tasks handed out in order to the first free of ``workers`` (as the pool does)."""
+    free = [0.0] * min(workers, max(1, len(cpu)))
+    for c in cpu:
+        heapq.heappush(free, heapq.heappop(free) + c)
+    return max(free)
+
+
 class Engine:
-    """``with Engine(cfg) as eng: results = eng.map(fn, args_list, name="clean: pass 1")``."""
+    """``with Engine(cfg) as eng: results = eng.map(fn, args_list, name="clean: pass 1")``.
+
+    ``summary()`` accounts the CPU seconds of every task and of the driver, and the ideal wall time on ``workers``
+    idle cores (driver + each map's makespan): on a shared machine, where the wall clock measures the neighbours, the
+    CPU accounting is what shows how the work divides (bench/bench_scale.py reports both)."""
 
     def __init__(self, cfg: EngineConfig | None = None) -> None:
         self.cfg = cfg or EngineConfig()
         self._pool: ProcessPoolExecutor | None = None
         self._ray: Any = None
         self._ray_started = False
+        self._cpu0 = time.process_time()
+        self._maps: list[dict[str, Any]] = []
+        self._inproc_cpu = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        task_cpu = sum(m["task_cpu_s"] for m in self._maps)
+        driver = time.process_time() - self._cpu0 - self._inproc_cpu
+        ideal = driver + sum(m["makespan_s"] for m in self._maps)
+        return {"kind": self.cfg.kind, "workers": self.cfg.workers, "tasks": sum(m["tasks"] for m in self._maps),
+                "task_cpu_s": round(task_cpu, 2), "driver_cpu_s": round(driver, 2),
+                "ideal_wall_s": round(ideal, 2), "maps": self._maps}
 
     def __enter__(self) -> "Engine":
         return self
@@ -88,14 +120,20 @@ class Engine:
 
     def map(self, fn: Callable[..., Any], tasks: Sequence[tuple], name: str = "task") -> list[Any]:
         """``[fn(*t) for t in tasks]``, run on the engine, results in task order."""
-        tasks = list(tasks)
+        tasks = [(fn, *t) for t in tasks]
         if not tasks:
             return []
         if self.cfg.kind == "ray":
-            return self._map_ray(fn, tasks, name)
-        if self.cfg.workers == 1 or len(tasks) == 1:
-            return [fn(*t) for t in tasks]
-        return self._map_local(fn, tasks, name)
+            timed = self._map_ray(_timed, tasks, name)
+        elif self.cfg.workers == 1 or len(tasks) == 1:
+            timed = [_timed(*t) for t in tasks]
+            self._inproc_cpu += sum(c for _, c in timed)
+        else:
+            timed = self._map_local(_timed, tasks, name)
+        cpu = [c for _, c in timed]
+        self._maps.append({"name": name, "tasks": len(cpu), "task_cpu_s": round(sum(cpu), 2),
+                           "makespan_s": round(makespan(cpu, self.cfg.workers), 2)})
+        return [r for r, _ in timed]
 
     # -- local process pool
     def _map_local(self, fn: Callable[..., Any], tasks: list[tuple], name: str) -> list[Any]:
@@ -112,8 +150,8 @@ class Engine:
                 self._pool.shutdown(wait=False, cancel_futures=True)
                 self._pool = None
                 raise EngineError(
-                    f"{name}: a worker process died (killed or out of memory) while task {i + 1} of {len(tasks)} "
-                    f"ran; nothing was written to the stage's output. Rerun the stage (fewer engine.workers if "
+                    f"{name}: a worker process died (killed or out of memory) by task {i + 1} of {len(tasks)} "
+                    f"(that one or one running beside it); nothing was written to the stage's output. Rerun the stage (fewer engine.workers if "
                     f"memory ran out)."
                 ) from exc
         return out

@@ -158,6 +158,7 @@ def run(params: dict[str, Any], layout: Layout) -> dict[str, Any]:
         "bytes": sum(s["bytes"] for s in by_source.values()),
         "rejected": sum(reasons.values()),
         "rejected_by_reason": dict(sorted(reasons.items())),
+        "engine": eng.summary(),
         "docs_by_role": {r: sum(s["docs"] for s in by_source.values() if s["role"] == r) for r in ROLES},
         "by_source": by_source,
     }

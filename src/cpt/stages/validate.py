@@ -97,6 +97,7 @@ def run(params: dict[str, Any], layout: Layout) -> dict[str, Any]:
     metrics = {
         "success": not failed,
         "docs": n_docs,
+        "engine": eng.summary(),
         "sources": int(len(per_source)),
         "evaluated": len(results),
         "failed": len(failed),
