@@ -183,3 +183,43 @@ def test_two_node_ray_cluster_on_loopback_matches_local(one_worker, tmp_path, co
     assert _digest(Layout(root).clean) == _digest(layout1.clean)
     assert _digest(Layout(root).raw) == _digest(layout1.raw)
     assert (Layout(root).data / "killed-once").exists()  # the worker did die, and the retried task finished
+
+
+def test_staged_near_dedup_equals_the_one_process_union_find(tmp_path):
+    """Signatures split over 3 shards, LSH per band on disk, verify + connected components == dedup.near_duplicates,
+    including a bucket of 25 near-copies (more pairs than max_bucket_pairs: first + consecutive pairs only) and
+    documents without a signature (contaminated) left out."""
+    import numpy as np
+
+    from cpt.data import dedup
+    from cpt.data.cleanwork import band_keys
+    from cpt.data.dedup_staged import SignatureStore, band_pairs, verify_and_cluster
+
+    rng = np.random.default_rng(0)
+    n, perm, bands, rows = 300, 128, 18, 7
+    sig = rng.integers(0, 2**32 - 1, size=(n, perm), dtype=np.uint32)
+    for i in range(1, 25):  # 25 near-copies of doc 10, each with a few permutations changed
+        sig[10 + i * 7] = sig[10]
+        sig[10 + i * 7, rng.choice(perm, size=int(rng.integers(0, 40)), replace=False)] = rng.integers(0, 2**31)
+    sig[250], sig[260] = sig[5], sig[5]  # an exact-signature cluster
+    sig[260, :20] = 1
+    sig[270] = 0xFFFFFFFF  # no signature (contaminated / no tokens)
+    want = dedup.near_duplicates(sig, bands, rows, threshold=0.8, seed=3)
+
+    work = tmp_path / "work"
+    keys, g0 = [], []
+    for k, (a, b) in enumerate([(0, 100), (100, 180), (180, n)]):
+        keys.append(f"src/{k:05d}")
+        g0.append(a)
+        keep = ~(sig[a:b] == 0xFFFFFFFF).all(axis=1)
+        for name, arr in (("sig", sig[a:b][keep]), ("sig_g", np.arange(a, b)[keep]),
+                          ("bands", band_keys(sig[a:b][keep], bands, rows, 3))):
+            (work / name / "src").mkdir(parents=True, exist_ok=True)
+            np.save(work / name / f"{keys[-1]}.npy", arr)
+    np.save(work / "exact_dups.npy", np.zeros(0, np.int64))
+    for b in range(bands):
+        band_pairs(str(work), b, keys, str(work / "exact_dups.npy"))
+    got = verify_and_cluster(str(work), bands, SignatureStore(str(work), keys, g0), perm, 0.8)
+    assert got["dup"].tolist() == want.duplicates.tolist() and len(got["dup"]) > 15
+    assert got["root"].tolist() == want.root[want.duplicates].tolist()
+    assert (got["candidate_pairs"], got["verified_pairs"]) == (want.candidate_pairs, want.verified_pairs)
