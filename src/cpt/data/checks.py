@@ -69,15 +69,21 @@ def _repeated(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
 
 
 def corpus_flags(files: list[str]) -> dict[str, np.ndarray]:
-    """The cross-shard checks, from the hash columns only (33 bytes per document): ``id_repeated`` (an id seen
+    """The cross-shard checks, from the hash columns only (34 bytes per document): ``id_repeated`` (an id seen
     twice anywhere), ``train_text_repeated`` (two training documents with one text), ``eval_text_in_train``."""
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    t = [pq.read_table(f, columns=["role", "text_ok", "h_hi", "h_lo", "id_hi", "id_lo"]) for f in files]
-    col = {c: np.concatenate([x[c].to_numpy(zero_copy_only=False) for x in t]) if t else np.zeros(0)
-           for c in ("role", "text_ok", "h_hi", "h_lo", "id_hi", "id_lo")}
-    train = (col["role"] == "train") & col["text_ok"].astype(bool)
-    evals = (col["role"] == "eval") & col["text_ok"].astype(bool)
+    parts: dict[str, list[np.ndarray]] = {c: [] for c in ("train", "eval", "h_hi", "h_lo", "id_hi", "id_lo")}
+    for f in files:  # numbers only: the role strings become two boolean columns as each file is read
+        x = pq.read_table(f, columns=["role", "text_ok", "h_hi", "h_lo", "id_hi", "id_lo"])
+        ok = x["text_ok"].to_numpy(zero_copy_only=False).astype(bool)
+        for role in ("train", "eval"):
+            parts[role].append(pc.equal(x["role"], role).fill_null(False).to_numpy(zero_copy_only=False) & ok)
+        for c in ("h_hi", "h_lo", "id_hi", "id_lo"):
+            parts[c].append(x[c].to_numpy().astype(np.uint64))
+    col = {c: np.concatenate(v) if v else np.zeros(0, np.uint64) for c, v in parts.items()}
+    train, evals = col["train"].astype(bool), col["eval"].astype(bool)
     id_rep = _repeated(col["id_hi"].astype(np.uint64), col["id_lo"].astype(np.uint64))
     text_rep = np.zeros(len(train), dtype=bool)
     ti = np.flatnonzero(train)
