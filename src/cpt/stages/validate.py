@@ -4,7 +4,7 @@ Two batches, two suites:
 
 * ``clean_docs`` — one row per cleaned document, of statistics only, never the text (``cpt.data.checks``): every
   clean shard is read by an engine task that writes its rows (id, source, lang, role, n_chars, is_nfc,
-  script_ratio, 128-bit text and id hashes) to a parquet file; the corpus-wide checks sort the hash columns (33 bytes
+  script_ratio, 128-bit text and id hashes) to a parquet file; the corpus-wide checks sort the hash columns (34 bytes
   per document) into three flags, and the frame is validated in chunks of ``validate.chunk_docs`` rows, so memory
   does not grow with the corpus. Expectations: text not null / not empty, ids unique, roles and domains known, NFC,
   per-language length bounds and script ratio for training documents (the bounds of ``clean.filters``, so the gate
