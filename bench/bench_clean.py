@@ -33,7 +33,7 @@ from cpt.data import dedup  # noqa: E402
 from cpt.stages import clean  # noqa: E402
 from cpt.io import read_jsonl, write_json, write_jsonl  # noqa: E402
 from cpt.layout import Layout  # noqa: E402
-from cpt.data.records import SourceInfo, write_manifest  # noqa: E402
+from cpt.data.records import SourceInfo, iter_docs, write_manifest  # noqa: E402
 
 
 def cpu_seconds() -> float:
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
 
     docs = load_viwiki(args.corpora, args.docs, args.sample, args.seed)
     mb_in = sum(len(d["text"].encode()) for d in docs) / 1e6
-    params = {"seed": args.seed, "clean": {"decontam": {"enabled": False}}}
+    params = {"seed": args.seed, "clean": {"decontam": {"enabled": False}}, "engine": {"workers": 1}}  # one core
     dd = {**clean.DEFAULTS["dedup"]}
     bands, rows = dedup.lsh_params(dd["lsh_threshold"], dd["num_perm"])
 
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         t_stage, metrics, layout = run_cpt_stage(docs, work, params)
         # the documents that reached near-dedup: kept + near-duplicates, in input order
         quarantine = {r["id"]: r["reason"] for r in read_jsonl(layout.clean / "quarantine.jsonl")}
-        kept_ids = {d["id"] for d in read_jsonl(layout.clean / "viwiki.jsonl")}
+        kept_ids = {d["id"] for d in iter_docs(layout.clean, name="viwiki")}
         normalised = {}
         from cpt.data import textnorm
 

@@ -16,7 +16,7 @@ from cpt.stages import clean
 from cpt.errors import ConfigError
 from cpt.io import read_jsonl, write_jsonl
 from cpt.layout import Layout
-from cpt.data.records import SourceInfo, read_manifest, write_manifest
+from cpt.data.records import SourceInfo, iter_docs, read_manifest, write_manifest
 
 # Real viwiki articles (line numbers in viwiki.jsonl.gz): templated commune stubs of Bắc Yên district, year stubs
 # of the form "Năm N là một năm trong lịch Julius", and ordinary articles that must survive.
@@ -178,7 +178,7 @@ def test_templated_viwiki_stubs_are_near_duplicates(tmp_path, viwiki, ntrex_vi):
         "ntrex_vi": ("vi", "eval", ntrex_vi[:50]),
     })
     m = clean.run(_clean_params(), layout)
-    kept = [d["id"] for d in read_jsonl(layout.clean / "viwiki.jsonl")]
+    kept = [d["id"] for d in iter_docs(layout.clean, name="viwiki")]
     pos = {i: f"viwiki/{k}" for k, i in enumerate(order)}
     # one "Xã có diện tích" commune survives: the first in input order; the other six point at it
     assert pos[COMMUNES_PLAIN[0]] in kept
@@ -215,7 +215,7 @@ def test_decontamination_exact_dedup_and_determinism(tmp_path, viwiki, ntrex_vi)
     assert q["other/0"]["reason"] == "exact_duplicate"  # across sources
     assert q["viwiki/2"]["reason"] == "contaminated" and "ntrex_vi" in q["viwiki/2"]["detail"]
     assert q["viwiki/4"]["reason"] == "contaminated"  # a whole short eval sentence, by text hash
-    assert [d["id"] for d in read_jsonl(layout.clean / "viwiki.jsonl")] == ["viwiki/0", "viwiki/3"]
+    assert [d["id"] for d in iter_docs(layout.clean, name="viwiki")] == ["viwiki/0", "viwiki/3"]
     assert m["decontaminated"] == 2 and m["exact_duplicates"] == 2
     assert m["by_source"]["other"]["exact_duplicates"] == 1
     assert [s.docs for s in read_manifest(layout.clean)] == [2, 300, 0]
@@ -224,7 +224,10 @@ def test_decontamination_exact_dedup_and_determinism(tmp_path, viwiki, ntrex_vi)
     _raw(layout2, {"viwiki": ("vi", "train", texts), "ntrex_vi": ("vi", "eval", ntrex_vi[:300]),
                    "other": ("vi", "train", [article + "  "])})
     clean.run(params, layout2)
-    for name in ("viwiki.jsonl", "ntrex_vi.jsonl", "quarantine.jsonl", "manifest.json"):
+    files = sorted(p.relative_to(layout.clean) for p in layout.clean.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(layout2.clean) for p in layout2.clean.rglob("*") if p.is_file())
+    assert len(files) == 5  # three sources, one shard each (an empty one for `other`), quarantine, manifest
+    for name in files:
         assert (layout.clean / name).read_bytes() == (layout2.clean / name).read_bytes()
 
 

@@ -13,7 +13,7 @@ from cpt.stages import ingest
 from cpt.errors import ConfigError, DataError
 from cpt.io import read_jsonl
 from cpt.layout import Layout
-from cpt.data.records import read_manifest
+from cpt.data.records import iter_docs, read_manifest
 
 
 def _params(corpus: Path, *sources: dict, seed: int = 1) -> dict:
@@ -47,7 +47,7 @@ def bad_corpus(tmp_path: Path) -> Path:
 def test_bad_records_are_rejected_with_file_line_and_reason(tmp_path, bad_corpus):
     layout = Layout(tmp_path / "proj")
     m = ingest.run(_params(bad_corpus, _src("bad", "bad.jsonl")), layout)
-    docs = list(read_jsonl(layout.raw / "bad.jsonl"))
+    docs = list(iter_docs(layout.raw, name="bad"))
     assert [d["id"] for d in docs] == ["bad/a", "bad/1"]
     assert all(set(d) == {"id", "source", "lang", "domain", "role", "text"} for d in docs)
     rejects = list(read_jsonl(layout.raw / "rejects.jsonl"))
@@ -83,12 +83,12 @@ def test_txt_units_and_invalid_utf8_line(tmp_path):
     layout = Layout(tmp_path / "p")
     m = ingest.run(_params(d, _src("wt", "wt.txt", unit="wikitext"), _src("para", "para.txt", unit="blank"),
                            _src("lines", "lines.txt", unit="line"), _src("whole", "para.txt", unit="file")), layout)
-    wt = [x["text"] for x in read_jsonl(layout.raw / "wt.jsonl")]
+    wt = [x["text"] for x in iter_docs(layout.raw, name="wt")]
     assert len(wt) == 2 and wt[0].startswith(" = Alpha = ") and "= = Section = =" in wt[0]
     assert wt[1].startswith(" = Beta = ") and "beta text" in wt[1] and "bad" not in wt[1]
-    assert [x["text"] for x in read_jsonl(layout.raw / "para.jsonl")] == ["p one\nstill one", "p two"]
-    assert [x["text"] for x in read_jsonl(layout.raw / "lines.jsonl")] == ["s1", "s2"]
-    assert [x["text"] for x in read_jsonl(layout.raw / "whole.jsonl")] == ["p one\nstill one\n\n\np two"]
+    assert [x["text"] for x in iter_docs(layout.raw, name="para")] == ["p one\nstill one", "p two"]
+    assert [x["text"] for x in iter_docs(layout.raw, name="lines")] == ["s1", "s2"]
+    assert [x["text"] for x in iter_docs(layout.raw, name="whole")] == ["p one\nstill one\n\n\np two"]
     assert m["rejected_by_reason"] == {"invalid UTF-8": 1}
     (rej,) = list(read_jsonl(layout.raw / "rejects.jsonl"))
     assert rej["line"] == 9 and rej["source"] == "wt"
@@ -103,7 +103,7 @@ def test_parquet_source(tmp_path):
     pq.write_table(pa.table({"id": ["x", "y", "z"], "content": ["một", None, "ba"]}), d / "t.parquet")
     layout = Layout(tmp_path / "p")
     m = ingest.run(_params(d, _src("pq", "t.parquet", text_field="content")), layout)
-    assert [x["id"] for x in read_jsonl(layout.raw / "pq.jsonl")] == ["pq/x", "pq/z"]
+    assert [x["id"] for x in iter_docs(layout.raw, name="pq")] == ["pq/x", "pq/z"]
     assert m["rejected_by_reason"] == {"no text field": 1}
 
 
@@ -133,7 +133,7 @@ def test_uniform_sample_is_seeded_order_preserving_and_unlike_head(tmp_path, cor
         src = {"name": "v", "path": "ntrex128/newstest2019-ref.vie.txt", "lang": "vi", "domain": "new",
                "role": "eval", "unit": "line", "max_docs": 50, "sample": sample}
         ingest.run(_params(corpora, src, seed=seed), layout)
-        return [int(x["id"].split("/")[1]) for x in read_jsonl(layout.raw / "v.jsonl")]
+        return [int(x["id"].split("/")[1]) for x in iter_docs(layout.raw, name="v")]
 
     a, b, c, head = ids(1, "uniform"), ids(1, "uniform"), ids(2, "uniform"), ids(1, "first")
     assert a == b and len(a) == 50 and a == sorted(a)
@@ -156,7 +156,7 @@ def test_real_corpora_slices(tmp_path, corpora):
     assert m["by_source"]["wt2"]["docs"] == 62  # SOURCE.md: 62 articles in test.txt
     assert m["by_source"]["ntrex_vi"]["docs"] == 1997
     assert m["by_source"]["viwiki"]["docs"] == 20 and m["rejected"] == 0
-    first = next(read_jsonl(layout.raw / "viwiki.jsonl"))
+    first = next(iter_docs(layout.raw, name="viwiki"))
     assert first["id"] == "viwiki/viwiki-00000" and first["role"] == "train" and first["lang"] == "vi"
     assert [s.name for s in read_manifest(layout.raw)] == ["wt2", "ntrex_vi", "viwiki"]
 
@@ -167,7 +167,7 @@ def test_hf_source_streams_a_packaged_builder(tmp_path, corpora):
     src = {"name": "zh", "hf": "json", "data_files": "zh_cmrc2018_contexts/cmrc2018_contexts.jsonl",
            "lang": "zh", "domain": "new", "role": "train", "max_docs": 5}
     m = ingest.run(_params(corpora, src), layout)
-    docs = list(read_jsonl(layout.raw / "zh.jsonl"))
+    docs = list(iter_docs(layout.raw, name="zh"))
     assert m["docs"] == 5 and docs[0]["id"] == "zh/cmrc2018-dev-00000" and m["by_source"]["zh"]["format"] == "hf"
 
 

@@ -10,7 +10,8 @@ import pytest
 
 from cpt.stages import clean, ingest, validate
 from cpt.errors import ValidationFailed
-from cpt.io import read_jsonl, write_jsonl
+from cpt.data.records import iter_docs, read_manifest
+from cpt.data.shardio import LineWriter, read_records
 from cpt.layout import Layout
 
 
@@ -50,14 +51,17 @@ def test_gate_passes_on_clean_data_and_writes_data_docs(cleaned):
 
 def test_gate_fails_naming_expectations_and_examples(cleaned):
     layout, params = cleaned
-    path = layout.clean / "viwiki.jsonl"
+    (path,) = next(s for s in read_manifest(layout.clean) if s.name == "viwiki").paths(layout.clean)
     original = path.read_bytes()
     try:
-        docs = list(read_jsonl(path))
-        eval_text = next(read_jsonl(layout.clean / "ntrex_vi.jsonl"))["text"]
+        docs = list(read_records(path))
+        eval_text = next(iter_docs(layout.clean, name="ntrex_vi"))["text"]
         docs[3]["text"] = eval_text  # an eval sentence leaked into training
         docs[5]["text"] = unicodedata.normalize("NFD", docs[5]["text"])  # not NFC
-        write_jsonl(path, docs)
+        writer = LineWriter(path)
+        for doc in docs:
+            writer.write(doc)
+        writer.close()
         with pytest.raises(ValidationFailed) as exc:
             validate.run({**params, "validate": {"row_counts": {"ko": [100, 200]}}}, layout)
         msg = str(exc.value)

@@ -1,221 +1,241 @@
-"""The clean chain (see ``cpt.stages.clean``): normalise, filter, exact dedup, decontaminate, near dedup, then write
-data/clean with every dropped document in the quarantine file and counted in the metrics."""
+"""The clean chain (see ``cpt.stages.clean``) at corpus scale: per-shard tasks on the engine, corpus-wide dedup in
+stages with intermediates on disk, and data/clean swapped in whole at the end.
+
+1. Eval shards, then training shards (``cleanwork.prepare_shard``): normalise, filter, exact-dedup keys, and for
+   training text the decontamination lookup (against the eval n-grams of step 1, one index file every task loads)
+   and the MinHash signature + LSH band keys.
+2. Exact dedup per hash partition (``dedup_staged.exact_partition``): duplicate -> first in input order.
+3. Near dedup: LSH buckets per band -> candidate pairs -> verified -> connected components -> drop list
+   (``dedup_staged``), exact duplicates left out as in the one-process chain.
+4. ``cleanwork.finish_shard``: each shard minus its drops, plus its quarantine records.
+
+The quarantine keeps the order of the one-process chain: normalise/filter drops in input order, then exact
+duplicates, then contaminated documents, then near duplicates, each in input order. So does everything else: the
+documents kept, their bytes, the ids a dropped document refers to. Only the work's placement changed.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
-from cpt.data import dedup, filters, textnorm
-from cpt.data.decontam import EvalIndex
+from cpt.data import dedup
+from cpt.data.cleanwork import finish_shard, prepare_shard, work_paths
+from cpt.data.dedup_staged import SignatureStore, band_pairs, exact_partition, verify_and_cluster
+from cpt.data.engine import Engine, EngineConfig
 from cpt.data.records import SourceInfo, read_manifest, write_manifest
 from cpt.errors import DataError
-from cpt.io import atomic_open, read_jsonl, write_jsonl
+from cpt.io import replace_dir
 from cpt.layout import Layout
-from cpt.progress import progress
 
 log = logging.getLogger("cpt.stages.clean")
 QUARANTINE = "quarantine.jsonl"
+EXACT_PARTITION_DOCS = 4_000_000  # documents per exact-dedup partition (24 bytes each: ~100 MB per task)
+COUNTERS = ("exact_duplicates", "near_duplicates", "decontaminated")
 
 
-class Stats:
-    """Per-source counters; every dropped document passes through ``drop``."""
-
-    def __init__(self) -> None:
-        self.by_source: dict[str, dict[str, Any]] = defaultdict(lambda: {
-            "docs_in": 0, "docs_out": 0, "bytes_in": 0, "bytes_out": 0, "rejected": Counter(),
-            "exact_duplicates": 0, "near_duplicates": 0, "decontaminated": 0,
-        })
-        self.quarantine: list[dict[str, Any]] = []
-
-    def drop(self, doc: dict[str, Any], reason: str, detail: str, ref: str | None = None) -> None:
-        s = self.by_source[doc["source"]]
-        if reason == "exact_duplicate":
-            s["exact_duplicates"] += 1
-        elif reason == "near_duplicate":
-            s["near_duplicates"] += 1
-        elif reason == "contaminated":
-            s["decontaminated"] += 1
-        else:
-            s["rejected"][reason] += 1
-        self.quarantine.append({"id": doc["id"], "source": doc["source"], "reason": reason, "detail": detail,
-                                "ref": ref})
+def _tasks(layout: Layout, sources: list[SourceInfo], work: Path, cfg: dict[str, Any], seed: int,
+           bands: int, rows: int) -> list[dict[str, Any]]:
+    tasks: list[dict[str, Any]] = []
+    g = 0
+    n_train = sum(s.docs for s in sources if s.role == "train")
+    parts = max(1, math.ceil(n_train / EXACT_PARTITION_DOCS))
+    for src in sources:
+        infos = list(src.shards) or [{"file": src.file, "docs": src.docs}]
+        for k, (path, info) in enumerate(zip(src.paths(layout.raw), infos)):
+            if not path.exists():
+                raise DataError(f"{path}: listed in {layout.raw / 'manifest.json'} but missing; rerun ingest")
+            tasks.append({"raw": str(path), "source": src.name, "lang": src.lang, "role": src.role,
+                          "key": f"{src.name}/{k:05d}", "part": k, "g0": g, "work": str(work), "cfg": cfg,
+                          "seed": seed, "parts": parts, "bands": bands, "rows": rows, "eval_index": None})
+            if src.role == "train":
+                g += int(info["docs"])
+    return tasks
 
 
-def clean_corpus(cfg: dict[str, Any], seed: int, layout: Layout) -> dict[str, Any]:
-    """The whole chain (module docstring) over data/raw; writes data/clean and returns the stage's metrics."""
+def _eval_index(work: Path, results: list[dict[str, Any]], tasks: list[dict[str, Any]], cfg: dict[str, Any]) -> str:
+    """One sorted n-gram index of every eval document, in manifest order (as ``EvalIndex.build``), on disk."""
+    keys, owners, ids, texts = [], [], [], {}
+    for t, r in zip(tasks, results):
+        z = np.load(work_paths(str(work), t["key"])["evalgrams"])
+        keys.append(z["keys"])
+        owners.append(z["owners"] + len(ids))
+        for h, o in r["eval_texts"]:
+            texts.setdefault(h, o + len(ids))
+        ids.extend(r["eval_ids"])
+    k = np.concatenate(keys) if keys else np.zeros(0, np.uint64)
+    o = np.concatenate(owners) if owners else np.zeros(0, np.int32)
+    order = np.argsort(k, kind="stable")
+    path = work / "evalindex.npz"
+    np.savez(path, keys=k[order], owner=o[order].astype(np.int32))
+    Path(str(path) + ".json").write_text(json.dumps({
+        "ids": ids, "texts": sorted(texts.items(), key=lambda kv: kv[1]),
+        "word_ngram": int(cfg["decontam"]["word_ngram"]), "char_ngram": int(cfg["decontam"]["char_ngram"])},
+        ensure_ascii=False), encoding="utf-8")
+    return str(path), int(len(k))
+
+
+def _ref_ids(work: Path, tasks: list[dict[str, Any]], wanted: np.ndarray) -> dict[int, str]:
+    """Ids of the documents that dropped ones refer to (first of an exact group, kept doc of a cluster)."""
+    out: dict[int, str] = {}
+    wanted = np.unique(wanted)
+    g0 = np.asarray([t["g0"] for t in tasks], dtype=np.int64)
+    shard = np.searchsorted(g0, wanted, side="right") - 1
+    for s in np.unique(shard).tolist():
+        p = work_paths(str(work), tasks[s]["key"])
+        idx = np.load(p["idx"])
+        ids = json.loads(p["ids"].read_text(encoding="utf-8"))
+        for g in wanted[shard == s].tolist():
+            out[g] = ids[int(np.searchsorted(idx, g))]
+    return out
+
+
+def _split(g: np.ndarray, bounds: np.ndarray) -> list[np.ndarray]:
+    """Positions of ``g`` (sorted) per shard, shard s covering [bounds[s], bounds[s+1])."""
+    cuts = np.searchsorted(g, bounds)
+    return [np.arange(cuts[s], cuts[s + 1]) for s in range(len(bounds) - 1)]
+
+
+def clean_corpus(cfg: dict[str, Any], seed: int, layout: Layout, engine: EngineConfig | None = None) -> dict[str, Any]:
+    """The whole chain (module docstring) over data/raw; swaps in data/clean and returns the stage's metrics."""
     try:
         sources = read_manifest(layout.raw)
     except FileNotFoundError as exc:
         raise DataError(str(exc)) from exc
-    timings: dict[str, float] = {}
-    stats = Stats()
-    t0 = time.perf_counter()
-
-    # 1-2. normalise everything, filter training documents
-    kept: dict[str, list[dict[str, Any]]] = {}
-    train: list[dict[str, Any]] = []  # surviving training docs, in manifest then file order
-    eval_index = EvalIndex(word_ngram=int(cfg["decontam"]["word_ngram"]), char_ngram=int(cfg["decontam"]["char_ngram"]))
-    total = sum(s.docs for s in sources)
-    bar = progress(total=total, desc="clean: normalise+filter", unit=" docs")
-    for src in sources:
-        path = layout.raw / src.file
-        if not path.exists():
-            raise DataError(f"{path}: listed in {layout.raw / 'manifest.json'} but missing; rerun ingest")
-        th = filters.thresholds(cfg["filters"] or {}, src.lang)
-        out = kept[src.name] = []
-        for doc in read_jsonl(path):
-            bar.update(1)
-            s = stats.by_source[src.name]
-            s["docs_in"] += 1
-            s["bytes_in"] += len(doc["text"].encode("utf-8"))
-            text = textnorm.normalize(doc["text"], wiki=bool(cfg["wiki_markup"]), drop_sections=cfg["drop_sections"])
-            doc = {**doc, "text": text}
-            if not text:
-                stats.drop(doc, "empty", "no text left after normalisation")
-                continue
-            if src.role == "eval":
-                out.append(doc)
-                if cfg["decontam"]["enabled"]:
-                    eval_index.add(text, src.lang, src.name, doc["id"])
-                continue
-            failed = filters.check(text, src.lang, th)
-            if failed is not None:
-                stats.drop(doc, failed[0], failed[1])
-                continue
-            train.append(doc)
-    bar.close()
-    timings["normalise_filter"] = time.perf_counter() - t0
-
-    # 3. exact dedup (normalised-text hash), first occurrence kept
-    t = time.perf_counter()
-    first_of: dict[str, str] = {}
-    survivors: list[dict[str, Any]] = []
-    for doc in train:
-        h = textnorm.text_hash(doc["text"])
-        if cfg["dedup"]["exact"] and h in first_of:
-            stats.drop(doc, "exact_duplicate", f"same normalised text as {first_of[h]}", first_of[h])
-            continue
-        first_of.setdefault(h, doc["id"])
-        survivors.append(doc)
-    timings["exact_dedup"] = time.perf_counter() - t
-
-    # 4 + 5a. one tokenisation per training doc: decontamination check, then MinHash shingles of the clean ones
-    t = time.perf_counter()
-    eval_index.build()
     dd = cfg["dedup"]
-    clean_mask = np.ones(len(survivors), dtype=bool)
-    t_decontam = 0.0
-
-    def shingle_stream() -> Iterator[np.ndarray]:
-        nonlocal t_decontam
-        for i, doc in enumerate(progress(survivors, desc="clean: decontam+minhash", unit=" docs")):
-            mode = "char" if doc["lang"] in dedup.CHAR_LANGS else "word"
-            toks = dedup.token_hashes(doc["text"], mode)
-            if cfg["decontam"]["enabled"]:
-                td = time.perf_counter()
-                hit = eval_index.find(doc["text"], doc["lang"], toks)
-                t_decontam += time.perf_counter() - td
-                if hit is not None:
-                    clean_mask[i] = False
-                    stats.drop(doc, "contaminated", f"by {hit.eval_source} ({hit.eval_id}): {hit.ngram[:120]!r}",
-                               hit.eval_id)
-                    yield np.zeros(0, dtype=np.uint64)
-                    continue
-            if not dd["near"]:
-                yield np.zeros(0, dtype=np.uint64)
-                continue
-            n = int(dd["char_ngram"] if mode == "char" else dd["word_ngram"])
-            yield dedup.shingles(toks.hashes(norm_numbers=True), n)
-
-    minhasher = dedup.MinHasher(num_perm=int(dd["num_perm"]), seed=seed)
-    sig = minhasher.signatures(shingle_stream(), len(survivors))
-    timings["decontam"] = t_decontam
-    timings["minhash"] = time.perf_counter() - t - t_decontam
-
-    # 5b. LSH clusters, first in input order kept
-    t = time.perf_counter()
     if dd["bands"] and dd["rows"]:
         bands, rows = int(dd["bands"]), int(dd["rows"])
     else:
         bands, rows = dedup.lsh_params(float(dd["lsh_threshold"]), int(dd["num_perm"]))
-    near_info: dict[str, Any] = {"bands": bands, "rows": rows, "threshold": float(dd["threshold"]),
-                                 "num_perm": int(dd["num_perm"])}
-    drop_near = np.zeros(len(survivors), dtype=bool)
-    if dd["near"] and len(survivors) > 1:
-        res = dedup.near_duplicates(sig, bands, rows, threshold=float(dd["threshold"]), seed=seed)
-        for i in res.duplicates.tolist():
-            r = int(res.root[i])
-            jac = float((sig[i] == sig[r]).mean())
-            drop_near[i] = True
-            stats.drop(survivors[i], "near_duplicate",
-                       f"of {survivors[r]['id']} (cluster kept doc; est. Jaccard {jac:.2f})", survivors[r]["id"])
-        sizes = Counter(res.root.tolist())
-        multi = [c for c in sizes.values() if c > 1]
-        near_info.update(candidate_pairs=res.candidate_pairs, verified_pairs=res.verified_pairs,
-                         clusters=len(multi), largest_cluster=max(multi, default=1))
-    timings["lsh"] = time.perf_counter() - t
+    num_perm = int(dd["num_perm"])
+    work = layout.clean.with_name(f".{layout.clean.name}.work")
+    tmp = layout.clean.with_name(f".{layout.clean.name}.tmp")
+    for d in (work, tmp):
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True)
+    tasks = _tasks(layout, sources, work, cfg, seed, bands, rows)
+    ev = [t for t in tasks if t["role"] == "eval"]
+    tr = [t for t in tasks if t["role"] == "train"]
+    timings: dict[str, float] = {}
+    with Engine(engine) as eng:
+        t0 = time.perf_counter()
+        ev_res = eng.map(prepare_shard, [(t,) for t in ev], name="clean: eval shards")
+        index_path, eval_ngrams = _eval_index(work, ev_res, ev, cfg)
+        for t in tr:
+            t["eval_index"] = index_path if cfg["decontam"]["enabled"] else None
+        tr_res = eng.map(prepare_shard, [(t,) for t in tr], name="clean: training shards")
+        timings["prepare"] = time.perf_counter() - t0
+        worker: Counter[str] = Counter()
+        for r in ev_res + tr_res:
+            worker.update(r["timings"])
 
-    # 6. write outputs: survivors in input order per source, eval sources whole
-    t = time.perf_counter()
-    keep_ids = {doc["id"] for i, doc in enumerate(survivors) if clean_mask[i] and not drop_near[i]}
-    if layout.clean.exists():
-        shutil.rmtree(layout.clean)
-    layout.clean.mkdir(parents=True)
-    infos: list[SourceInfo] = []
-    for src in sources:
-        docs = kept[src.name] if src.role == "eval" else [d for d in kept_train(train, src.name) if d["id"] in keep_ids]
-        s = stats.by_source[src.name]
-        with atomic_open(layout.clean / src.file) as fh:
-            for doc in docs:
-                fh.write(json.dumps(doc, ensure_ascii=False))
-                fh.write("\n")
-                s["docs_out"] += 1
-                s["bytes_out"] += len(doc["text"].encode("utf-8"))
-        if s["docs_out"] == 0:
-            log.warning("%s: every document was dropped (see %s)", src.name, layout.clean / QUARANTINE)
-        infos.append(SourceInfo(src.name, src.lang, src.domain, src.role, src.file, s["docs_out"]))
-    write_jsonl(layout.clean / QUARANTINE, stats.quarantine)
-    write_manifest(layout.clean, infos)
-    timings["write"] = time.perf_counter() - t
+        # exact dedup, per hash partition
+        t1 = time.perf_counter()
+        keys = [t["key"] for t in tr]
+        parts = tr[0]["parts"] if tr else 1
+        ex = eng.map(exact_partition, [(str(work), p, keys) for p in range(parts)], name="clean: exact dedup")
+        ex_dup = np.concatenate([d for d, _ in ex]) if ex else np.zeros(0, np.int64)
+        ex_first = np.concatenate([f for _, f in ex]) if ex else np.zeros(0, np.int64)
+        if not dd["exact"]:
+            ex_dup, ex_first = ex_dup[:0], ex_first[:0]
+        o = np.argsort(ex_dup)
+        ex_dup, ex_first = ex_dup[o], ex_first[o]
+        np.save(work / "exact_dups.npy", ex_dup)
+        timings["exact_dedup"] = time.perf_counter() - t1
 
-    by_source = {}
-    for src in sources:
-        s = stats.by_source[src.name]
-        by_source[src.name] = {**s, "rejected": dict(sorted(s["rejected"].items())), "role": src.role,
-                               "lang": src.lang}
-    rejected: Counter[str] = Counter()
-    for s in by_source.values():
-        rejected.update(s["rejected"])
-    metrics = {
-        key: sum(s[key] for s in by_source.values())
-        for key in ("docs_in", "docs_out", "bytes_in", "bytes_out", "exact_duplicates", "near_duplicates",
-                    "decontaminated")
-    }
-    metrics.update(
-        rejected=dict(sorted(rejected.items())),
-        quarantined=len(stats.quarantine),
-        eval_ngrams=eval_index.size,
-        near_dedup=near_info,
-        timings={k: round(v, 3) for k, v in timings.items()},
-        by_source=by_source,
-    )
+        # near dedup: buckets per band, then verify + connected components
+        t2 = time.perf_counter()
+        near_info: dict[str, Any] = {"bands": bands, "rows": rows, "threshold": float(dd["threshold"]),
+                                     "num_perm": num_perm}
+        near = {"dup": np.zeros(0, np.int64), "root": np.zeros(0, np.int64), "jaccard": np.zeros(0)}
+        if dd["near"] and sum(r["kept"] for r in tr_res) > 1:
+            eng.map(band_pairs, [(str(work), b, keys, str(work / "exact_dups.npy")) for b in range(bands)],
+                    name="clean: LSH buckets")
+            store = SignatureStore(str(work), keys, [t["g0"] for t in tr])
+            near = verify_and_cluster(str(work), bands, store, num_perm, float(dd["threshold"]))
+            near_info.update({k: near[k] for k in ("candidate_pairs", "verified_pairs", "clusters",
+                                                   "largest_cluster")})
+        timings["lsh"] = time.perf_counter() - t2
+
+        # write: each shard minus its drops
+        t3 = time.perf_counter()
+        ref = _ref_ids(work, tr, np.concatenate([ex_first, near["root"]]))
+        bounds = np.asarray([t["g0"] for t in tr] + [tr[-1]["g0"] + 2**62] if tr else [0], dtype=np.int64)
+        ex_split, nr_split = _split(ex_dup, bounds), _split(near["dup"], bounds)
+        fin_tasks = []
+        for t in ev + tr:
+            out = tmp / t["source"] / f"part-{t['part']:05d}.jsonl.zst"
+            task = {"key": t["key"], "work": str(work), "out": str(out), "source": t["source"],
+                    "train": t["role"] == "train", "exact": [], "near": []}
+            if t["role"] == "train":
+                s = tr.index(t)
+                task["exact"] = [(int(ex_dup[i]), ref[int(ex_first[i])]) for i in ex_split[s]]
+                task["near"] = [(int(near["dup"][i]), ref[int(near["root"][i])], float(near["jaccard"][i]))
+                                for i in nr_split[s]]
+            fin_tasks.append((task,))
+        fin = dict(zip([t["key"] for t in ev + tr], eng.map(finish_shard, fin_tasks, name="clean: write")))
+    metrics = _assemble(layout, sources, tasks, ev_res + tr_res, fin, work, tmp)
+    timings["write"] = time.perf_counter() - t3
+    replace_dir(tmp, layout.clean)
+    shutil.rmtree(work, ignore_errors=True)
+    metrics.update(eval_ngrams=eval_ngrams, near_dedup=near_info, engine=eng.summary(),
+                   timings={**{k: round(v, 3) for k, v in timings.items()},
+                            **{f"workers_{k}": round(v, 3) for k, v in sorted(worker.items())}})
     log.info("%d -> %d docs (%.1f -> %.1f MB); rejected %s, exact dups %d, near dups %d, decontaminated %d",
              metrics["docs_in"], metrics["docs_out"], metrics["bytes_in"] / 1e6, metrics["bytes_out"] / 1e6,
-             dict(rejected), metrics["exact_duplicates"], metrics["near_duplicates"], metrics["decontaminated"])
+             metrics["rejected"], metrics["exact_duplicates"], metrics["near_duplicates"], metrics["decontaminated"])
     return metrics
 
 
-def kept_train(train: list[dict[str, Any]], source: str) -> Iterator[dict[str, Any]]:
-    return (d for d in train if d["source"] == source)
-
-
-def quarantine_path(layout: Layout) -> Path:
-    return layout.clean / QUARANTINE
+def _assemble(layout: Layout, sources: list[SourceInfo], tasks: list[dict[str, Any]], prep: list[dict[str, Any]],
+              fin: dict[str, dict[str, Any]], work: Path, tmp: Path) -> dict[str, Any]:
+    """Manifest, quarantine (phase by phase, shard by shard) and metrics of the finished shards."""
+    prep_by_key = {t["key"]: r for t, r in zip([t for t in tasks if t["role"] == "eval"]
+                                               + [t for t in tasks if t["role"] == "train"], prep)}
+    by_source: dict[str, dict[str, Any]] = {}
+    infos = []
+    for src in sources:
+        s = {"docs_in": 0, "docs_out": 0, "bytes_in": 0, "bytes_out": 0, "rejected": Counter(),
+             **{c: 0 for c in COUNTERS}}
+        shards = []
+        for t in (t for t in tasks if t["source"] == src.name):
+            r, f = prep_by_key[t["key"]], fin[t["key"]]
+            s["docs_in"] += r["stats"]["docs_in"]
+            s["bytes_in"] += r["stats"]["bytes_in"]
+            s["rejected"].update(r["stats"]["rejected"])
+            s["docs_out"] += f["shard"]["docs"]
+            s["bytes_out"] += f["shard"]["bytes"]
+            for c in COUNTERS:
+                s[c] += f[c]
+            shards.append(f["shard"])
+        if s["docs_out"] == 0:
+            log.warning("%s: every document was dropped (see %s)", src.name, layout.clean / QUARANTINE)
+        by_source[src.name] = {**s, "rejected": dict(sorted(s["rejected"].items())), "role": src.role,
+                               "lang": src.lang}
+        infos.append(SourceInfo(src.name, src.lang, src.domain, src.role, src.name, s["docs_out"], tuple(shards)))
+    n_q = 0
+    with open(tmp / QUARANTINE, "wb") as out:
+        for phase in ("q1", "out_q_exact", "out_q_contam", "out_q_near"):
+            for t in tasks:
+                path = work_paths(str(work), t["key"])[phase]
+                if path.exists():
+                    with open(path, "rb") as fh:
+                        for line in fh:
+                            out.write(line)
+                            n_q += 1
+    write_manifest(tmp, infos)
+    rejected: Counter[str] = Counter()
+    for s in by_source.values():
+        rejected.update(s["rejected"])
+    metrics = {key: sum(s[key] for s in by_source.values())
+               for key in ("docs_in", "docs_out", "bytes_in", "bytes_out", *COUNTERS)}
+    metrics.update(rejected=dict(sorted(rejected.items())), quarantined=n_q, by_source=by_source)
+    return metrics

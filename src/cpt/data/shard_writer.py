@@ -52,7 +52,7 @@ def pack_domain(domain: str, layout: Layout, out: Path, tok, specials, dtype, cf
                     heldout_fh.write(json.dumps(doc, ensure_ascii=False))
                     heldout_fh.write("\n")
 
-        docs = iter_docs(layout.clean, role="train", domain=domain)
+        docs = iter_docs(layout.clean, role="train", domain=domain, prefetch=2)  # shards read ahead in threads
         for batch, encodings in encode_pipelined(tok, _batches(docs, int(cfg["batch_chars"]))):
             for doc, enc in zip(batch, encodings):
                 emit(splitter.route(str(doc["id"]), (doc, enc.ids)))

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cpt.data import filters, textnorm
+from cpt.data import engine, filters, textnorm
 from cpt.data.cleaning import clean_corpus
 from cpt.errors import ConfigError
 from cpt.layout import Layout
@@ -68,4 +68,4 @@ def _config(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(params: dict[str, Any], layout: Layout) -> dict[str, Any]:
-    return clean_corpus(_config(params), int(params.get("seed", 0)), layout)
+    return clean_corpus(_config(params), int(params.get("seed", 0)), layout, engine.config(params))
