@@ -61,21 +61,34 @@ def _keep(doc_id: str, seed: int, fraction: float) -> bool:
     return int.from_bytes(h, "little") / 2**64 < fraction
 
 
-def sample_lines(folder: Path, seed: int, max_chars: int, **filters: str) -> list[str]:
-    """Lines of the matching documents, a seeded document sample when the text exceeds ``max_chars`` (0 = all).
-    Sampling by hashed document id keeps it deterministic and independent of file order."""
+def sample_docs(folder: Path, seed: int, max_chars: int, **filters: str) -> list[str]:
+    """Whole document texts exactly as data/clean holds them (what the shards stage encodes: newlines, tabs and
+    leading spaces included), a seeded document sample when the text exceeds ``max_chars`` (0 = all). Sampling by
+    hashed document id keeps it deterministic and independent of file order."""
     total = sum(len(d["text"]) for d in iter_docs(folder, **filters))
     fraction = 1.0 if not max_chars or total <= max_chars else max_chars / total
-    out: list[str] = []
-    for doc in iter_docs(folder, **filters):
-        if fraction >= 1.0 or _keep(str(doc.get("id")), seed, fraction):
-            out.extend(_lines([doc]))
-    return out
+    return [doc["text"] for doc in iter_docs(folder, **filters)
+            if doc["text"].strip() and (fraction >= 1.0 or _keep(str(doc.get("id")), seed, fraction))]
+
+
+def lines_of(docs: Iterable[str]) -> list[str]:
+    """The non-blank NFC lines of document texts (the unit of the line-level checks and of new-piece training)."""
+    return list(_lines({"text": d} for d in docs))
+
+
+def sample_lines(folder: Path, seed: int, max_chars: int, **filters: str) -> list[str]:
+    """The lines of ``sample_docs``."""
+    return lines_of(sample_docs(folder, seed, max_chars, **filters))
 
 
 def eval_lines(folder: Path, lang: str, limit: int) -> list[str]:
     lines = list(_lines(iter_docs(folder, role="eval", lang=lang)))
     return lines[:limit] if limit else lines
+
+
+def eval_docs(folder: Path, **filters: str) -> list[str]:
+    """Whole ``role: eval`` document texts, unnormalised (as the shards stage would encode them)."""
+    return [d["text"] for d in iter_docs(folder, role="eval", **filters) if d["text"].strip()]
 
 
 def new_languages(cfg: dict[str, Any], layout: Layout) -> list[str]:
