@@ -78,7 +78,7 @@ def fixed_point(kept: list, build: Callable[[list], Built], views: list[View],
             todo[v.name] = [idx[i] for i in changed]
             fired.update({built.token(t): n for t, n in ids.items()})
         if not fired:
-            return kept, built, {"rounds": rounds, "pruned": sum(1 for _ in pruned),
+            return kept, built, {"rounds": rounds, "pruned": len(pruned),
                                  "examples": [p for p, _ in pruned.most_common(10)]}
         before = len(kept)
         kept = prune(kept, set(fired))
