@@ -44,7 +44,7 @@ DEFAULTS: dict[str, Any] = {
     "num_threads": 2,
     "strict": True,
 }
-GUARDS = ("native", "exact")
+GUARDS = ("native", "distinct", "exact")
 
 
 def config(params: dict[str, Any]) -> dict[str, Any]:

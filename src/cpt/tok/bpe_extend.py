@@ -162,9 +162,9 @@ def extend_bpe(base_ref, cfg: dict[str, Any], seed: int, new_text: dict[str, lis
     lines = exact.View("lines", old_lines, hf_encoder(base), [e.ids for e in line_enc])
     del doc_enc, line_enc
     guard = None
-    if cfg["guard"] == "native":
-        guard = Guard(old_lines, new_text,
-                      min_freq=float(cfg["old_alphabet_min_freq"]), foreign_ratio=float(cfg["foreign_ratio"]))
+    if cfg["guard"] != "exact":
+        guard = Guard(old_lines, new_text, min_freq=float(cfg["old_alphabet_min_freq"]),
+                      foreign_ratio=float(cfg["foreign_ratio"]), distinct_only=cfg["guard"] == "distinct")
     timings["choose"] = time.perf_counter() - t
     have = set(vocab)
     candidates: set[str] = set()

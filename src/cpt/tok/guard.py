@@ -87,9 +87,10 @@ class Guard:
     ``in``/``count`` per candidate instead of materialising every substring of every word."""
 
     def __init__(self, old_lines: list[str], new_text: dict[str, list[str]], *, min_freq: float = 1e-4,
-                 foreign_ratio: float = 1.0, script_share: float = 0.01):
+                 foreign_ratio: float = 1.0, script_share: float = 0.01, distinct_only: bool = False):
         self.alphabet = alphabet = old_alphabet(old_lines, min_freq)
         self.foreign_ratio = foreign_ratio
+        self.distinct_only = distinct_only  # guard: distinct -- no piece spelled only in letters the old text meets
         old_scripts = {script(c) for c in alphabet if c.isalpha()}
         # Letters the new languages actually write with: a script that carries >= script_share of a language's
         # letters, and, in a script the old language shares (Latin for vi), only letters frequent in that
@@ -140,7 +141,7 @@ class Guard:
         if not self.old_spelled(piece):
             # a letter the old language does not use: safe, if the new language really writes with it
             return all(c in self.alphabet or c in self.native_letters for c in piece if c.isalpha())
-        if not any(c.isalpha() for c in piece):
+        if not any(c.isalpha() for c in piece) or self.distinct_only:
             return False  # punctuation/digits/symbols only: the base decides how those are spelled
         if any(c.isupper() for c in piece) or piece in self.old_words:
             return False

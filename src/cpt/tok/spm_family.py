@@ -118,9 +118,9 @@ def extend_spm(base_ref, cfg: dict[str, Any], seed: int, new_text: dict[str, lis
     lines = exact.View("lines", old_lines, lambda xs: sp_base.encode(xs, num_threads=threads))
     conflicts = se.old_conflicts(base, old_lines, num_threads=threads, encoded=docs.base_ids)
     guard = None
-    if cfg["guard"] == "native":
-        guard = Guard(old_lines, new_text,
-                      min_freq=float(cfg["old_alphabet_min_freq"]), foreign_ratio=float(cfg["foreign_ratio"]))
+    if cfg["guard"] != "exact":
+        guard = Guard(old_lines, new_text, min_freq=float(cfg["old_alphabet_min_freq"]),
+                      foreign_ratio=float(cfg["foreign_ratio"]), distinct_only=cfg["guard"] == "distinct")
     base_pieces = {p.piece for p in base.pieces}
     base_normal = {p.piece for p in base.pieces if p.type == se.NORMAL}
     kept, counts = choose(interleave(ranked), base_pieces, base_normal, conflicts, guard, cfg["max_added"])
