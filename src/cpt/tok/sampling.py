@@ -56,19 +56,27 @@ def _lines(docs: Iterable[dict[str, Any]]) -> Iterator[str]:
                 yield line
 
 
-def _keep(doc_id: str, seed: int, fraction: float) -> bool:
-    h = hashlib.blake2b(f"{seed}:{doc_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") / 2**64 < fraction
+def _rank(doc_id: str, seed: int) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{doc_id}".encode(), digest_size=8).digest(), "little")
 
 
 def sample_docs(folder: Path, seed: int, max_chars: int, **filters: str) -> list[str]:
     """Whole document texts exactly as data/clean holds them (what the shards stage encodes: newlines, tabs and
-    leading spaces included), a seeded document sample when the text exceeds ``max_chars`` (0 = all). Sampling by
-    hashed document id keeps it deterministic and independent of file order."""
-    total = sum(len(d["text"]) for d in iter_docs(folder, **filters))
-    fraction = 1.0 if not max_chars or total <= max_chars else max_chars / total
-    return [doc["text"] for doc in iter_docs(folder, **filters)
-            if doc["text"].strip() and (fraction >= 1.0 or _keep(str(doc.get("id")), seed, fraction))]
+    leading spaces included). Over ``max_chars`` (0 = all): documents in the order of a seeded hash of their id until
+    the budget is reached, at least one, so a corpus of a few long books still yields text. Deterministic and
+    independent of file order; returned in file order."""
+    sizes = [(_rank(str(d.get("id")), seed), len(d["text"])) for d in iter_docs(folder, **filters)
+             if d["text"].strip()]
+    chosen: set[int] = set()
+    if max_chars and sum(n for _, n in sizes) > max_chars:
+        total = 0
+        for rank, n in sorted(sizes):
+            if total >= max_chars:
+                break
+            chosen.add(rank)
+            total += n
+    return [d["text"] for d in iter_docs(folder, **filters)
+            if d["text"].strip() and (not chosen or _rank(str(d.get("id")), seed) in chosen)]
 
 
 def lines_of(docs: Iterable[str]) -> list[str]:
