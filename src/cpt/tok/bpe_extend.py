@@ -28,7 +28,7 @@ from cpt.io import atomic_open, read_json, write_json
 from cpt.layout import Layout
 from cpt.tok import exact
 from cpt.tok.bpe_learn import learn_merges
-from cpt.tok.guard import Guard
+from cpt.tok.guard import Guard, in_letters_of
 from cpt.tok.spm_extend import SPACE
 
 log = logging.getLogger(__name__)
@@ -263,6 +263,7 @@ def extend_bpe(base_ref, cfg: dict[str, Any], seed: int, new_text: dict[str, lis
         pruned_verified=n_before - len(kept),
         exact_rounds=summary["rounds"],
         extra={"chooser_docs": len(old_docs), "chooser_lines": len(old_lines),
+               "in_old_letters": in_letters_of(old_lines),
                "pruned_partial_char": refused["pruned_partial"]},
         **counts,
     )

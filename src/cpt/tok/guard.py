@@ -63,6 +63,24 @@ def block(c: str) -> str:
     return script(c)
 
 
+def in_letters_of(old_lines: list[str]):
+    """A test for text written only in letters of the Unicode blocks the old-language text uses ("São" passes for
+    English, "Trần" does not): held-out text that fails it quotes a new language, whose pieces may fire there."""
+    blocks = {block(c) for line in old_lines for c in set(line.lower()) if c.isalpha()}
+    memo: dict[str, bool] = {}
+
+    def test(text: str) -> bool:
+        for c in set(text):
+            ok = memo.get(c)
+            if ok is None:
+                ok = memo[c] = not c.isalpha() or block(c.lower()) in blocks
+            if not ok:
+                return False
+        return True
+
+    return test
+
+
 def script(c: str) -> str:
     """The Unicode script of a letter, from its name: LATIN, GREEK, CJK, HIRAGANA, KATAKANA, HANGUL, ..."""
     try:

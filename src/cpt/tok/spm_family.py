@@ -12,7 +12,7 @@ from cpt.io import write_json
 from cpt.layout import Layout
 from cpt.tok import exact, hf_export
 from cpt.tok import spm_extend as se
-from cpt.tok.guard import Guard
+from cpt.tok.guard import Guard, in_letters_of
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +171,7 @@ def extend_spm(base_ref, cfg: dict[str, Any], seed: int, new_text: dict[str, lis
         token=lambda i: merged.pieces[i].piece,
         pruned_verified=n_before - len(kept),
         exact_rounds=summary["rounds"],
-        extra={"chooser_docs": len(old_docs), "chooser_lines": len(old_lines)},
+        extra={"chooser_docs": len(old_docs), "chooser_lines": len(old_lines),
+               "in_old_letters": in_letters_of(old_lines)},
         **counts,
     )
