@@ -42,6 +42,7 @@ from cpt.io import write_json, write_jsonl  # noqa: E402
 from cpt.layout import Layout  # noqa: E402
 from cpt.stages import tokenizer as stage  # noqa: E402
 from cpt.tok import fertility as fert  # noqa: E402
+from cpt.tok.guard import in_letters_of  # noqa: E402
 from cpt.tok.sampling import lines_of  # noqa: E402
 
 FIVE = ("en", "vi", "zh", "ja", "ko")
@@ -180,10 +181,11 @@ def main() -> None:
     ap.add_argument("--corpora", default=str(REPO.parent / "shared" / "corpora"))
     ap.add_argument("--max-train-chars", type=int, default=5_000_000, help="per new language; 0 = all")
     ap.add_argument("--old-max-chars", type=int, default=5_000_000, help="chooser sample; 0 = all")
+    ap.add_argument("--guard", default="native", choices=("native", "distinct", "exact"))
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     corpora = Path(args.corpora)
-    out_path = Path(args.out or REPO / f"bench/results/tokenizer_{args.base}.json")
+    out_path = Path(args.out or REPO / f"bench/results/tokenizer_{args.base}_{args.guard}.json")
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -192,7 +194,7 @@ def main() -> None:
         layout = build_clean(tmp / "proj", corpora, chooser)
         params = {"seed": 1234, "tokenizer": {
             "base": str(base_dir), "max_train_chars": args.max_train_chars, "old_max_chars": args.old_max_chars,
-            "check_lines": 0, "strict": False}}
+            "check_lines": 0, "strict": False, "guard": args.guard}}
         t = time.perf_counter()
         metrics = stage.run(params, layout)
         stage_seconds = time.perf_counter() - t
@@ -208,14 +210,19 @@ def main() -> None:
             base_tok = hf_export.build_tokenizer(se.load_proto(base_dir / "tokenizer.model"), add_bos=False)
             base_tok.encode_special_tokens = True
         inv = {i: t for t, i in ext_tok.get_vocab(with_added_tokens=True).items()}
+        in_old = in_letters_of(lines_of(chooser))
         english_rows = {}
         for name, texts in [*(("docs:" + k, v) for k, v in held_docs.items()),
                             *(("lines:" + k, v) for k, v in held_lines.items())]:
             a, b = ids(base_tok, texts), ids(ext_tok, texts)
             changed = [i for i, (x, y) in enumerate(zip(a, b)) if x != y]
-            fired = sorted({inv[t] for i in changed for t in set(b[i]) - set(a[i])})
-            english_rows[name] = {"n": len(texts), "changed": len(changed), "pieces": fired[:10],
-                                  "examples": [texts[i][:160] for i in changed[:3]]}
+            quoting = [i for i in range(len(texts)) if not in_old(texts[i])]  # e.g. naming Trần Hưng Đạo
+            pure = [i for i in changed if in_old(texts[i])]
+            fired = sorted({inv[t] for i in pure for t in set(b[i]) - set(a[i])})
+            english_rows[name] = {"n": len(texts) - len(quoting), "changed": len(pure), "pieces": fired[:10],
+                                  "examples": [texts[i][:160] for i in pure[:3]],
+                                  "quoting_new_language": len(quoting),
+                                  "quoting_changed": len(changed) - len(pure)}
             print(name, english_rows[name], flush=True)
         langs = {}
         for lang in FIVE:
@@ -243,7 +250,8 @@ def main() -> None:
         }
         write_json(out_path, report)
         print(json.dumps({"added": metrics["added"], "languages": langs,
-                          "english": {k: (v["changed"], v["n"]) for k, v in english_rows.items()},
+                          "english": {k: (v["changed"], v["n"], v["quoting_changed"], v["quoting_new_language"])
+                                      for k, v in english_rows.items()},
                           "partial": partial}, indent=1))
 
 
