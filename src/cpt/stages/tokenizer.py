@@ -36,7 +36,7 @@ DEFAULTS: dict[str, Any] = {
     "character_coverage": 0.9995,
     "max_train_chars": 5_000_000,
     "old_max_chars": 5_000_000,
-    "guard": "native",
+    "guard": "distinct",
     "old_alphabet_min_freq": 1.0e-4,
     "foreign_ratio": 1.0,
     "max_added": 0,
