@@ -69,7 +69,8 @@ def test_english_held_out_lines_unchanged_and_vietnamese_gains(mistral_run):
     assert m["old_language_changed_lines"] == 0
     assert m["old_language_docs"] == 300 and m["old_language_changed_docs"] == 0
     vi = m["languages"]["vi"]
-    assert vi["tokens_per_word_base"] > 2.5 and vi["tokens_per_word"] < 0.62 * vi["tokens_per_word_base"]
+    # guard: distinct (the default) keeps only pieces with a letter English never meets; bench/ has the fertility
+    assert vi["tokens_per_word_base"] > 2.5 and vi["tokens_per_word"] < 0.8 * vi["tokens_per_word_base"]
     for lang in ("zh", "ja", "ko"):
         assert m["languages"][lang]["chars_per_token"] > m["languages"][lang]["chars_per_token_base"]
     en = m["languages"]["en"]
@@ -203,10 +204,9 @@ def test_byte_level_bpe_base(tmp_path, texts, byte_bpe):
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
 
-    layout = make_clean(tmp_path, texts, langs=("vi", "zh", "ko"))
-    m = stage.run(params(byte_bpe, languages=["vi", "zh", "ko"], max_train_chars=150_000, check_lines=100,
-                         old_max_chars=1_000_000, vocab_size={"vi": 1200, "zh": 500, "ko": 500}, strict=False),
-                  layout)
+    layout = make_clean(tmp_path, texts, langs=("vi", "ko"))
+    m = stage.run(params(byte_bpe, languages=["vi", "ko"], max_train_chars=150_000, check_lines=100,
+                         old_max_chars=500_000, vocab_size={"vi": 1200, "ko": 500}), layout)
     assert m["base_kind"] == "bpe" and m["added"] > 100
     assert m["roundtrip_failures"] == 0 and m["hf_mismatch_lines"] == 0
     nt = json.loads((layout.tokenizer / "new_tokens.json").read_text())
@@ -217,12 +217,14 @@ def test_byte_level_bpe_base(tmp_path, texts, byte_bpe):
     # exact on the chooser, as whole documents (newlines, indentation) and as lines
     base_tok = Tokenizer.from_file(str(byte_bpe / "tokenizer.json"))
     ext_tok = Tokenizer.from_file(str(layout.tokenizer / "tokenizer.json"))
-    docs = sampling.sample_docs(layout.clean, 7, 1_000_000, role="train", domain="old")
+    docs = sampling.sample_docs(layout.clean, 7, 500_000, role="train", domain="old")
     for view in (docs, sampling.lines_of(docs)):
         assert [e.ids for e in base_tok.encode_batch(view)] == [e.ids for e in ext_tok.encode_batch(view)]
-    # held out: this 2k-token toy base fragments English far more than a real one (bench/ measures real bases)
-    assert m["old_language_changed_lines"] <= 1 and m["old_language_changed_docs"] <= 1
-    assert m["languages"]["vi"]["tokens_per_word"] < 0.8 * m["languages"]["vi"]["tokens_per_word_base"]
+    # held out (guard: distinct, the default): nothing changes by construction, even on this toy base
+    assert m["old_language_changed_lines"] == 0 and m["old_language_changed_docs"] == 0
+    # only whole characters that English never meets (ư, ơ: two bytes; ạ, ệ are three and this base has no pair for
+    # their first two): a small gain here; a real multilingual base (bench/: Tekken) gains far more
+    assert m["languages"]["vi"]["tokens_per_word"] < m["languages"]["vi"]["tokens_per_word_base"]
     base = json.loads((byte_bpe / "tokenizer.json").read_text())
     ext = json.loads((layout.tokenizer / "tokenizer.json").read_text())
     for tok, i in base["model"]["vocab"].items():
@@ -240,35 +242,23 @@ def test_byte_level_bpe_base(tmp_path, texts, byte_bpe):
                 assert hf.decode(hf.encode(x, add_special_tokens=False)) == x
 
 
-def test_strict_refuses_an_old_language_change_and_names_the_pieces(tmp_path, texts, mistral_model):
-    """An English eval line quoting Vietnamese changes under the extension: strict mode stops the stage and says
-    which new pieces did it (before, it only stopped on round-trip failures)."""
-    texts = {**texts, "eval_en": texts["eval_en"][:40] + ["The mayor met người dân ở Hà Nội on Tuesday."]}
-    layout = make_clean(tmp_path, texts, langs=("vi",))
-    over = dict(languages=["vi"], vocab_size={"vi": 800}, max_train_chars=200_000, old_max_chars=300_000,
-                check_lines=40)
-    with pytest.raises(DataError, match=r"1 of 41 held-out old-language lines and 1 of 41 documents .*new pieces "):
-        stage.run(params(mistral_model, **over), layout)
-    m = stage.run(params(mistral_model, strict=False, **over), layout)
-    assert m["old_language_changed_lines"] == 1 and m["old_language_changed_docs"] == 1
-    assert "ngư" in m["old_language_changed_pieces"].replace("\u2581", "")
-    assert "NOT on held-out" in m["guarantee"]
-
-
-def test_exact_on_whole_chooser_documents(tmp_path, texts, mistral_model):
+def test_exact_on_whole_chooser_documents_and_strict_names_the_pieces(tmp_path, texts, mistral_model):
     """With the guard off, exactness rests on the check alone: every chooser document, encoded whole through the
-    exported tokenizer.json as the shards stage does (a word after a newline has no dummy-prefix ▁), and every
-    chooser line encode exactly like the base. Pruning per line only (before) left pieces that fire after a newline."""
+    exported tokenizer.json as the shards stage does (a word after a newline has no dummy-prefix ▁), and every chooser
+    line encode exactly like the base (pruning per line only, before, left pieces that fire after a newline). Held-out
+    news lines do change without the guard, and strict mode stops the stage naming the pieces (before, it only
+    stopped on round-trip failures)."""
     from tokenizers import Tokenizer
 
     from cpt.tok import hf_export
 
     layout = make_clean(tmp_path, texts, langs=("vi",))
-    m = stage.run(params(mistral_model, languages=["vi"], vocab_size={"vi": 1500}, max_train_chars=300_000,
-                         old_max_chars=600_000, check_lines=50, guard="exact", strict=False), layout)
-    assert m["pruned_verified"] >= 0 and m["exact_rounds"] >= 1
+    with pytest.raises(DataError, match=r"held-out old-language lines and \d+ of \d+ documents encode differently "
+                                        r"from the base, through new pieces \S+"):
+        stage.run(params(mistral_model, languages=["vi"], vocab_size={"vi": 1500}, max_train_chars=300_000,
+                         old_max_chars=600_000, check_lines=50, guard="exact"), layout)
     base = hf_export.build_tokenizer(se.load_proto(mistral_model), add_bos=False)
-    ext = Tokenizer.from_file(str(layout.tokenizer / "tokenizer.json"))
+    ext = Tokenizer.from_file(str(layout.tokenizer / "tokenizer.json"))  # written before the checks
     base.encode_special_tokens = ext.encode_special_tokens = True
     docs = sampling.sample_docs(layout.clean, 7, 600_000, role="train", domain="old")
     assert any("\n" in d for d in docs)
