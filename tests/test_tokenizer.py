@@ -229,6 +229,11 @@ def test_byte_level_bpe_base(tmp_path, texts, byte_bpe):
     ext = json.loads((layout.tokenizer / "tokenizer.json").read_text())
     for tok, i in base["model"]["vocab"].items():
         assert ext["model"]["vocab"][tok] == i
+    # added tokens outside the model vocab keep their ids once loaded (tokenizers re-numbers them from the model's
+    # size: before, they moved onto the last new tokens, which then decoded as "<|im_start|>")
+    assert {t["content"]: t["id"] for t in base["added_tokens"]} == {
+        t["content"]: ext_tok.token_to_id(t["content"]) for t in base["added_tokens"]}
+    assert ext_tok.id_to_token(nt["vocab"] - 1) == nt["added"][-1]["piece"]
     assert ext["model"]["merges"][: len(base["model"]["merges"])] == base["model"]["merges"]
     assert [a["id"] for a in nt["added"]] == list(range(nt["base_vocab"], nt["vocab"]))
     for a in nt["added"][:100]:

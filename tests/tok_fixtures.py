@@ -113,6 +113,7 @@ def byte_bpe(tmp_path_factory, texts) -> Path:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     lines = [ln for doc in texts["train_en"] for ln in doc.split("\n") if ln.strip()][:20000]
     tok.train_from_iterator(lines, trainer=trainer)
+    tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])  # added tokens outside the model vocab, as in Llama-3
     tok.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "GPT2Tokenizer", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",

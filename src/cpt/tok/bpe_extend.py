@@ -139,7 +139,12 @@ def build(spec: dict[str, Any], kept: list[tuple[str, str]]) -> tuple[dict[str, 
     out = dict(spec)
     out["model"] = dict(spec["model"])
     added = list(dict.fromkeys(a + b for a, b in kept if a + b not in vocab))
-    out["model"]["vocab"] = {**vocab, **{tok: n + i for i, tok in enumerate(added)}}
+    # Pin the base's added tokens (<s>, </s>, Llama-3's reserved specials) into the model vocabulary at their ids:
+    # on load, tokenizers re-numbers an added token that the model does not know from the model's vocabulary size,
+    # so once new tokens grow the model they would move (EOS no longer the base's EOS id) and take the ids of the
+    # last new tokens (decoding " 모르겠습니다" as "<unk>": the Korean round-trip failures on a Tekken base).
+    pinned = {t["content"]: t["id"] for t in spec.get("added_tokens", []) if t["content"] not in vocab}
+    out["model"]["vocab"] = {**vocab, **pinned, **{tok: n + i for i, tok in enumerate(added)}}
     out["model"]["merges"] = [list(m) for m in merge_pairs(spec)] + [list(m) for m in kept]
     return out, added
 
