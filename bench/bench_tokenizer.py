@@ -236,6 +236,8 @@ def main() -> None:
                            "tokens_per_unit": round(n.tokens_per_word, 4),
                            "unit": "char" if lang in fert.CHAR_LANGS else "word",
                            "roundtrip_failures": len(rt), "roundtrip_failures_nfd": len(rt_nfd)}
+        printed = {k: v.pop("examples") for k, v in english_rows.items()}  # corpus text: printed, never written
+        print(json.dumps(printed, ensure_ascii=False)[:2000], flush=True)
         partial = sum("\ufffd" in a["text"] for a in
                       json.loads((layout.tokenizer / "new_tokens.json").read_text())["added"])
         report = {
