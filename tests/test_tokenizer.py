@@ -59,7 +59,7 @@ def test_new_tokens_json_maps_each_piece_to_base_ids(mistral_run, mistral_model)
         assert "".join(sp.id_to_piece(a["base_ids"])).replace("<0x", "") .startswith(a["piece"][:1]) or any(
             sp.is_byte(i) for i in a["base_ids"])
     # mid-sentence view: " xin" as the base sees it after other text, exactly
-    word = next(a for a in nt["added"] if a["piece"].startswith("\u2581") and all(ord(c) < 128 for c in a["piece"][1:]))
+    word = next(a for a in nt["added"] if a["piece"].startswith("\u2581") and len(a["piece"]) > 2)
     assert sp.encode("a" + word["text"])[1:] == word["base_ids"]
 
 
