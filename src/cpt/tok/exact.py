@@ -19,6 +19,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+from cpt.errors import DataError
+
 log = logging.getLogger(__name__)
 
 Encode = Callable[[list[str]], list[list[int]]]
@@ -86,9 +88,10 @@ def fixed_point(kept: list, build: Callable[[list], Built], views: list[View],
         log.info("exactness round %d: %d texts changed, %d pieces fired, %d -> %d kept", rounds,
                  sum(len(t) for t in todo.values()), len(fired), before, len(kept))
         if len(kept) == before:
-            raise RuntimeError(f"exactness check: pieces {sorted(fired)[:10]} fire but pruning removed nothing")
+            raise DataError(f"exactness check: pieces {sorted(fired)[:10]} change old-language text but pruning "
+                            "removed nothing (a change no new piece explains)")
         built = build(kept)
-    raise RuntimeError(f"exactness check did not reach a fixed point in {max_rounds} rounds")
+    raise DataError(f"exactness check did not reach a fixed point in {max_rounds} rounds")
 
 
 def culprits(base_ids: Sequence[Sequence[int]], new_ids: Sequence[Sequence[int]], token: Callable[[int], str],
