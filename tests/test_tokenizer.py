@@ -338,3 +338,23 @@ def test_deterministic_for_a_seed(tmp_path, texts, mistral_model):
         outs.append([(layout.tokenizer / f).read_bytes() for f in ("tokenizer.model", "tokenizer.json",
                                                                     "new_tokens.json")])
     assert outs[0] == outs[1]
+
+
+def test_fixed_point_prunes_what_fires_until_nothing_does():
+    """cpt.tok.exact on a toy encoder: a piece that only fires once a higher-priority one is pruned ("b" in "ab")
+    is caught in the next round; texts that did not change are not re-encoded."""
+    from cpt.tok import exact
+
+    seen: list[str] = []
+
+    def build(kept):
+        def enc(xs):
+            seen.extend(xs)
+            return [[100] if "a" in kept and "a" in x else [101] if "b" in kept and "b" in x else [0] for x in xs]
+
+        return exact.Built({"t": enc}, {100: "a", 101: "b"}.__getitem__)
+
+    views = [exact.View("t", ["ab", "zz"], lambda xs: [[0] for _ in xs])]
+    kept, _, summary = exact.fixed_point(["a", "b", "c"], build, views, lambda k, f: [p for p in k if p not in f])
+    assert kept == ["c"] and summary["rounds"] == 3 and summary["pruned"] == 2
+    assert seen.count("zz") == 1
