@@ -182,7 +182,6 @@ def main() -> None:
     ap.add_argument("--max-train-chars", type=int, default=5_000_000, help="per new language; 0 = all")
     ap.add_argument("--old-max-chars", type=int, default=5_000_000, help="chooser sample; 0 = all")
     ap.add_argument("--guard", default="native", choices=("native", "distinct", "exact"))
-    ap.add_argument("--partial-chars", action="store_true", help="tokenizer.whole_chars=false (byte-level bases)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     corpora = Path(args.corpora)
@@ -195,7 +194,7 @@ def main() -> None:
         layout = build_clean(tmp / "proj", corpora, chooser)
         params = {"seed": 1234, "tokenizer": {
             "base": str(base_dir), "max_train_chars": args.max_train_chars, "old_max_chars": args.old_max_chars,
-            "check_lines": 0, "strict": False, "guard": args.guard, "whole_chars": not args.partial_chars}}
+            "check_lines": 0, "strict": False, "guard": args.guard}}
         t = time.perf_counter()
         metrics = stage.run(params, layout)
         stage_seconds = time.perf_counter() - t

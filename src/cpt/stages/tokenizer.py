@@ -43,7 +43,6 @@ DEFAULTS: dict[str, Any] = {
     "check_lines": 2000,
     "num_threads": 2,
     "strict": True,
-    "whole_chars": True,  # byte-level bases: every new token decodes to whole characters (see cpt.tok.bpe_extend)
 }
 GUARDS = ("native", "distinct", "exact")
 
@@ -54,8 +53,6 @@ def config(params: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"tokenizer.guard: {cfg['guard']!r}; expected one of {GUARDS}")
     if cfg["model_type"] not in ("bpe", "unigram"):
         raise ConfigError(f"tokenizer.model_type: {cfg['model_type']!r}; expected 'bpe' or 'unigram'")
-    if not isinstance(cfg["whole_chars"], bool):
-        raise ConfigError(f"tokenizer.whole_chars: {cfg['whole_chars']!r}; expected true or false")
     for key in ("max_train_chars", "old_max_chars", "check_lines", "num_threads", "max_added"):
         if not isinstance(cfg[key], int) or cfg[key] < 0:
             raise ConfigError(f"tokenizer.{key}: {cfg[key]!r}; expected a non-negative integer")

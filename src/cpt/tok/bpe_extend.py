@@ -180,16 +180,12 @@ def extend_bpe(base_ref, cfg: dict[str, Any], seed: int, new_text: dict[str, lis
             candidates.add(tok)
         if (a, b) in pairs or tok in words:
             return "pruned_exact"
-        partial = byte_level and partial_char(tok)
-        if partial and cfg["whole_chars"]:
+        if byte_level and partial_char(tok):
             # a token ending inside a multi-byte character (half a Hangul syllable) decodes to U+FFFD on its own:
-            # streaming decode and new_tokens.json would show garbage; only whole characters are added. A base with
-            # no token for the first two bytes of a 3-byte character (an English-only GPT-2) then gains nothing for
-            # Hangul or ạ/ệ: tokenizer.whole_chars=false allows those intermediate merges (unguarded: the guard
-            # reads letters, and half a character has none; held-out exactness is then measured, not constructed)
+            # streaming decode and new_tokens.json would show garbage; only whole characters are added
             return "pruned_partial"
         # the guard judges the merge even when a+b is already a base token: the new merge (a, b) is what fires
-        if guard is not None and not partial and not guard.allows(readable(tok, byte_level)):
+        if guard is not None and not guard.allows(readable(tok, byte_level)):
             return "pruned_guard"
         return None
 
