@@ -24,7 +24,7 @@ from cpt.errors import ConfigError, DataError
 from cpt.layout import Layout
 from cpt.params import stage_config
 from cpt.tok.report import evaluate, write_report
-from cpt.tok.sampling import find_base, new_languages, sample_lines
+from cpt.tok.sampling import find_base, new_languages, sample_docs, sample_lines
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ DEFAULTS: dict[str, Any] = {
     "character_coverage": 0.9995,
     "max_train_chars": 5_000_000,
     "old_max_chars": 5_000_000,
-    "guard": "native",
+    "guard": "distinct",
     "old_alphabet_min_freq": 1.0e-4,
     "foreign_ratio": 1.0,
     "max_added": 0,
@@ -44,7 +44,7 @@ DEFAULTS: dict[str, Any] = {
     "num_threads": 2,
     "strict": True,
 }
-GUARDS = ("native", "exact")
+GUARDS = ("native", "distinct", "exact")
 
 
 def config(params: dict[str, Any]) -> dict[str, Any]:
@@ -81,19 +81,21 @@ def run(params: dict[str, Any], layout: Layout) -> dict[str, Any]:
     for lang, lines in new_text.items():
         if not lines:
             raise DataError(f"{layout.clean}: no non-empty role: train text for language {lang}")
-    old_text = sample_lines(layout.clean, seed, cfg["old_max_chars"], role="train", domain="old")
-    if not old_text:
+    # the old-language chooser as whole documents, exactly as data/clean holds them (and the shards stage encodes
+    # them); the line-level checks use their NFC lines
+    old_docs = sample_docs(layout.clean, seed, cfg["old_max_chars"], role="train", domain="old")
+    if not old_docs:
         raise DataError(f"{layout.clean}: no role: train, domain: old text to check the old language against")
     timings["read"] = time.perf_counter() - t0
 
     if base.kind == "spm":
         from cpt.tok.spm_family import extend_spm
 
-        result = extend_spm(base, cfg, seed, new_text, old_text, layout, timings)
+        result = extend_spm(base, cfg, seed, new_text, old_docs, layout, timings)
     else:
         from cpt.tok.bpe_extend import extend_bpe
 
-        result = extend_bpe(base, cfg, seed, new_text, old_text, layout, timings)
+        result = extend_bpe(base, cfg, seed, new_text, old_docs, layout, timings)
 
     t = time.perf_counter()
     metrics, changed_examples = evaluate(result, cfg, langs, layout)
@@ -104,6 +106,11 @@ def run(params: dict[str, Any], layout: Layout) -> dict[str, Any]:
     if metrics["roundtrip_failures"] > metrics["roundtrip_failures_base"]:
         problems.append(f"{metrics['roundtrip_failures']} eval lines do not round-trip "
                         f"(the base: {metrics['roundtrip_failures_base']})")
+    if metrics["old_language_changed_lines"] or metrics["old_language_changed_docs"]:
+        problems.append(f"{metrics['old_language_changed_lines']} of {metrics['old_language_lines']} held-out "
+                        f"old-language lines and {metrics['old_language_changed_docs']} of "
+                        f"{metrics['old_language_docs']} documents encode differently from the base, through new "
+                        f"pieces {metrics['old_language_changed_pieces']}")
     if metrics["hf_mismatch_lines"]:
         problems.append(f"{metrics['hf_mismatch_lines']} eval lines encode differently through AutoTokenizer")
     if problems and cfg["strict"]:

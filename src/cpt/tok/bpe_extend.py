@@ -14,20 +14,21 @@ equal to an old-language word would fire, so those words count as conflicts too.
 from __future__ import annotations
 
 import functools
-import heapq
 import json
 import logging
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 from tokenizers import Tokenizer
 
 from cpt.errors import ConfigError, DataError
 from cpt.io import atomic_open, read_json, write_json
 from cpt.layout import Layout
-from cpt.tok.guard import Guard
+from cpt.tok import exact
+from cpt.tok.bpe_learn import learn_merges
+from cpt.tok.guard import Guard, in_letters_of
 from cpt.tok.spm_extend import SPACE
 
 log = logging.getLogger(__name__)
@@ -95,141 +96,80 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
-def pretokenized_counts(base: Tokenizer, lines: Iterable[str]) -> Counter[str]:
-    """Pre-token words of the new-language text as the base splits them (its normaliser + pre-tokenizer)."""
-    norm, pre = base.normalizer, base.pre_tokenizer
-    counts: Counter[str] = Counter()
-    for line in lines:
-        text = norm.normalize_str(line) if norm is not None else line
-        if pre is None:
-            counts[text] += 1
-        else:
-            counts.update(w for w, _ in pre.pre_tokenize_str(text))
-    return counts
-
-
-def learn_merges(
-    base: Tokenizer,
-    lines: list[str],
-    n_merges: int,
-    allowed: Callable[[str, str], str | None],
-    *,
-    min_count: int = 2,
-) -> tuple[list[tuple[str, str]], Counter[str]]:
-    """Continue BPE training from the BASE's final segmentation of the new-language words.
-
-    Why not train a fresh BPE and append its merges: a fresh model's merges assume its own intermediate tokens,
-    which the base (whose merges run first) often never produces, so many appended merges are dead. Learning on top
-    of the base's output makes every learned merge reachable by construction, and lets each candidate pair be
-    checked against the old language as it is chosen. ``allowed(a, b)`` returns None or the reason it refuses.
-    Standard incremental BPE (pair counts, pair -> words index, lazy max-heap); hand-written because no library
-    trains merges on top of a fixed existing segmentation."""
-    counts = pretokenized_counts(base, lines)
-    words: list[list[str]] = []
-    freqs: list[int] = []
-    for w, f in counts.items():
-        words.append([t.value for t in base.model.tokenize(w)])
-        freqs.append(f)
-    pair_count: Counter[tuple[str, str]] = Counter()
-    where: dict[tuple[str, str], set[int]] = defaultdict(set)
-    for i, seq in enumerate(words):
-        for pair in zip(seq, seq[1:]):
-            pair_count[pair] += freqs[i]
-            where[pair].add(i)
-    heap = [(-c, pair) for pair, c in pair_count.items()]
-    heapq.heapify(heap)
-    merges: list[tuple[str, str]] = []
-    refused: Counter[str] = Counter()
-    banned: set[tuple[str, str]] = set()
-    while heap and len(merges) < n_merges:
-        neg, pair = heapq.heappop(heap)
-        if -neg != pair_count.get(pair, 0) or pair in banned:
-            continue  # stale heap entry
-        if -neg < min_count:
-            break
-        reason = allowed(*pair)
-        if reason:
-            refused[reason] += 1
-            banned.add(pair)
-            continue
-        merges.append(pair)
-        a, b = pair
-        new = a + b
-        touched: set[tuple[str, str]] = set()
-        for i in where.pop(pair, ()):
-            seq, f = words[i], freqs[i]
-            out: list[str] = []
-            gone: set[int] = set()  # start positions (in seq) of pairs that disappear
-            made: list[int] = []  # positions (in out) of the merged tokens
-            j, n = 0, len(seq)
-            while j < n:
-                if j + 1 < n and seq[j] == a and seq[j + 1] == b:
-                    gone.update(k for k in (j - 1, j, j + 1) if 0 <= k < n - 1)
-                    made.append(len(out))
-                    out.append(new)
-                    j += 2
-                else:
-                    out.append(seq[j])
-                    j += 1
-            # only the pairs around each merged occurrence change: update those, not the whole word
-            for k in gone:
-                q = (seq[k], seq[k + 1])
-                pair_count[q] -= f
-                touched.add(q)
-            for k in {k for m in made for k in (m - 1, m) if 0 <= k < len(out) - 1}:
-                q = (out[k], out[k + 1])
-                pair_count[q] += f
-                where[q].add(i)
-                touched.add(q)
-            words[i] = out
-        touched.discard(pair)
-        for q in touched:
-            if pair_count[q] > 0:
-                heapq.heappush(heap, (-pair_count[q], q))
-        pair_count.pop(pair, None)
-    return merges, refused
-
-
-def old_pairs(base: Tokenizer, spec: dict[str, Any], lines: Iterable[str]) -> tuple[set[tuple[str, str]], set[str]]:
+def old_pairs(encodings: Iterable[Any], ignore_merges: bool) -> tuple[set[tuple[str, str]], set[str]]:
     """Adjacent token pairs of the base's segmentation of old-language text (within a pre-token word), and, for
-    ignore_merges bases, the pre-token words themselves."""
+    ignore_merges bases, the pre-token words themselves. ``encodings``: the base's ``Encoding`` objects for the
+    chooser's whole documents and its lines."""
     pairs: set[tuple[str, str]] = set()
     words: set[str] = set()
-    ignore = bool(spec["model"].get("ignore_merges"))
-    batch = list(lines)
-    for i in range(0, len(batch), 4096):
-        for enc in base.encode_batch(batch[i:i + 4096], add_special_tokens=False):
-            toks, wids = enc.tokens, enc.word_ids
-            for j in range(1, len(toks)):
-                if wids[j] is not None and wids[j] == wids[j - 1]:
-                    pairs.add((toks[j - 1], toks[j]))
-            if ignore:
-                cur, last = "", None
-                for t, w in zip(toks, wids):
-                    if w != last and cur:
-                        words.add(cur)
-                        cur = ""
-                    cur += t
-                    last = w
-                if cur:
+    for enc in encodings:
+        toks, wids = enc.tokens, enc.word_ids
+        for j in range(1, len(toks)):
+            if wids[j] is not None and wids[j] == wids[j - 1]:
+                pairs.add((toks[j - 1], toks[j]))
+        if ignore_merges:
+            cur, last = "", None
+            for t, w in zip(toks, wids):
+                if w != last and cur:
                     words.add(cur)
+                    cur = ""
+                cur += t
+                last = w
+            if cur:
+                words.add(cur)
     return pairs, words
 
 
-def extend_bpe(base_ref, cfg: dict[str, Any], seed: int, new_text: dict[str, list[str]], old_text: list[str],
+def reachable_merges(merges: list[tuple[str, str]], vocab: Iterable[str]) -> list[tuple[str, str]]:
+    """The merges whose two sides the base vocabulary or an earlier kept merge provides (learned merges come in
+    that order), after pruning removed some."""
+    have = set(vocab)
+    out = []
+    for a, b in merges:
+        if a in have and b in have:
+            out.append((a, b))
+            have.add(a + b)
+    return out
+
+
+def build(spec: dict[str, Any], kept: list[tuple[str, str]]) -> tuple[dict[str, Any], list[str]]:
+    """The extended tokenizer.json spec: new tokens after every base id, new merges after every base merge."""
+    n = base_size(spec)
+    vocab = spec["model"]["vocab"]
+    out = dict(spec)
+    out["model"] = dict(spec["model"])
+    added = list(dict.fromkeys(a + b for a, b in kept if a + b not in vocab))
+    # Pin the base's added tokens (<s>, </s>, Llama-3's reserved specials) into the model vocabulary at their ids:
+    # on load, tokenizers re-numbers an added token that the model does not know from the model's vocabulary size,
+    # so once new tokens grow the model they would move (EOS no longer the base's EOS id) and take the ids of the
+    # last new tokens (decoding " 모르겠습니다" as "<unk>": the Korean round-trip failures on a Tekken base).
+    pinned = {t["content"]: t["id"] for t in spec.get("added_tokens", []) if t["content"] not in vocab}
+    out["model"]["vocab"] = {**vocab, **pinned, **{tok: n + i for i, tok in enumerate(added)}}
+    out["model"]["merges"] = [list(m) for m in merge_pairs(spec)] + [list(m) for m in kept]
+    return out, added
+
+
+def extend_bpe(base_ref, cfg: dict[str, Any], seed: int, new_text: dict[str, list[str]], old_docs: list[str],
                layout: Layout, timings: dict[str, float]):
-    from cpt.tok.sampling import vocab_size_for
-    from cpt.tok.spm_family import Extension
+    from cpt.tok.sampling import lines_of, vocab_size_for
+    from cpt.tok.spm_family import Extension, hf_encoder
 
     base, spec = load(base_ref.file)
     byte_level = is_byte_level(spec)
     vocab: dict[str, int] = spec["model"]["vocab"]
+    old_lines = lines_of(old_docs)
     t = time.perf_counter()
-    pairs, words = old_pairs(base, spec, old_text)
+    base.encode_special_tokens = True  # as the shards stage loads it: special-token strings in text are text
+    doc_enc = base.encode_batch(old_docs, add_special_tokens=False)
+    line_enc = base.encode_batch(old_lines, add_special_tokens=False)
+    pairs, words = old_pairs(doc_enc + line_enc, bool(spec["model"].get("ignore_merges")))
+    docs = exact.View("documents", old_docs, hf_encoder(base), [e.ids for e in doc_enc])
+    lines = exact.View("lines", old_lines, hf_encoder(base), [e.ids for e in line_enc])
+    del doc_enc, line_enc
     guard = None
-    if cfg["guard"] == "native":
-        guard = Guard(old_text, new_text,
-                      min_freq=float(cfg["old_alphabet_min_freq"]), foreign_ratio=float(cfg["foreign_ratio"]))
+    if cfg["guard"] != "exact":
+        guard = Guard(old_lines, new_text, min_freq=float(cfg["old_alphabet_min_freq"]),
+                      foreign_ratio=float(cfg["foreign_ratio"]), distinct_only=cfg["guard"] == "distinct")
     timings["choose"] = time.perf_counter() - t
     have = set(vocab)
     candidates: set[str] = set()
@@ -240,8 +180,12 @@ def extend_bpe(base_ref, cfg: dict[str, Any], seed: int, new_text: dict[str, lis
             candidates.add(tok)
         if (a, b) in pairs or tok in words:
             return "pruned_exact"
+        if byte_level and partial_char(tok):
+            # a token ending inside a multi-byte character (half a Hangul syllable) decodes to U+FFFD on its own:
+            # streaming decode and new_tokens.json would show garbage; only whole characters are added
+            return "pruned_partial"
         # the guard judges the merge even when a+b is already a base token: the new merge (a, b) is what fires
-        if guard is not None and not (byte_level and partial_char(tok)) and not guard.allows(readable(tok, byte_level)):
+        if guard is not None and not guard.allows(readable(tok, byte_level)):
             return "pruned_guard"
         return None
 
@@ -249,8 +193,8 @@ def extend_bpe(base_ref, cfg: dict[str, Any], seed: int, new_text: dict[str, lis
     kept: list[tuple[str, str]] = []
     refused: Counter[str] = Counter()
     seen: set[tuple[str, str]] = set()
-    for lang, lines in new_text.items():
-        merges, why = learn_merges(base, lines, vocab_size_for(cfg, lang), allowed)
+    for lang, text in new_text.items():
+        merges, why = learn_merges(base, text, vocab_size_for(cfg, lang), allowed)
         refused.update(why)
         for m in merges:
             if m not in seen and (not cfg["max_added"] or len(have) - len(vocab) < cfg["max_added"]):
@@ -258,16 +202,29 @@ def extend_bpe(base_ref, cfg: dict[str, Any], seed: int, new_text: dict[str, lis
                 kept.append(m)
                 have.add(m[0] + m[1])
     timings["train"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+
+    def build_round(merges: list[tuple[str, str]]) -> exact.Built:
+        out_spec, added = build(spec, merges)
+        tok = Tokenizer.from_str(json.dumps(out_spec))
+        inv = {i: w for w, i in out_spec["model"]["vocab"].items()}
+        return exact.Built({"documents": hf_encoder(tok), "lines": hf_encoder(tok)}, lambda i: inv.get(i, str(i)))
+
+    def prune(merges: list[tuple[str, str]], fired: set[str]) -> list[tuple[str, str]]:
+        return reachable_merges([m for m in merges if m[0] + m[1] not in fired], vocab)
+
+    n_before = len(kept)
+    kept, _, summary = exact.fixed_point(kept, build_round, [docs, lines], prune)
+    log.info("exactness fixed point: %d rounds, %d merges pruned (%s)", summary["rounds"], n_before - len(kept),
+             ", ".join(readable(p, byte_level) for p in summary["examples"]))
+    timings["choose"] += time.perf_counter() - t
     counts = {"candidates": len(candidates), "pruned_exact": refused["pruned_exact"],
               "pruned_guard": refused["pruned_guard"], "pruned_unreachable": 0}
 
     t = time.perf_counter()
+    out_spec, added = build(spec, kept)
     n = base_size(spec)
-    out_spec = json.loads(json.dumps(spec))
-    added = list(dict.fromkeys(a + b for a, b in kept if a + b not in vocab))
-    for i, tok in enumerate(added):
-        out_spec["model"]["vocab"][tok] = n + i
-    out_spec["model"]["merges"] = [list(m) for m in merge_pairs(spec)] + [list(m) for m in kept]
     out = layout.tokenizer
     out.mkdir(parents=True, exist_ok=True)
     with atomic_open(out / "tokenizer.json") as fh:
@@ -294,20 +251,24 @@ def extend_bpe(base_ref, cfg: dict[str, Any], seed: int, new_text: dict[str, lis
     merged = Tokenizer.from_file(str(out / "tokenizer.json"))
     hf = AutoTokenizer.from_pretrained(str(out))
     hf._tokenizer.encode_special_tokens = True
-    base.encode_special_tokens = merged.encode_special_tokens = True
-
-    def enc(tk):
-        return lambda lines: [e.ids for e in tk.encode_batch(lines, add_special_tokens=False)]
-
+    inv = {i: w for w, i in out_spec["model"]["vocab"].items()}
     return Extension(
         kind="bpe",
         base_file=base_ref.file,
         base_vocab=n,
         added=added,
-        encode_base=enc(base),
-        encode=enc(merged),
-        encode_hf=enc(hf._tokenizer),
+        encode_base=hf_encoder(base),
+        encode=hf_encoder(merged),
+        encode_hf=hf_encoder(hf._tokenizer),
         decode_hf=lambda ids: hf.decode(ids),
         decode_base=lambda ids: base.decode(ids, skip_special_tokens=False),
+        encode_docs_base=hf_encoder(base),
+        encode_docs=hf_encoder(merged),
+        token=lambda i: readable(inv.get(i, str(i)), byte_level),
+        pruned_verified=n_before - len(kept),
+        exact_rounds=summary["rounds"],
+        extra={"chooser_docs": len(old_docs), "chooser_lines": len(old_lines),
+               "in_old_letters": in_letters_of(old_lines),
+               "pruned_partial_char": refused["pruned_partial"]},
         **counts,
     )

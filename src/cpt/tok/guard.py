@@ -50,6 +50,37 @@ def old_alphabet(lines: Iterable[str], min_freq: float) -> set[str]:
     return common | {c.upper() for c in common if len(c.upper()) == 1} | {SPACE}
 
 
+# Unicode blocks of the Latin script: a language that writes one letter of a block meets the rest of it in names and
+# loanwords (English text has é and á, so it will meet ã in "São Paulo"); other scripts count as one block each.
+_LATIN_BLOCKS = ((0x00, 0x7F), (0x80, 0xFF), (0x100, 0x17F), (0x180, 0x24F), (0x250, 0x2AF), (0x1E00, 0x1EFF))
+
+
+def block(c: str) -> str:
+    o = ord(c)
+    for lo, hi in _LATIN_BLOCKS:
+        if lo <= o <= hi:
+            return f"LATIN-{lo:04X}"
+    return script(c)
+
+
+def in_letters_of(old_lines: list[str]):
+    """A test for text written only in letters of the Unicode blocks the old-language text uses ("São" passes for
+    English, "Trần" does not): held-out text that fails it quotes a new language, whose pieces may fire there."""
+    blocks = {block(c) for line in old_lines for c in set(line.lower()) if c.isalpha()}
+    memo: dict[str, bool] = {}
+
+    def test(text: str) -> bool:
+        for c in set(text):
+            ok = memo.get(c)
+            if ok is None:
+                ok = memo[c] = not c.isalpha() or block(c.lower()) in blocks
+            if not ok:
+                return False
+        return True
+
+    return test
+
+
 def script(c: str) -> str:
     """The Unicode script of a letter, from its name: LATIN, GREEK, CJK, HIRAGANA, KATAKANA, HANGUL, ..."""
     try:
@@ -74,9 +105,10 @@ class Guard:
     ``in``/``count`` per candidate instead of materialising every substring of every word."""
 
     def __init__(self, old_lines: list[str], new_text: dict[str, list[str]], *, min_freq: float = 1e-4,
-                 foreign_ratio: float = 1.0, script_share: float = 0.01):
+                 foreign_ratio: float = 1.0, script_share: float = 0.01, distinct_only: bool = False):
         self.alphabet = alphabet = old_alphabet(old_lines, min_freq)
         self.foreign_ratio = foreign_ratio
+        self.distinct_only = distinct_only  # guard: distinct -- no piece spelled only in letters the old text meets
         old_scripts = {script(c) for c in alphabet if c.isalpha()}
         # Letters the new languages actually write with: a script that carries >= script_share of a language's
         # letters, and, in a script the old language shares (Latin for vi), only letters frequent in that
@@ -95,32 +127,44 @@ class Guard:
                 c for c, n in counts.items()
                 if script(c) in major and (script(c) not in old_scripts or n / total >= min_freq)
             }
+        # Letters the old language can meet: every letter of a block it writes at all. A piece spelled only in
+        # those is "old-spelled" and must be vouched for, even with a rare letter ("ão" from bão fires on São).
+        seen = {c for line in old_lines for c in line.lower() if c.isalpha()}
+        blocks = {block(c) for c in seen}
+        self.possible = alphabet | {c for c in self.native_letters if block(c.lower()) in blocks}
+        self.rare = self.possible - alphabet
         old_words = {w: 1 for line in old_lines for w in line.split()}
         self.old_words = _joined(old_words.items())
         new_words: Counter[str] = Counter(
             _NON_WORD.sub("", w) for lines in new_text.values() for line in lines for w in line.lower().split())
         new_words.pop("", None)
+        # native words carry a letter of the new language that the old one never meets (ư, ạ, ệ; not the ō of
+        # pinyin or the é of French names, which would vouch for 'zh' or 'éon')
+        self.distinct = self.native_letters - self.possible
         native: Counter[str] = Counter()
         for w, n in new_words.items():
-            if not self.old_spelled(w):
+            if any(c in self.distinct for c in w):
                 native[skeleton(w)] += n
-        foreign = {w: n for w, n in new_words.items() if self.old_spelled(w) and skeleton(w) not in native}
+        foreign = {w: n for w, n in new_words.items()
+                   if not any(c in self.distinct for c in w) and skeleton(w) not in native}
         # each word type repeated 1 + log2(count) times: ``str.count`` then weighs frequent words more (Singapore
         # x500 outweighs one stray 'singaporé') without the joined strings growing with the corpus
         self.native_words, self.foreign_words = _joined(native.items()), _joined(foreign.items())
 
     def old_spelled(self, piece: str) -> bool:
-        """No letter outside the old alphabet (digits, punctuation and symbols are shared by every language)."""
-        return all(c in self.alphabet for c in piece if c.isalpha())
+        """No letter the old language cannot meet (digits, punctuation and symbols are shared by every language)."""
+        return all(c in self.possible for c in piece if c.isalpha())
 
     def allows(self, piece: str) -> bool:
         if not self.old_spelled(piece):
             # a letter the old language does not use: safe, if the new language really writes with it
             return all(c in self.alphabet or c in self.native_letters for c in piece if c.isalpha())
-        if not any(c.isalpha() for c in piece):
+        if not any(c.isalpha() for c in piece) or self.distinct_only:
             return False  # punctuation/digits/symbols only: the base decides how those are spelled
         if any(c.isupper() for c in piece) or piece in self.old_words:
             return False
+        if not piece.startswith(SPACE) and any(c in self.rare for c in piece):
+            return False  # a rare letter inside a word: names (Napoléon, São) are where the old language meets it
         native = self.native_words.count(skeleton(piece))
         return native > 0 and self.foreign_words.count(piece) <= self.foreign_ratio * native
 

@@ -11,6 +11,7 @@ everywhere. Here every pair ``(a, b)`` with ``a+b`` in the vocabulary becomes a 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +58,14 @@ def build_tokenizer(proto, *, add_bos: bool = True, add_eos: bool = False) -> To
         steps += [normalizers.Strip(left=True, right=True), normalizers.Replace(Regex(" {2,}"), " ")]
     # SentencePiece adds the dummy prefix unconditionally (even before a leading space): Prepend, not Metaspace's
     # "first" scheme, which skips text that already starts with a space.
+    user = [p.piece for p in proto.pieces if p.type == USER_DEFINED]
     if norm.add_dummy_prefix:
         steps.append(normalizers.Prepend(SPACE))
+        if user:
+            # The normaliser also runs on each user-defined piece's own text (they are matched on normalised text,
+            # as SentencePiece matches them): take the prefix back off a string that is exactly one of them.
+            alt = "|".join(re.escape(p) for p in sorted(user, key=len, reverse=True))
+            steps.append(normalizers.Replace(Regex(f"^{SPACE}(?=(?:{alt})$)"), ""))
     steps.append(normalizers.Replace(" ", SPACE))
     tok.normalizer = normalizers.Sequence(steps)
     dec = [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
@@ -66,10 +73,12 @@ def build_tokenizer(proto, *, add_bos: bool = True, add_eos: bool = False) -> To
         dec.append(decoders.Strip(content=" ", left=1, right=0))
     tok.decoder = decoders.Sequence(dec)
     specials = [AddedToken(p.piece, special=True, normalized=False) for p in proto.pieces if p.type in CONTROL_TYPES]
-    user = [AddedToken(p.piece, special=False, normalized=False) for p in proto.pieces if p.type == USER_DEFINED]
     tok.add_special_tokens(specials)
     if user:
-        tok.add_tokens(user)
+        # normalized=True: matched inside the normalised text, so the dummy prefix goes once before the whole text
+        # and "hello<br>world" stays [▁hello, <br>, w, orld] as in SentencePiece (normalized=False split the text
+        # first and gave every segment its own prefix: [▁hello, <br>, ▁world])
+        tok.add_tokens([AddedToken(p, special=False, normalized=True) for p in user])
     bos = proto.trainer_spec.bos_piece if proto.trainer_spec.bos_id >= 0 else None
     eos = proto.trainer_spec.eos_piece if proto.trainer_spec.eos_id >= 0 else None
     single, pair, special = ["$A"], ["$A", "$B"], []

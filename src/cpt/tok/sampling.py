@@ -56,26 +56,47 @@ def _lines(docs: Iterable[dict[str, Any]]) -> Iterator[str]:
                 yield line
 
 
-def _keep(doc_id: str, seed: int, fraction: float) -> bool:
-    h = hashlib.blake2b(f"{seed}:{doc_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") / 2**64 < fraction
+def _rank(doc_id: str, seed: int) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{doc_id}".encode(), digest_size=8).digest(), "little")
+
+
+def sample_docs(folder: Path, seed: int, max_chars: int, **filters: str) -> list[str]:
+    """Whole document texts exactly as data/clean holds them (what the shards stage encodes: newlines, tabs and
+    leading spaces included). Over ``max_chars`` (0 = all): documents in the order of a seeded hash of their id until
+    the budget is reached, at least one, so a corpus of a few long books still yields text. Deterministic and
+    independent of file order; returned in file order."""
+    sizes = [(_rank(str(d.get("id")), seed), len(d["text"])) for d in iter_docs(folder, **filters)
+             if d["text"].strip()]
+    chosen: set[int] = set()
+    if max_chars and sum(n for _, n in sizes) > max_chars:
+        total = 0
+        for rank, n in sorted(sizes):
+            if total >= max_chars:
+                break
+            chosen.add(rank)
+            total += n
+    return [d["text"] for d in iter_docs(folder, **filters)
+            if d["text"].strip() and (not chosen or _rank(str(d.get("id")), seed) in chosen)]
+
+
+def lines_of(docs: Iterable[str]) -> list[str]:
+    """The non-blank NFC lines of document texts (the unit of the line-level checks and of new-piece training)."""
+    return list(_lines({"text": d} for d in docs))
 
 
 def sample_lines(folder: Path, seed: int, max_chars: int, **filters: str) -> list[str]:
-    """Lines of the matching documents, a seeded document sample when the text exceeds ``max_chars`` (0 = all).
-    Sampling by hashed document id keeps it deterministic and independent of file order."""
-    total = sum(len(d["text"]) for d in iter_docs(folder, **filters))
-    fraction = 1.0 if not max_chars or total <= max_chars else max_chars / total
-    out: list[str] = []
-    for doc in iter_docs(folder, **filters):
-        if fraction >= 1.0 or _keep(str(doc.get("id")), seed, fraction):
-            out.extend(_lines([doc]))
-    return out
+    """The lines of ``sample_docs``."""
+    return lines_of(sample_docs(folder, seed, max_chars, **filters))
 
 
 def eval_lines(folder: Path, lang: str, limit: int) -> list[str]:
     lines = list(_lines(iter_docs(folder, role="eval", lang=lang)))
     return lines[:limit] if limit else lines
+
+
+def eval_docs(folder: Path, **filters: str) -> list[str]:
+    """Whole ``role: eval`` document texts, unnormalised (as the shards stage would encode them)."""
+    return [d["text"] for d in iter_docs(folder, role="eval", **filters) if d["text"].strip()]
 
 
 def new_languages(cfg: dict[str, Any], layout: Layout) -> list[str]:

@@ -180,34 +180,40 @@ def _symbols(ids: list[int], sp: spm.SentencePieceProcessor, is_byte: np.ndarray
             i += 1
 
 
-def old_conflicts(base: pb.ModelProto, lines: Iterable[str], *, batch: int = 2048, num_threads: int = 2) -> set[str]:
+def old_conflicts(base: pb.ModelProto, lines: Iterable[str], *, batch: int = 2048, num_threads: int = 2,
+                  encoded: Iterable[list[int]] = ()) -> set[str]:
     """Every string a new piece must not be, given the old-language ``lines``: concatenations of adjacent tokens of
-    the base's segmentation, and characters the base could only spell in bytes."""
+    the base's segmentation, and characters the base could only spell in bytes. ``encoded``: further base id lists
+    already at hand (the whole documents, encoded by the base's ``tokenizer.json`` as the shards stage does; its ids
+    are the ``.model``'s)."""
     sp = processor(base)
     is_byte = np.zeros(sp.get_piece_size(), dtype=bool)
     for i, p in enumerate(base.pieces):
         is_byte[i] = p.type == BYTE
     pieces = [p.piece for p in base.pieces]
-    conflicts: set[str] = set()
-    chunk: list[str] = []
-
-    def flush() -> None:
-        for ids in sp.encode(chunk, num_threads=num_threads):
-            if ids and is_byte[ids].any():
-                syms = list(_symbols(ids, sp, is_byte))
-                conflicts.update(s for s in syms if len(s) == 1 and s not in vocab)
-            else:
-                syms = [pieces[t] for t in ids]
-            conflicts.update(a + b for a, b in zip(syms, syms[1:]))
-        chunk.clear()
-
     vocab = set(pieces)
+    conflicts: set[str] = set()
+
+    def add(ids: list[int]) -> None:
+        if len(ids) and is_byte[ids].any():
+            syms = list(_symbols(ids, sp, is_byte))
+            conflicts.update(s for s in syms if len(s) == 1 and s not in vocab)
+        else:
+            syms = [pieces[t] for t in ids]
+        conflicts.update(a + b for a, b in zip(syms, syms[1:]))
+
+    chunk: list[str] = []
     for line in lines:
         chunk.append(line)
         if len(chunk) >= batch:
-            flush()
+            for ids in sp.encode(chunk, num_threads=num_threads):
+                add(ids)
+            chunk.clear()
     if chunk:
-        flush()
+        for ids in sp.encode(chunk, num_threads=num_threads):
+            add(ids)
+    for ids in encoded:
+        add(list(ids))
     return conflicts
 
 
