@@ -221,7 +221,7 @@ def train(cfg: dict, seed: int, layout: Layout, info: distributed.DistInfo, devi
     save_dtype = config_dtype(inputs.base_config)
     n_params = flops.count_params(hf_model)
     layers, width = flops.model_shape(hf_model.config)
-    per_token = flops.flops_per_token(n_params, layers, width, inputs.block - 1)
+    per_token = flops.flops_per_token(flops.matmul_params(hf_model), layers, width, inputs.block - 1)  # PaLM N
 
     model = parallelize(cfg, core, hf_model, info, device, amp_dtype)
     optimizer = build_optimizer(hf_model, lr=float(cfg["lr"]), weight_decay=float(cfg["weight_decay"]),
@@ -347,7 +347,7 @@ def final_metrics(cfg: dict, state: RunState, start_step: int, train_loss: float
         "old_loss_before_resize": resize["old_loss_before"], "old_loss_after_resize": resize["old_loss_after"],
         "old_loss_resize_change": resize["old_loss_change"], "embeddings": {k: resize.get(k) for k in
         ("vocab", "base_vocab", "rows_before", "rows_after", "added", "init", "init_fallback", "tied",
-         "new_logit_shift", "new_mass_before", "new_mass_after")},
+         "new_logit_shift", "new_mass_before", "new_mass_after", "calibration_skipped")},
         "params": n_params, "flops_per_token": per_token, "world_size": info.world_size, "device": device.type,
         "replay_ratio": float(cfg["replay_ratio"]), "epochs": sampler.epochs(state.samples),
         "resumed_from": start_step or None, "retrained": True,
