@@ -27,23 +27,25 @@ from cpt.ops import tracking
 from cpt.progress import progress
 from cpt.training import checkpoint, distributed, flops
 from cpt.training.curve import truncate_step_log, write_curve
-from cpt.training.data import ReplaySampler, ShardSplit, eval_rows, open_shards
+from cpt.training.data import ReplaySampler, ShardSplit, open_shards
 from cpt.training.embeddings import calibrate_new_logits, extend_embeddings
 from cpt.training.export import config_dtype, export_model
 from cpt.training.loss import CausalLMLoss
 from cpt.training.measure import (
+    LN2,
     bpb,
     calibration_blocks,
     domain_losses,
-    eval_batches,
+    lang_rows,
     mean_loss,
     resize_probe_rows,
+    split_bpb,
     to_xy,
 )
 from cpt.training.optim import build_optimizer, set_lr
 from cpt.training.resume import changed_items, check_forceable, describe_changes, fingerprint_items
 from cpt.training.schedule import lr_for
-from cpt.training.step import NonFiniteLoss, evaluate, train_step
+from cpt.training.step import NonFiniteLoss, train_step
 
 log = logging.getLogger("cpt.stages.train")
 
@@ -184,20 +186,27 @@ def parallelize(cfg: dict, core: CausalLMLoss, hf_model, info: distributed.DistI
 # ---- eval during training -------------------------------------------------------------------------------------------
 
 
-def evaluate_val(model, core, inputs: Inputs, eval_sets: dict[str, np.ndarray], cfg: dict, info, device,
+def evaluate_val(model, core, inputs: Inputs, eval_sets: dict[str, dict[str, np.ndarray]], cfg: dict, info, device,
                  amp_dtype) -> dict[str, float]:
-    """Mean loss and bits per byte on the fixed val blocks of each domain (sharded over ranks)."""
+    """Loss and exact bits per byte on val blocks of each domain, per language (``bpb_<domain>_<lang>``) and pooled
+    over the domain's scored blocks (``bpb_<domain>``); sharded over ranks."""
     row: dict[str, float] = {}
+    specials = tuple(i for i in (inputs.shards.meta.get("bos_id"), inputs.shards.meta.get("eos_id")) if i is not None)
     core.eval()
     for d in ("new", "old"):
-        split, rows = inputs.val[d], eval_sets[d]
-        if split is None or len(rows) == 0:
-            row[f"loss_{d}"] = row[f"bpb_{d}"] = float("nan")
+        split, groups = inputs.val[d], eval_sets[d]
+        row[f"loss_{d}"] = row[f"bpb_{d}"] = float("nan")
+        if split is None or not groups:
             continue
-        total, n = evaluate(model, eval_batches(split, rows[info.rank :: info.world_size], cfg["micro_batch"], device),
-                            device=device, amp_dtype=amp_dtype)
-        row[f"loss_{d}"] = total / n
-        row[f"bpb_{d}"] = bpb(total / n, split)
+        parts = {lang: split_bpb(model, split, rows, cfg["micro_batch"], device, amp_dtype, specials, info.rank,
+                                 info.world_size) for lang, rows in groups.items()}
+        loss_sum, tokens = sum(p["loss_sum"] for p in parts.values()), sum(p["tokens"] for p in parts.values())
+        nll, nbytes = sum(p["nll"] for p in parts.values()), sum(p["bytes"] for p in parts.values())
+        row[f"loss_{d}"] = loss_sum / tokens if tokens else float("nan")
+        row[f"bpb_{d}"] = parts["all"]["bpb"] if "all" in parts else (nll / (LN2 * nbytes) if nbytes else float("nan"))
+        for lang, p in parts.items():
+            if lang != "all":
+                row[f"bpb_{d}_{lang}"] = p["bpb"]
     core.train()
     return row
 
@@ -244,7 +253,7 @@ def train(cfg: dict, seed: int, layout: Layout, info: distributed.DistInfo, devi
         return {**state.metrics, "retrained": False, "resumed_from": state.step}
 
     sampler = ReplaySampler(inputs.train_new, inputs.train_old, float(cfg["replay_ratio"]), seed)
-    eval_sets = {d: eval_rows(inputs.val[d], cfg["eval_blocks"], info.world_size) for d in ("new", "old")}
+    eval_sets = {d: lang_rows(inputs.val[d], cfg["eval_blocks"], info.world_size) for d in ("new", "old")}
     peak = flops.peak_flops(device, cfg["peak_tflops"])
     tracker = tracking.current()
     step_log = ckdir / "steps.jsonl"
@@ -318,9 +327,9 @@ def train(cfg: dict, seed: int, layout: Layout, info: distributed.DistInfo, devi
             row = val_row(step + 1, lr, train_loss)
             state.curve.append(row)
             if info.main:
-                tracker.log_metrics({f"val_{k.replace('_', '/')}": row[k] for k in
-                                     ("loss_new", "loss_old", "bpb_new", "bpb_old") if math.isfinite(row[k])},
-                                    step=step + 1)
+                val = {f"val_{k.replace('_', '/')}": row[k] for k in ("loss_new", "loss_old", "bpb_new", "bpb_old")}
+                val |= {f"bpb/{k[4:7]}/{k[8:]}": v for k, v in row.items() if k[:8] in ("bpb_new_", "bpb_old_")}
+                tracker.log_metrics({k: v for k, v in val.items() if math.isfinite(v)}, step=step + 1)
                 write_curve(layout.metrics / "train_curve.csv", state.curve)
         if (step + 1) % cfg["ckpt_interval"] == 0 and not done:
             save_checkpoint(step + 1, finished=False)
@@ -335,6 +344,15 @@ def train(cfg: dict, seed: int, layout: Layout, info: distributed.DistInfo, devi
     return metrics
 
 
+def per_language(row: dict[str, Any]) -> dict[str, float]:
+    """``{lang: bpb}`` from an eval row's ``bpb_<domain>_<lang>`` (``<lang>_<domain>`` if a language is in both)."""
+    out: dict[str, float] = {}
+    for k, v in row.items():
+        if k[:8] in ("bpb_new_", "bpb_old_"):
+            out[k[8:] if k[8:] not in out else f"{k[8:]}_{k[4:7]}"] = v
+    return out
+
+
 def final_metrics(cfg: dict, state: RunState, start_step: int, train_loss: float, sampler: ReplaySampler,
                   per_token: float, peak: float | None, n_params: int, info, device: torch.device) -> dict[str, Any]:
     final, resize = state.curve[-1], state.resize
@@ -344,6 +362,8 @@ def final_metrics(cfg: dict, state: RunState, start_step: int, train_loss: float
         "mfu": flops.mfu(tokens_per_s, per_token, peak, info.world_size),
         "train_seconds": state.train_seconds, "loss_new": final["loss_new"], "loss_old": final["loss_old"],
         "bpb_new": final["bpb_new"], "bpb_old": final["bpb_old"], "train_loss": train_loss,
+        # exact bits per byte per language on val blocks spread over the split (compare eval's heldout_<lang>)
+        "final_bpb": per_language(final),
         "old_loss_before_resize": resize["old_loss_before"], "old_loss_after_resize": resize["old_loss_after"],
         "old_loss_resize_change": resize["old_loss_change"], "embeddings": {k: resize.get(k) for k in
         ("vocab", "base_vocab", "rows_before", "rows_after", "added", "init", "init_fallback", "tied",
