@@ -42,7 +42,7 @@ from cpt.training.measure import (
     split_bpb,
     to_xy,
 )
-from cpt.training.optim import build_optimizer, set_lr
+from cpt.training.optim import apply_hparams, build_optimizer, set_lr
 from cpt.training.resume import changed_items, check_forceable, describe_changes, fingerprint_items
 from cpt.training.schedule import lr_for
 from cpt.training.step import NonFiniteLoss, train_step
@@ -122,9 +122,12 @@ def resume_point(cfg: dict, fp: dict[str, Any], ckdir: Path, info: distributed.D
     if info.main:
         ckdir.mkdir(parents=True, exist_ok=True)
         checkpoint.sweep_temp(ckdir)
-        if start_over:
+        if start_over == "train.resume=false":
             log.warning("%s: removing the checkpoints in %s and training from scratch", start_over, ckdir)
             checkpoint.clear(ckdir)
+        elif start_over:  # other inputs (a changed base, tokenizer, data or params): never silently reused
+            aside = checkpoint.move_aside(ckdir, start_over)
+            log.warning("%s: its checkpoints moved to %s; training from scratch", start_over, aside)
     if info.enabled:
         torch.distributed.barrier()
     return None if start_over else newest
@@ -222,7 +225,7 @@ def train(cfg: dict, seed: int, layout: Layout, info: distributed.DistInfo, devi
     tokens_per_step = global_batch * (inputs.block - 1)
 
     ckdir = layout.checkpoints
-    fp = fingerprint_items(cfg, seed, inputs.shards.meta, inputs.base_config)
+    fp = fingerprint_items(cfg, seed, inputs.shards.meta, layout.base, layout.tokenizer, info.world_size)
     resume_from = resume_point(cfg, fp, ckdir, info)
     seed_everything(seed)
 
@@ -238,6 +241,9 @@ def train(cfg: dict, seed: int, layout: Layout, info: distributed.DistInfo, devi
     clip_params = [p for g in optimizer.param_groups for p in g["params"]]
     if resume_from is not None:
         state = RunState.from_checkpoint(checkpoint.load(resume_from, core, optimizer))
+        # loading the optimizer state restored the checkpoint's hyperparameters; resume: force may have changed them
+        apply_hparams(optimizer, weight_decay=float(cfg["weight_decay"]), betas=tuple(cfg["betas"]),
+                      embed_lr_mult=float(cfg["embed_lr_mult"]))
         log.info("resuming from %s (step %d of %d, %d samples)", resume_from, state.step, cfg["steps"], state.samples)
 
     # a finished run is re-exported, not retrained
