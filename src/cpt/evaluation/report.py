@@ -210,7 +210,8 @@ def report_markdown(metrics: dict, rows: list[dict], models: dict, cfg: dict, fi
           "token is scored once, with at least window - stride tokens of context after the first window.",
           f"- bpb = sum of NLL (nats) / (ln 2 x UTF-8 bytes of the scored units). Units: documents cut at line ends "
           f"into pieces of at most unit_bytes={cfg['unit_bytes']}; per source a seeded uniform sample of units, "
-          f"spread over the whole source, up to max_bytes={cfg['max_bytes']} (max_docs={cfg['max_docs']} units).",
+          f"spread over the whole source, up to max_bytes={cfg['max_bytes']} (old-domain sources: "
+          f"max_bytes_old={cfg.get('max_bytes_old')}; max_docs={cfg['max_docs']} units).",
           "- Generations: [samples.md](samples.md). Numbers: `metrics/eval.json`; plots: `dvc plots show`.", ""]
     return "\n".join(L)
 

@@ -69,6 +69,14 @@ def budget(texts: list[str], max_docs: int | None, max_bytes: int | None, *, uni
     return [pool[i] for i in sorted(chosen)], len(pool)
 
 
+def _max_bytes(cfg: dict, domain: str) -> int | None:
+    """Old-domain sources get their own, larger budget: forgetting is a few hundredths of a bit per byte and its
+    interval must be narrower than ``gate.max_forgetting``; a new language's gain is whole bits and needs less text."""
+    if domain == "old" and cfg.get("max_bytes_old"):
+        return cfg["max_bytes_old"]
+    return cfg["max_bytes"]
+
+
 def collect_sources(layout: Layout, cfg: dict, seed: int = 0) -> list[EvalSource]:
     try:
         infos = select_sources(layout.clean, role="eval")
@@ -84,12 +92,12 @@ def collect_sources(layout: Layout, cfg: dict, seed: int = 0) -> list[EvalSource
     out = []
     for info in infos:
         texts = [d["text"] for d in iter_docs(layout.clean, role="eval", name=info.name) if d["text"].strip()]
-        chosen, pool = budget(texts, cfg["max_docs"], cfg["max_bytes"], unit_bytes=cfg["unit_bytes"], seed=seed,
-                              name=info.name)
+        chosen, pool = budget(texts, cfg["max_docs"], _max_bytes(cfg, info.domain), unit_bytes=cfg["unit_bytes"],
+                              seed=seed, name=info.name)
         out.append(EvalSource(info.name, info.lang, info.domain, "eval", chosen, pool))
     for name, (lang, domain, texts) in heldout_groups(layout, cfg).items():
-        chosen, pool = budget(texts, cfg["max_docs"], cfg["max_bytes"], unit_bytes=cfg["unit_bytes"], seed=seed,
-                              name=name)
+        chosen, pool = budget(texts, cfg["max_docs"], _max_bytes(cfg, domain), unit_bytes=cfg["unit_bytes"],
+                              seed=seed, name=name)
         out.append(EvalSource(name, lang, domain, "heldout", chosen, pool))
     out = [s for s in out if s.texts]
     if not out:

@@ -44,6 +44,7 @@ DEFAULTS: dict[str, Any] = {
     "sources": None,
     "max_docs": None,
     "max_bytes": 20_000,
+    "max_bytes_old": 100_000,
     "unit_bytes": 4096,
     "bootstrap_resamples": 1000,
     "max_length": 1024,
@@ -90,7 +91,7 @@ def config(params: dict) -> dict[str, Any]:
             raise ConfigError(f"eval.{key}: must be a positive integer, got {cfg[key]!r}")
     if cfg["max_length"] < 2 or cfg["stride"] >= cfg["max_length"]:
         raise ConfigError(f"eval.stride ({cfg['stride']}) must be < eval.max_length ({cfg['max_length']})")
-    for key in ("max_docs", "max_bytes", "threads", "unit_bytes"):
+    for key in ("max_docs", "max_bytes", "max_bytes_old", "threads", "unit_bytes"):
         if cfg[key] is not None and (not isinstance(cfg[key], int) or cfg[key] < 1):
             raise ConfigError(f"eval.{key}: must be a positive integer or null, got {cfg[key]!r}")
     return cfg
