@@ -44,7 +44,7 @@ DEFAULTS: dict[str, Any] = {
     "sources": None,
     "max_docs": None,
     "max_bytes": 20_000,
-    "max_bytes_old": 100_000,
+    "max_bytes_old": 200_000,
     "unit_bytes": 4096,
     "bootstrap_resamples": 1000,
     "max_length": 1024,
