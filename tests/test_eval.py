@@ -391,6 +391,16 @@ def test_window_capped_by_the_model_keeps_the_stride_ratio(fixture_models):
     assert (BpbScorer(lm, max_length=128, stride=100).max_length, BpbScorer(lm, 128, 100).stride) == (128, 100)
 
 
+def test_one_unit_gets_no_interval_rather_than_a_zero_width_one():
+    from cpt.evaluation.uncertainty import Paired, bootstrap, interval
+
+    draws = bootstrap({"s": Paired([10.0], [9.0], [100])}, resamples=50, seed=0)
+    assert interval(draws.values(), units=1) is None
+    draws = bootstrap({"s": Paired([10.0, 30.0, 20.0], [9.0, 31.0, 15.0], [100, 120, 90])}, resamples=200, seed=0)
+    lo, hi = interval(draws.values(), units=3)
+    assert lo < hi and interval(draws.values(), units=3) == [lo, hi]  # seeded
+
+
 def test_units_cut_long_documents_at_line_ends_and_the_budget_samples_them_spread_and_seeded():
     from cpt.evaluation.sources import budget, units
 
@@ -399,6 +409,8 @@ def test_units_cut_long_documents_at_line_ends_and_the_budget_samples_them_sprea
     assert "".join(pieces) == book  # nothing lost: the units' bytes add up to the document's
     assert all(len(p.encode("utf-8")) <= 1000 for p in pieces) and all(p.endswith("\n") for p in pieces)
     assert units("short", 1000) == ["short"] and units(book, None) == [book]
+    one_line = "từ " * 1000  # no newline at all (heldout_ko is one such 5 KB document): cut after a space
+    assert "".join(units(one_line, 1000)) == one_line and len(units(one_line, 1000)) == 5  # 5,000 bytes
     docs = [book, "tiny doc", book.replace("line", "dòng")]
     chosen, pool = budget(docs, None, 5000, unit_bytes=1000, seed=1, name="src")
     assert pool == 2 * len(pieces) + 1 and sum(len(c.encode()) for c in chosen) <= 5000

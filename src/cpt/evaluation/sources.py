@@ -28,13 +28,14 @@ class EvalSource:
 
 
 def units(text: str, unit_bytes: int | None) -> list[str]:
-    """``text`` cut at line ends into pieces of at most ``unit_bytes`` UTF-8 bytes (a longer line stays whole), each
-    keeping its newline so the pieces' bytes add up to the text's. The scoring and resampling unit of eval: a
-    Gutenberg book or a 30 KB WikiText article becomes many units, so an interval can be measured on it."""
+    """``text`` cut into pieces of at most ``unit_bytes`` UTF-8 bytes: at line ends, a longer line at its last space
+    before the limit (else at a character), each piece keeping its separators so the pieces add up to the text. The
+    scoring and resampling unit of eval: a Gutenberg book or a 30 KB WikiText article becomes many units, so an
+    interval can be measured on it."""
     if not unit_bytes or len(text.encode("utf-8")) <= unit_bytes:
         return [text]
     out, cur, size = [], [], 0
-    for line in text.splitlines(keepends=True):
+    for line in _pieces(text, unit_bytes):
         n = len(line.encode("utf-8"))
         if cur and size + n > unit_bytes:
             out.append("".join(cur))
@@ -44,6 +45,18 @@ def units(text: str, unit_bytes: int | None) -> list[str]:
     if cur:
         out.append("".join(cur))
     return out
+
+
+def _pieces(text: str, unit_bytes: int):
+    """Lines (with their newline), a line longer than ``unit_bytes`` cut after a space (else anywhere) below it."""
+    for line in text.splitlines(keepends=True):
+        while len(line.encode("utf-8")) > unit_bytes:
+            head = line.encode("utf-8")[:unit_bytes].decode("utf-8", errors="ignore")
+            cut = head.rfind(" ") + 1 or len(head)
+            yield line[:cut]
+            line = line[cut:]
+        if line:
+            yield line
 
 
 def budget(texts: list[str], max_docs: int | None, max_bytes: int | None, *, unit_bytes: int | None = None,

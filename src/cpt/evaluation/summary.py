@@ -33,7 +33,7 @@ def intervals(scores: dict[str, dict[str, Score]], sources: list[EvalSource], *,
     out: dict[str, Any] = {"sources": {}, "gain_ci95": {}, "forgetting_ci95": {}}
     for s in sources:
         base, cpt = scores["base"][s.name], scores["cpt"][s.name]
-        delta, ci = base.bpb - cpt.bpb, interval([draws[s.name]])
+        delta, ci = base.bpb - cpt.bpb, interval([draws[s.name]], units=base.docs)
         kind = "gain" if s.domain == "new" else "forgetting"
         out["sources"][s.name] = {
             "lang": s.lang, "domain": s.domain, "units": base.docs, "bytes": base.bytes,
@@ -44,7 +44,8 @@ def intervals(scores: dict[str, dict[str, Score]], sources: list[EvalSource], *,
     for kind, domain in (("gain", "new"), ("forgetting", "old")):
         langs = sorted({s.lang for s in sources if s.domain == domain})
         for lang in langs:
-            ci = interval([draws[s.name] for s in sources if s.domain == domain and s.lang == lang])
+            mine = [s for s in sources if s.domain == domain and s.lang == lang]
+            ci = interval([draws[s.name] for s in mine], units=sum(scores["base"][s.name].docs for s in mine))
             out[f"{kind}_ci95"][lang] = ci if kind == "gain" else negate(ci)
     out["bootstrap"] = {"resamples": resamples, "seed": seed, "level": 0.95, "paired": True,
                         "strata": "source", "unit": "scored document (eval.unit_bytes pieces)"}

@@ -65,11 +65,12 @@ def bootstrap(groups: dict[str, Paired], *, resamples: int = 1000, seed: int = 0
     return out
 
 
-def interval(draws: Iterable[np.ndarray], level: float = 0.95) -> list[float] | None:
+def interval(draws: Iterable[np.ndarray], level: float = 0.95, units: int | None = None) -> list[float] | None:
     """Percentile interval of ``bpb(ref) - bpb(cand)`` over the summed draws of some groups (a source, or all the
-    sources of a language); None when there is nothing to resample."""
+    sources of a language); None when there is nothing to resample, or fewer than 2 ``units`` (one document
+    resampled is always itself: a zero-width interval that would claim certainty)."""
     draws = list(draws)
-    if not draws:
+    if not draws or (units is not None and units < 2):
         return None
     total = np.sum(draws, axis=0)
     ok = total[:, 2] > 0
