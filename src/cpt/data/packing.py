@@ -23,7 +23,6 @@ The pieces, each small and separately tested:
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
