@@ -295,3 +295,36 @@ def test_base_and_shards_import_without_the_data_and_ops_stack():
 
     proc = run_without_data_and_ops_stack("import cpt.stages.base, cpt.stages.shards, cpt.data.packing, cpt.training.tiny\nprint('ok')\n")
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_every_block_carries_its_language_and_the_bytes_behind_its_targets(built, tokenizer_dir):
+    """Bits per byte must be exact on any subset of blocks (train-time eval scores a few per language), so each block
+    says which language its targets are and how many UTF-8 bytes stand behind them (cpt.data.block_bytes)."""
+    import sentencepiece as spm
+
+    layout, _ = built
+    meta = json.loads((layout.shards / "meta.json").read_text())
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_dir / "tokenizer.model"))
+    per_lang: dict[str, list[float]] = {}
+    for name, st in meta["splits"].items():
+        info = np.load(layout.shards / f"{name}.blocks.npy")
+        blocks = np.fromfile(layout.shards / f"{name}.bin", dtype="<u2").reshape(-1, 64)
+        assert info.shape == (st["blocks"], 2) and info[:, 1].sum() <= st["bytes"]
+        assert set(info[:, 0]) <= set(range(-1, len(st["lang_index"])))
+        for (k, nbytes), block in zip(info.tolist(), blocks):
+            if k < 0:
+                continue
+            # the targets' pieces spelled out as bytes (byte-fallback pieces are one byte, the dummy-prefix space
+            # after BOS none) give the same count, up to a character split by either block edge
+            spelled, prev = 0, None
+            for t in block[1:].tolist():
+                piece = sp.id_to_piece(t)
+                if t not in (meta["bos_id"], meta["eos_id"]):
+                    spelled += 1 if sp.is_byte(t) else len(piece.replace("\u2581", " ").encode("utf-8"))
+                    spelled -= int(prev == meta["bos_id"] and piece.startswith("\u2581"))
+                prev = t
+            assert abs(spelled - nbytes) <= 6, (name, spelled, nbytes)
+            per_lang.setdefault(st["lang_index"][k], []).append(nbytes / 63)
+    # one bytes-per-token ratio for the whole split would be wrong for each language: they differ a lot
+    assert {"vi", "zh", "en"} <= set(per_lang)
+    assert np.mean(per_lang["zh"]) < 0.8 * np.mean(per_lang["vi"])

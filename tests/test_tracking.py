@@ -116,11 +116,17 @@ def test_registry_gate_promotes_then_keeps_the_champion(project, tmp_path):
     (layout.model / "config.json").write_text('{"model_type": "llama"}')
     (layout.model / "model.safetensors").write_bytes(b"\0" * 64)
 
-    def evaluate(new_cpt, old_cpt):
-        m = {"base": {"vi_x": {"bpb": 2.0, "bytes": 100}, "en_x": {"bpb": 1.0, "bytes": 100}},
-             "cpt": {"vi_x": {"bpb": new_cpt, "bytes": 100}, "en_x": {"bpb": old_cpt, "bytes": 100}}}
+    def evaluate(new_cpt, old_cpt, nbytes=100, rescore=None):
+        g, f = 2.0 - new_cpt, old_cpt - 1.0
+        m = {"base": {"vi_x": {"bpb": 2.0, "bytes": nbytes}, "en_x": {"bpb": 1.0, "bytes": nbytes}},
+             "cpt": {"vi_x": {"bpb": new_cpt, "bytes": nbytes}, "en_x": {"bpb": old_cpt, "bytes": nbytes}},
+             "sources": {"vi_x": {"lang": "vi", "domain": "new", "gain": g, "gain_ci95": [g - 0.01, g + 0.01]},
+                         "en_x": {"lang": "en", "domain": "old", "forgetting": f,
+                                  "forgetting_ci95": [f - 0.01, f + 0.01]}},
+             "gain": {"vi": g}, "gain_ci95": {"vi": [g - 0.01, g + 0.01]},
+             "forgetting": {"en": f}, "forgetting_ci95": {"en": [f - 0.01, f + 0.01]}}
         tr = tracking.for_stage("eval", params, layout)
-        d = gate.run(params, layout, m, tr)
+        d = gate.run(params, layout, m, tr, rescore=rescore)
         tr.close("FINISHED", m)
         return d, tr
 
@@ -138,6 +144,17 @@ def test_registry_gate_promotes_then_keeps_the_champion(project, tmp_path):
     names = {a.path for a in c.list_artifacts(tr1.run_id, "model")}
     assert names == {"model/config.json", "model/model.safetensors"}
     assert c.get_run(tr1.run_id).data.metrics["gate/promoted"] == 1.0
+    # a candidate scored on other text: the champion is downloaded from the registry and re-scored on it
+    seen = []
+
+    def rescore(folder):
+        seen.append(sorted(p.name for p in folder.iterdir()))
+        return {"vi_x": {"domain": "new", "bytes": 200, "bpb": 1.6}, "en_x": {"domain": "old", "bytes": 200, "bpb": 1.0}}
+
+    third, _ = evaluate(1.4, 1.0, nbytes=200, rescore=rescore)
+    assert seen == [["config.json", "model.safetensors"]]
+    assert third["vs_champion"]["checked"] and third["vs_champion"]["how"] == "re-scored on this eval set"
+    assert third["decision"] == "promote" and third["promoted"] and third["version"] == "3"
 
 
 def test_run_stage_failure_closes_the_run_failed(project, monkeypatch):

@@ -105,8 +105,10 @@ def _after_stage(stage: str, params: dict, layout: Layout, metrics: dict, tracke
     write metrics/gate.json); here rather than in the eval stage so it runs whenever eval runs, tracked or not."""
     if stage == "eval":
         from cpt.ops import gate
+        from cpt.stages import eval as eval_stage
 
-        gate.run(params, layout, metrics, tracker)
+        # a champion scored on other text is re-scored on this eval's text (or the gate refuses)
+        gate.run(params, layout, metrics, tracker, rescore=lambda folder: eval_stage.rescore(params, layout, folder))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,22 +8,21 @@ The pieces, each small and separately tested:
   stage holds out old-domain documents at ``base.tiny.val_fraction`` and the shards stage at ``shards.val_fraction``
   with the same seed, so when the first is >= the second the builtin base never trained on a document that eval
   later scores as "held out" (no inflated base numbers, no overstated forgetting).
-- ``load_tokenizer`` / ``special_ids``: the fast ``tokenizers`` backend of an HF tokenizer folder, and the BOS/EOS
-  convention read from the tokenizer itself (its post-processor says whether it prepends BOS, e.g. Llama's ``<s>``).
+- ``load_tokenizer`` / ``special_ids`` (from ``cpt.tok.codec``, cpt's one text -> ids rule): the fast
+  ``tokenizers`` backend of an HF tokenizer folder, and the BOS/EOS convention read from the tokenizer itself.
 - ``encode_pipelined``: ``encode_batch_fast`` on batches of documents in a worker thread (it releases the GIL and
   runs on every core through rayon) while the caller packs the previous batch, so packing costs almost nothing on top
   of tokenisation (bench/bench_shards.py measures it).
 - ``BlockWriter``: appends each document as ``[BOS] ids EOS`` to one stream and writes full blocks only. The tail
   that does not fill a last block is DROPPED and counted (``tail_tokens``), never padded: a pad would be a target
   the model learns from, and carrying it to another split would leak text across the split. The bytes, document
-  and language counts are corrected for the dropped tail, so ``bytes`` is the UTF-8 size of exactly the text behind
-  the tokens in the file (to within one character), which is what bits-per-byte needs.
+  and language counts are of the written blocks only, and every block has a ``block_info`` row (its language and the
+  exact UTF-8 bytes behind its targets, ``cpt.data.block_bytes``), so bits per byte is exact on any subset.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -33,9 +32,10 @@ from typing import Any, BinaryIO, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from cpt.data.block_bytes import block_info, token_bytes
 from cpt.errors import DataError
+from cpt.tok.codec import Specials, TextCodec, load_tokenizer, special_ids  # noqa: F401 - the one tokenization
 
-_EOS_FALLBACKS = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|im_end|>", "[SEP]")
 
 
 # -- the split ------------------------------------------------------------------------------------------------------
@@ -124,82 +124,23 @@ class StreamSplit:
 
 # -- the tokenizer --------------------------------------------------------------------------------------------------
 
-def load_tokenizer(folder: str | Path):
-    """``tokenizers.Tokenizer`` from an HF tokenizer folder's ``tokenizer.json`` (what AutoTokenizer's fast backend
-    loads; reading it directly keeps transformers off the hot path).
-
-    Special-token strings inside documents (a "</s>" or "<unk>" in the text) are encoded as the text they are
-    (``encode_special_tokens``, like ``split_special_tokens=True`` in transformers): a document must never inject
-    a real EOS/BOS id into the stream. The only special ids in the shards are the BOS/EOS the packer adds."""
-    from tokenizers import Tokenizer
-
-    path = Path(folder) / "tokenizer.json"
-    if not path.exists():
-        raise DataError(f"{path}: no tokenizer.json; the tokenizer stage (or an HF fast tokenizer) writes it")
-    try:
-        tok = Tokenizer.from_file(str(path))
-    except Exception as exc:  # the Rust error says what is wrong with the file
-        raise DataError(f"{path}: cannot load tokenizer: {exc}") from exc
-    tok.encode_special_tokens = True
-    return tok
-
-
-def _config_token(folder: Path, key: str) -> str | None:
-    for name in ("tokenizer_config.json", "special_tokens_map.json"):
-        path = folder / name
-        if path.exists():
-            value = json.loads(path.read_text(encoding="utf-8")).get(key)
-            if isinstance(value, dict):
-                value = value.get("content")
-            if isinstance(value, str) and value:
-                return value
-    return None
-
-
-@dataclass(frozen=True)
-class Specials:
-    bos_id: int | None  # prepended to every document, or None when the tokenizer's convention has no BOS
-    eos_id: int  # appended to every document
-
-
-def special_ids(tok, folder: str | Path, *, eos_token: str = "auto", add_bos: str | bool = "auto") -> Specials:
-    """EOS from the folder's tokenizer_config (or the usual names); BOS from the tokenizer's own post-processor
-    (``auto``: prepend exactly what ``add_special_tokens=True`` prepends, e.g. Llama's ``<s>``; GPT-2 has none)."""
-    folder = Path(folder)
-    name = _config_token(folder, "eos_token") if eos_token == "auto" else eos_token
-    candidates = [name] if name else list(_EOS_FALLBACKS)
-    eos_id = next((tok.token_to_id(c) for c in candidates if c and tok.token_to_id(c) is not None), None)
-    if eos_id is None:
-        raise DataError(f"{folder}: no EOS token found (tried {candidates}); set shards.eos_token")
-    if add_bos == "auto":
-        plain = tok.encode("a", add_special_tokens=False).ids
-        full = tok.encode("a", add_special_tokens=True).ids
-        prefix = full[: len(full) - len(plain)] if full[len(full) - len(plain):] == plain else full[:1]
-        bos_id = prefix[0] if len(prefix) == 1 and prefix[0] != eos_id else None
-    elif add_bos in (True, "true"):
-        name = _config_token(folder, "bos_token") or "<s>"
-        bos_id = tok.token_to_id(name)
-        if bos_id is None:
-            raise DataError(f"{folder}: shards.add_bos is true but the tokenizer has no BOS token {name!r}")
-    else:
-        bos_id = None
-    return Specials(bos_id=bos_id, eos_id=eos_id)
-
-
 def token_dtype(vocab_size: int) -> np.dtype:
     """uint16 while every id fits (vocab < 65536), else uint32 (architecture.md)."""
     return np.dtype(np.uint16) if vocab_size < 65536 else np.dtype(np.uint32)
 
 
-def encode_pipelined(tok, batches: Iterable[list[Any]], text_of=lambda d: d["text"]) -> Iterator[tuple[list, list]]:
+def encode_pipelined(tok, batches: Iterable[list[Any]], text_of=lambda d: d["text"],
+                     offsets: bool = False) -> Iterator[tuple[list, list]]:
     """Yield ``(batch, encodings)``, encoding batch k+1 in a worker thread while the caller consumes batch k.
 
-    ``encode_batch_fast`` (no offsets) parallelises over the batch with rayon and releases the GIL, so the caller's
-    Python packing overlaps the Rust tokenisation instead of adding to it."""
+    ``encode_batch_fast`` (no offsets; ``encode_batch`` with ``offsets``, which the shards stage needs for the bytes
+    behind each token and costs about the same) parallelises over the batch with rayon and releases the GIL, so the
+    caller's Python packing overlaps the Rust tokenisation instead of adding to it."""
     it = iter(batches)
+    encode = tok.encode_batch if offsets else tok.encode_batch_fast
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cpt-encode") as pool:
         def submit(batch):
-            return batch, pool.submit(tok.encode_batch_fast, [text_of(d) for d in batch], add_special_tokens=False)
+            return batch, pool.submit(encode, [text_of(d) for d in batch], add_special_tokens=False)
 
         nxt = next(it, None)
         pending = submit(nxt) if nxt is not None else None
@@ -213,17 +154,6 @@ def encode_pipelined(tok, batches: Iterable[list[Any]], text_of=lambda d: d["tex
 # -- the writer -----------------------------------------------------------------------------------------------------
 
 @dataclass
-class _Recent:
-    """A document whose tokens may still fall in the (unwritten) tail of the stream."""
-    text: str
-    lang: str
-    n_tokens: int  # including BOS/EOS
-    n_bos: int
-    n_text: int
-    nbytes: int
-
-
-@dataclass
 class SplitStats:
     tokens: int = 0
     blocks: int = 0
@@ -231,19 +161,24 @@ class SplitStats:
     bytes: int = 0
     tail_tokens: int = 0
     langs: dict[str, int] = field(default_factory=dict)
+    lang_index: list[str] = field(default_factory=list)  # block_info's language column -> language
+    block_info: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), dtype=np.int64))
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "tokens": self.tokens, "blocks": self.blocks, "docs": self.docs, "bytes": self.bytes,
             "tail_tokens": self.tail_tokens, "langs": dict(sorted(self.langs.items())),
+            "lang_index": list(self.lang_index),
         }
 
 
 class BlockWriter:
     """Packs documents into one stream of ``block_size``-token blocks written to ``fh`` (a binary file).
 
-    ``add(ids, text, lang)`` appends ``[BOS] ids EOS``; full blocks go to disk in large writes; ``finish(tok)`` drops
-    the tail and corrects the counts for it (``tok`` re-encodes the one or two cut documents with offsets)."""
+    ``add(ids, text, lang, offsets)`` appends ``[BOS] ids EOS`` with the UTF-8 bytes behind every token
+    (``cpt.data.block_bytes``; BOS/EOS own none); full blocks go to disk in large writes, with one ``block_info`` row
+    each; ``finish()`` drops the tail. Every count (tokens, bytes, documents, tokens per language) is of what is in
+    the file, exactly: the bytes are summed over the written tokens, not corrected afterwards."""
 
     def __init__(self, fh: BinaryIO, block_size: int, dtype: np.dtype, specials: Specials,
                  flush_tokens: int = 1 << 20):
@@ -253,82 +188,70 @@ class BlockWriter:
         self.dtype = np.dtype(dtype).newbyteorder("<")  # the files are little-endian on every machine
         self.flush_tokens = max(flush_tokens, block_size)
         self.stats = SplitStats()
-        self._parts: list[np.ndarray] = []
+        self._parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (ids, bytes, language) per document
         self._buffered = 0
-        self._recent: deque[_Recent] = deque()
-        self._recent_tokens = 0  # tokens of the docs in _recent
+        self._written = 0  # tokens written so far
+        self._starts: deque[int] = deque()  # stream offsets of documents that may still lie wholly in the tail
+        self._info: list[np.ndarray] = []
 
-    def add(self, ids: Sequence[int], text: str, lang: str) -> None:
+    def add(self, ids: Sequence[int], text: str, lang: str, offsets: Sequence[tuple[int, int]] | None = None) -> None:
+        """``offsets``: the tokenizer's character spans of ``ids`` (exact bytes per token); without them (tests of
+        the writer alone) the document's bytes are spread evenly over its tokens, still summing to the text's."""
         pre = [self.specials.bos_id] if self.specials.bos_id is not None else []
-        arr = np.empty(len(pre) + len(ids) + 1, dtype=self.dtype)
+        n = len(pre) + len(ids) + 1
+        arr = np.empty(n, dtype=self.dtype)
         if pre:
             arr[0] = pre[0]
         arr[len(pre):-1] = ids
         arr[-1] = self.specials.eos_id
-        self._parts.append(arr)
-        self._buffered += arr.size
-        st = self.stats
-        st.tokens += arr.size
-        st.docs += 1
-        nbytes = len(text.encode("utf-8"))
-        st.bytes += nbytes
-        st.langs[lang] = st.langs.get(lang, 0) + arr.size
-        # Remember only the documents that can still reach into the final partial block.
-        self._recent.append(_Recent(text, lang, arr.size, len(pre), len(ids), nbytes))
-        self._recent_tokens += arr.size
-        while self._recent and self._recent_tokens - self._recent[0].n_tokens >= self.block_size:
-            self._recent_tokens -= self._recent.popleft().n_tokens
+        nbytes = np.zeros(n, dtype=np.int64)
+        if offsets is not None:
+            nbytes[len(pre):-1] = token_bytes(text, offsets)
+        elif len(ids):
+            total = len(text.encode("utf-8"))
+            nbytes[len(pre):-1] = total // len(ids)
+            nbytes[len(pre)] += total - (total // len(ids)) * len(ids)
+        if lang not in self.stats.lang_index:
+            self.stats.lang_index.append(lang)
+        langs = np.full(n, self.stats.lang_index.index(lang), dtype=np.int16)
+        self._starts.append(self._written + self._buffered)
+        self._parts.append((arr, nbytes, langs))
+        self._buffered += n
+        self.stats.docs += 1
         if self._buffered >= self.flush_tokens:
             self._flush()
 
     def _flush(self) -> None:
         if not self._parts:
             return
-        flat = np.concatenate(self._parts) if len(self._parts) > 1 else self._parts[0]
-        full = (flat.size // self.block_size) * self.block_size
+        ids, nbytes, langs = (np.concatenate(c) for c in zip(*self._parts))
+        full = (ids.size // self.block_size) * self.block_size
         if full:
-            self.fh.write(memoryview(np.ascontiguousarray(flat[:full])))
-            self.stats.blocks += full // self.block_size
-        rest = flat[full:]
-        self._parts = [rest] if rest.size else []
-        self._buffered = rest.size
+            self.fh.write(memoryview(np.ascontiguousarray(ids[:full])))
+            st = self.stats
+            st.blocks += full // self.block_size
+            st.tokens += full
+            st.bytes += int(nbytes[:full].sum())
+            counts = np.bincount(langs[:full], minlength=len(st.lang_index))
+            for k, c in enumerate(counts):
+                if c:
+                    st.langs[st.lang_index[k]] = st.langs.get(st.lang_index[k], 0) + int(c)
+            self._info.append(block_info(nbytes[:full], langs[:full], self.block_size))
+            self._written += full
+            while self._starts and self._starts[0] < self._written:
+                self._starts.popleft()
+        self._parts = [(ids[full:], nbytes[full:], langs[full:])] if ids.size > full else []
+        self._buffered = ids.size - full
 
     def finish(self, tok=None) -> SplitStats:
+        """Drop the tail (``tok`` is accepted for compatibility; the bytes need no re-encoding any more)."""
         self._flush()
-        tail = self._buffered
-        self._parts, self._buffered = [], 0
         st = self.stats
-        st.tail_tokens = tail
-        st.tokens -= tail
-        drop = tail
-        for doc in reversed(self._recent):
-            if drop <= 0:
-                break
-            cut = min(drop, doc.n_tokens)
-            kept = doc.n_tokens - cut
-            st.langs[doc.lang] -= cut
-            if kept == 0:
-                st.docs -= 1
-                st.bytes -= doc.nbytes
-            else:
-                st.bytes -= doc.nbytes - _kept_bytes(tok, doc, kept)
-            drop -= cut
-        st.langs = {k: v for k, v in st.langs.items() if v > 0}
+        st.tail_tokens = self._buffered
+        st.docs -= len(self._starts)  # documents wholly in the dropped tail
+        self._parts, self._buffered, self._starts = [], 0, deque()
+        st.block_info = np.concatenate(self._info) if self._info else np.zeros((0, 2), dtype=np.int64)
         return st
-
-
-def _kept_bytes(tok, doc: _Recent, kept_tokens: int) -> int:
-    """UTF-8 bytes of the text behind the first ``kept_tokens`` tokens (BOS included) of a cut document."""
-    kept_text = min(max(kept_tokens - doc.n_bos, 0), doc.n_text)
-    if kept_text == 0:
-        return 0
-    if kept_text >= doc.n_text:
-        return doc.nbytes
-    if tok is None:  # proportional estimate when no tokenizer is at hand (tests of the writer alone)
-        return doc.nbytes * kept_text // doc.n_text
-    offsets = tok.encode(doc.text, add_special_tokens=False).offsets
-    end = offsets[kept_text - 1][1]
-    return len(doc.text[:end].encode("utf-8"))
 
 
 def tokenizers_parallelism(enabled: bool = True):

@@ -1,5 +1,6 @@
 """Writing one domain's token shards: documents batched by characters, encoded in a worker thread, packed into
-fixed-size blocks per split (train/val by a hash of the document id), held-out documents recorded for eval."""
+fixed-size blocks per split (train/val by a hash of the document id), held-out documents recorded for eval, and
+``<split>.blocks.npy`` beside each ``<split>.bin``: per block, its language and the UTF-8 bytes behind its targets."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import contextlib
 import json
 from pathlib import Path
 from typing import Any, Iterator
+
+import numpy as np
 
 from cpt.data.packing import BlockWriter, StreamSplit, encode_pipelined
 from cpt.data.records import iter_docs
@@ -46,21 +49,24 @@ def pack_domain(domain: str, layout: Layout, out: Path, tok, specials, dtype, cf
         }
 
         def emit(routed):
-            for split, (doc, ids) in routed:
-                writers[split].add(ids, doc["text"], doc.get("lang", "und"))
+            for split, (doc, enc) in routed:
+                writers[split].add(enc.ids, doc["text"], doc.get("lang", "und"), enc.offsets)
                 if split == "val":
                     heldout_fh.write(json.dumps(doc, ensure_ascii=False))
                     heldout_fh.write("\n")
 
         docs = iter_docs(layout.clean, role="train", domain=domain, prefetch=2)  # shards read ahead in threads
-        for batch, encodings in encode_pipelined(tok, _batches(docs, int(cfg["batch_chars"]))):
+        for batch, encodings in encode_pipelined(tok, _batches(docs, int(cfg["batch_chars"])), offsets=True):
             for doc, enc in zip(batch, encodings):
-                emit(splitter.route(str(doc["id"]), (doc, enc.ids)))
+                emit(splitter.route(str(doc["id"]), (doc, enc)))
             bar.update(sum(len(d["text"]) for d in batch))
         emit(splitter.finish())
         for split in SPLITS:
-            st = writers[split].finish(tok)
+            st = writers[split].finish()
             stats[split] = st.to_dict()
+            # bytes and language behind every block (cpt.data.block_bytes): exact bits per byte on any subset
+            with atomic_open(out / domain / f"{split}.blocks.npy", "wb", encoding=None) as fh:
+                np.save(fh, st.block_info.astype("<i8"))
     for split in SPLITS:
         st = stats[split]
         if st["docs"] == 0 and st["tail_tokens"] > 0:

@@ -41,9 +41,13 @@ class Score:
     tokens: int = 0  # scored tokens (this model's tokenizer)
     bytes: int = 0  # UTF-8 bytes of the scored documents
     docs: int = 0
+    # per document, in input order (what the bootstrap resamples, cpt.evaluation.uncertainty); not in to_dict
+    doc_nll: tuple[float, ...] = ()
+    doc_bytes: tuple[int, ...] = ()
 
     def add(self, other: "Score") -> "Score":
-        return Score(self.nll + other.nll, self.tokens + other.tokens, self.bytes + other.bytes, self.docs + other.docs)
+        return Score(self.nll + other.nll, self.tokens + other.tokens, self.bytes + other.bytes, self.docs + other.docs,
+                     self.doc_nll + other.doc_nll, self.doc_bytes + other.doc_bytes)
 
     @property
     def loss(self) -> float:
@@ -158,5 +162,6 @@ class BpbScorer:
         total = Score()
         for text, (nll, n) in zip(texts, self.doc_nll(texts, desc)):
             if n:
-                total = total.add(Score(nll, n, len(text.encode("utf-8")), 1))
+                nbytes = len(text.encode("utf-8"))
+                total = total.add(Score(nll, n, nbytes, 1, (nll,), (nbytes,)))
         return total

@@ -1,10 +1,11 @@
-"""Load a model folder with ITS OWN tokenizer, and the one rule for how a text is conditioned.
+"""Load a model folder with ITS OWN tokenizer, encoded by cpt's one text -> ids rule.
 
 Base and cpt models use different tokenizers (the cpt tokenizer is extended), so every score is computed with the
-model's own tokenizer on the same text, and compared per UTF-8 byte. Each text is encoded WITHOUT the tokenizer's
-automatic special tokens and prefixed by exactly one "prefix token": BOS when the tokenizer has one, else EOS
-(lm-evaluation-harness's rule for GPT-2-style tokenizers). So the first real token is conditioned on a start symbol,
-the same way for every model, and no EOS is scored (it has no bytes behind it).
+model's own tokenizer on the same text, and compared per UTF-8 byte. Texts are encoded exactly as the shards stage
+encodes training documents (``cpt.tok.codec``: special-token strings such as WikiText's literal ``<unk>`` stay
+text, nothing added) and conditioned on ``prefix_id``: the BOS the shards put before every document, else the EOS
+that precedes a document in the packed stream. No EOS is scored (it has no bytes behind it). The HF tokenizer is
+kept for decoding generations only.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 from cpt.device import autocast_dtype, pick_device
 from cpt.errors import ConfigError, DataError
+from cpt.tok.codec import TextCodec
 
 log = logging.getLogger("cpt.stages.eval")
 
@@ -26,29 +28,20 @@ class LoadedModel:
     name: str
     path: Path
     model: torch.nn.Module
-    tokenizer: object  # a transformers PreTrainedTokenizerBase
+    tokenizer: object  # a transformers PreTrainedTokenizerBase (decoding generations)
+    codec: TextCodec  # text -> ids, as the shards encode it
     prefix_id: int
     device: torch.device
     amp_dtype: torch.dtype | None
     max_positions: int | None
 
     def encode(self, texts: list[str]) -> list[list[int]]:
-        """Token ids of each text, no special tokens added (the caller prefixes ``prefix_id``)."""
-        if not texts:
-            return []
-        return [list(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+        """Token ids of each text as the shards encode it, nothing added (the caller prefixes ``prefix_id``)."""
+        return self.codec.encode(texts)
 
     @property
     def parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
-
-
-def prefix_token_id(tokenizer, where: Path) -> int:
-    for attr in ("bos_token_id", "eos_token_id"):
-        tid = getattr(tokenizer, attr, None)
-        if tid is not None:
-            return int(tid)
-    raise ConfigError(f"{where}: tokenizer has neither a BOS nor an EOS token; cannot condition the first token")
 
 
 def load_model(name: str, path: Path, *, device: str = "auto", dtype: str = "auto") -> LoadedModel:
@@ -75,7 +68,8 @@ def load_model(name: str, path: Path, *, device: str = "auto", dtype: str = "aut
     if len(tokenizer) > emb:
         raise DataError(f"{path}: tokenizer has {len(tokenizer)} tokens but the model's embedding has {emb} rows")
     max_pos = getattr(model.config, "max_position_embeddings", None)
-    lm = LoadedModel(name, path, model, tokenizer, prefix_token_id(tokenizer, path), dev, amp, max_pos)
+    codec = TextCodec.from_folder(path)
+    lm = LoadedModel(name, path, model, tokenizer, codec, codec.prefix_id, dev, amp, max_pos)
     log.info("%s: %s (%.2fM params, vocab %d) on %s", name, path, lm.parameters / 1e6, len(tokenizer), dev)
     return lm
 

@@ -7,7 +7,7 @@ document inside the training stream means the barrier broke somewhere upstream (
 wrong split, decontamination bypassed), which makes every number in the report meaningless, so the stage stops.
 
 Matching is on token ids, not decoded text: each evaluation document is encoded with the shards' own tokenizer
-(exactly as the shards stage encodes a document) and the hash of its id sequence is looked up among the hashes of the
+(``cpt.tok.codec``, the shards stage's own rule: special-token strings in the text stay text) and the hash of its id sequence is looked up among the hashes of the
 shard segments (special tokens stripped). That is exact for the same text and needs no decoding of the training
 stream (decoding 10M tokens costs ~20 s on 2 cores; hashing the segments well under a second). The clean
 ``role: train`` records are checked on text (NFC, whitespace-normalised), which also catches near-verbatim copies.
@@ -30,6 +30,7 @@ from cpt.errors import DataError
 from cpt.evaluation.sources import heldout_groups
 from cpt.io import read_json
 from cpt.layout import Layout
+from cpt.tok.codec import TextCodec
 
 log = logging.getLogger("cpt.stages.eval")
 
@@ -150,15 +151,11 @@ def check_overlap(layout: Layout, cfg: dict) -> dict[str, Any]:
     encode, segments, tokens = None, [], 0
     if ocfg["shards"]:
         meta, streams = shard_streams(layout.resolve(ocfg["shards"]))
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(layout.resolve(meta.get("tokenizer") or layout.tokenizer))
-        tok.model_max_length = 1 << 62  # whole documents; this tokenizer only encodes here
-
-        def encode(texts: list[str]) -> list[list[int]]:
-            return tok(texts, add_special_tokens=False)["input_ids"]
-
-        specials = [i for i in (meta.get("bos_id"), tok.bos_token_id, tok.pad_token_id) if i is not None]
+        # the shards' own text -> ids rule (cpt.tok.codec): a WikiText article full of literal <unk> encodes here
+        # exactly as it would have been packed, so a copy inside the training stream is found
+        codec = TextCodec.from_folder(layout.resolve(meta.get("tokenizer") or layout.tokenizer))
+        encode = codec.encode
+        specials = [i for i in (meta.get("bos_id"), codec.bos_id) if i is not None]
         for path in streams:
             segs = list(shard_segments(path, meta["dtype"], int(meta["eos_id"]), specials, ocfg["max_tokens"]))
             tokens += sum(len(s) for s in segs)

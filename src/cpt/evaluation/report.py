@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cpt.io import atomic_open
+from cpt.ops.verdict import END, START
 
 log = logging.getLogger("cpt.stages.eval")
 
@@ -89,6 +90,14 @@ def _signed(x: float) -> str:
     return "n/a" if x is None or math.isnan(x) else f"{x:+.4f}"
 
 
+def _neg(ci: list[float] | None) -> list[float] | None:
+    return None if not ci else [-ci[1], -ci[0]]
+
+
+def _ci(ci: list[float] | None) -> str:
+    return "" if not ci else f"[{ci[0]:+.4f}, {ci[1]:+.4f}]"
+
+
 def write_all(
     out_dir: Path, *, metrics: dict, sources: list, scores: dict, xcopa_items: dict, samples: dict, models: dict,
     curve: Path, cfg: dict,
@@ -125,31 +134,44 @@ def report_markdown(metrics: dict, rows: list[dict], models: dict, cfg: dict, fi
                     curve: Path, has_curve: bool) -> str:
     L = ["# cpt eval: base vs continually pretrained", ""]
     gain, forg = metrics["gain"], metrics["forgetting"]
-    head = [f"gain **{lang}** {_signed(v)} bpb" for lang, v in gain.items()]
-    head += [f"forgetting **{lang}** {_signed(v)} bpb" for lang, v in forg.items()]
-    L += ["At a glance: " + "; ".join(head) + ".", "",
-          "Bits per UTF-8 byte (bpb) compare models with different tokenizers. gain = bpb(base) - bpb(cpt) on the "
-          "new languages (> 0: learned); forgetting = bpb(cpt) - bpb(base) on the old language (> 0: forgot). "
-          "Pooled over all sources of a language (summed NLL / summed bytes).", ""]
+    gci, fci = metrics.get("gain_ci95", {}), metrics.get("forgetting_ci95", {})
+    head = [f"**{lang}** {_signed(v)} {_ci(gci.get(lang))}" for lang, v in gain.items()]
+    head += [f"**{lang}** {_signed(-v)} {_ci(_neg(fci.get(lang)))}" for lang, v in forg.items()]
+    L += ["One sign convention on this page: **delta = bpb(base) - bpb(cpt); positive = better** (the model needs "
+          "fewer bits per byte of text). On new-language text delta is the gain; on old-language text a negative "
+          "delta is forgetting (metrics/eval.json and gate.json keep `forgetting = -delta`, positive = forgot). "
+          "Brackets: 95% bootstrap interval (paired, documents resampled within each source, "
+          f"{metrics.get('bootstrap', {}).get('resamples', 'n/a')} resamples, seeded).", "",
+          "At a glance: " + "; ".join(head) + ".", "",
+          "Bits per UTF-8 byte (bpb) compare models with different tokenizers. Per language: pooled over all sources "
+          "of that language (summed NLL / summed bytes).", ""]
     by_lang = metrics.get("bpb_by_lang", {})
-    L += ["| language | domain | base bpb | cpt bpb | gain / forgetting |", "|---|---|---:|---:|---:|"]
-    for key, domain, label in (("gain", "new", "gain"), ("forgetting", "old", "forgetting")):
+    L += ["| language | domain | base bpb | cpt bpb | delta | 95% interval |", "|---|---|---:|---:|---:|---|"]
+    for key, domain in (("gain", "new"), ("forgetting", "old")):
         for lang, v in metrics[key].items():
+            delta = v if key == "gain" else -v
+            ci = metrics.get(f"{key}_ci95", {}).get(lang)
             L.append(f"| {lang} | {domain} | {_f(by_lang.get('base', {}).get(lang))} | "
-                     f"{_f(by_lang.get('cpt', {}).get(lang))} | {label} {_signed(v)} |")
+                     f"{_f(by_lang.get('cpt', {}).get(lang))} | {_signed(delta)} | "
+                     f"{_ci(ci if key == 'gain' else _neg(ci))} |")
+    L += ["", "## Promotion gate", "", START, "", "(written by the gate after eval: metrics/gate.json)", "", END]
     L += ["", "| model | folder | parameters | vocab | window / stride |", "|---|---|---:|---:|---|"]
     for name, m in models.items():
         L.append(f"| {name} | `{m['path']}` | {m['params'] / 1e6:.2f}M | {m['vocab']} | {m['max_length']} / {m['stride']} |")
     L += ["", "## Bits per byte per source", "",
-          "| source | lang | domain | docs | bytes | base bpb | cpt bpb | cpt - base | tokens/byte base | tokens/byte cpt |",
-          "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+          "| source | lang | domain | units | bytes | base bpb | cpt bpb | delta | 95% interval | width | "
+          "tokens/byte base | tokens/byte cpt |",
+          "|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
+    per_source = metrics.get("sources", {})
     for r in rows:
         docs = f"{r['docs']}" + (f" of {r['available']}" if r["available"] != r["docs"] else "")
-        docs += " (last one cut)" if r["truncated"] else ""
+        entry = per_source.get(r["source"], {})
+        ci = entry.get("gain_ci95") or _neg(entry.get("forgetting_ci95"))
+        width = "n/a" if not ci else f"{ci[1] - ci[0]:.4f}"
         L.append(
             f"| {r['source']} | {r['lang']} | {r['domain']} | {docs} | {r['bytes']:,} | {_f(r['base'])} | "
-            f"{_f(r['cpt'])} | {_signed(r['cpt'] - r['base'])} | {r['tok_base'] / max(1, r['bytes']):.3f} | "
-            f"{r['tok_cpt'] / max(1, r['bytes']):.3f} |"
+            f"{_f(r['cpt'])} | {_signed(r['base'] - r['cpt'])} | {_ci(ci)} | {width} | "
+            f"{r['tok_base'] / max(1, r['bytes']):.3f} | {r['tok_cpt'] / max(1, r['bytes']):.3f} |"
         )
     L += ["", "Per-token loss and perplexity (each model's own tokenizer) are in `metrics/eval.json`.", ""]
     if metrics.get("xcopa"):
@@ -181,12 +203,15 @@ def report_markdown(metrics: dict, rows: list[dict], models: dict, cfg: dict, fi
     else:
         L += ["Disabled (eval.overlap.enabled: false).", ""]
     L += ["## Method", "",
-          "- Documents are scored whole and separately, each prefixed by BOS (EOS if none); no EOS is scored. "
+          "- Text is encoded exactly as the training shards encode it (special-token strings such as a literal "
+          "`<unk>` stay text). Units are scored separately, each prefixed by the token that precedes a document in "
+          "the shards (BOS, else EOS); no EOS is scored. "
           "Sliding windows (window / stride per model in the table above; capped by the model's positions): each "
           "token is scored once, with at least window - stride tokens of context after the first window.",
-          f"- bpb = sum of NLL (nats) / (ln 2 x UTF-8 bytes of the scored documents). Budget per source: "
-          f"max_docs={cfg['max_docs']}, max_bytes={cfg['max_bytes']} (documents in file order; the one that crosses "
-          "the byte budget is cut at a line or word boundary, and only the bytes scored are counted).",
+          f"- bpb = sum of NLL (nats) / (ln 2 x UTF-8 bytes of the scored units). Units: documents cut at line ends "
+          f"into pieces of at most unit_bytes={cfg['unit_bytes']}; per source a seeded uniform sample of units, "
+          f"spread over the whole source, up to max_bytes={cfg['max_bytes']} (old-domain sources: "
+          f"max_bytes_old={cfg.get('max_bytes_old')}; max_docs={cfg['max_docs']} units).",
           "- Generations: [samples.md](samples.md). Numbers: `metrics/eval.json`; plots: `dvc plots show`.", ""]
     return "\n".join(L)
 

@@ -1,10 +1,14 @@
-"""What eval scores: every ``role: eval`` source (byte-budgeted prefixes) and the held-out training-distribution
-documents per language (``heldout_<lang>``)."""
+"""What eval scores: every ``role: eval`` source and the held-out training-distribution documents per language
+(``heldout_<lang>``), each cut into units of at most ``eval.unit_bytes`` and sampled (seeded, spread over the whole
+source) up to ``eval.max_bytes``. The units are what the bootstrap resamples."""
 
 from __future__ import annotations
 
+import hashlib
 from collections import defaultdict
 from dataclasses import dataclass
+
+import numpy as np
 
 from cpt.data.records import iter_docs, select_sources
 from cpt.errors import ConfigError, DataError
@@ -18,43 +22,75 @@ class EvalSource:
     lang: str
     domain: str
     origin: str  # "eval" (a role: eval source) or "heldout" (split off by the shards stage)
-    texts: list[str]  # the documents scored (whole documents, within the budget)
-    available: int  # documents before the budget
-    truncated: int = 0  # 1 when the last document was cut to the byte budget
+    texts: list[str]  # the units scored (documents cut at line ends into <= eval.unit_bytes pieces, sampled)
+    available: int  # units before the budget
+    truncated: int = 0  # kept for the report's columns: units are never cut (always 0)
 
 
-def prefix(text: str, max_bytes: int) -> str:
-    """The longest prefix of ``text`` within ``max_bytes`` UTF-8 bytes, cut at a line (else a space) boundary when
-    one lies in the second half; the scored bytes are then exactly this prefix's."""
-    head = text.encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore")
-    for sep in ("\n", " "):
-        cut = head.rfind(sep)
-        if cut >= len(head) // 2:
-            return head[:cut]
-    return head
+def units(text: str, unit_bytes: int | None) -> list[str]:
+    """``text`` cut into pieces of at most ``unit_bytes`` UTF-8 bytes: at line ends, a longer line at its last space
+    before the limit (else at a character), each piece keeping its separators so the pieces add up to the text. The
+    scoring and resampling unit of eval: a Gutenberg book or a 30 KB WikiText article becomes many units, so an
+    interval can be measured on it."""
+    if not unit_bytes or len(text.encode("utf-8")) <= unit_bytes:
+        return [text]
+    out, cur, size = [], [], 0
+    for line in _pieces(text, unit_bytes):
+        n = len(line.encode("utf-8"))
+        if cur and size + n > unit_bytes:
+            out.append("".join(cur))
+            cur, size = [], 0
+        cur.append(line)
+        size += n
+    if cur:
+        out.append("".join(cur))
+    return out
 
 
-def budget(texts: list[str], max_docs: int | None, max_bytes: int | None) -> tuple[list[str], int]:
-    """Documents in file order until ``max_docs`` or ``max_bytes``; returns (texts, documents cut). The document that
-    crosses the byte budget contributes its prefix up to the budget (``prefix``), so every source is scored on about
-    ``max_bytes`` whatever its document sizes (one WikiText article can be 30 KB, one Gutenberg book 1 MB)."""
-    out, total = [], 0
-    for text in texts:
-        if max_docs is not None and len(out) >= max_docs:
+def _pieces(text: str, unit_bytes: int):
+    """Lines (with their newline), a line longer than ``unit_bytes`` cut after a space (else anywhere) below it."""
+    for line in text.splitlines(keepends=True):
+        while len(line.encode("utf-8")) > unit_bytes:
+            head = line.encode("utf-8")[:unit_bytes].decode("utf-8", errors="ignore")
+            cut = head.rfind(" ") + 1 or len(head)
+            yield line[:cut]
+            line = line[cut:]
+        if line:
+            yield line
+
+
+def budget(texts: list[str], max_docs: int | None, max_bytes: int | None, *, unit_bytes: int | None = None,
+           seed: int = 0, name: str = "") -> tuple[list[str], int]:
+    """A seeded uniform sample of units (``units``) within ``max_docs`` units and ``max_bytes`` bytes, in corpus
+    order; returns (texts, units available). Spread over the whole source instead of its first documents, so the
+    budget measures the source (heldout_en used to be a 19.5 KB prefix of one book) and the bootstrap resamples
+    units that are representative of it. Deterministic for a fixed seed and source name."""
+    pool = [u for t in texts for u in units(t, unit_bytes) if u.strip()]
+    key = int.from_bytes(hashlib.blake2b(name.encode("utf-8"), digest_size=8).digest(), "little")
+    order = np.random.default_rng([int(seed), key]).permutation(len(pool))
+    chosen, total = [], 0
+    for i in order:
+        size = len(pool[i].encode("utf-8"))
+        if max_docs is not None and len(chosen) >= max_docs:
             break
-        size = len(text.encode("utf-8"))
         if max_bytes is not None and total + size > max_bytes:
-            head = prefix(text, max_bytes - total)
-            if head.strip():
-                out.append(head)
-                return out, 1
-            break
-        out.append(text)
+            if chosen:
+                break
+            continue  # a first unit bigger than the whole budget: try the next one
+        chosen.append(int(i))
         total += size
-    return out, 0
+    return [pool[i] for i in sorted(chosen)], len(pool)
 
 
-def collect_sources(layout: Layout, cfg: dict) -> list[EvalSource]:
+def _max_bytes(cfg: dict, domain: str) -> int | None:
+    """Old-domain sources get their own, larger budget: forgetting is a few hundredths of a bit per byte and its
+    interval must be narrower than ``gate.max_forgetting``; a new language's gain is whole bits and needs less text."""
+    if domain == "old" and cfg.get("max_bytes_old"):
+        return cfg["max_bytes_old"]
+    return cfg["max_bytes"]
+
+
+def collect_sources(layout: Layout, cfg: dict, seed: int = 0) -> list[EvalSource]:
     try:
         infos = select_sources(layout.clean, role="eval")
     except FileNotFoundError as exc:
@@ -69,11 +105,13 @@ def collect_sources(layout: Layout, cfg: dict) -> list[EvalSource]:
     out = []
     for info in infos:
         texts = [d["text"] for d in iter_docs(layout.clean, role="eval", name=info.name) if d["text"].strip()]
-        chosen, cut = budget(texts, cfg["max_docs"], cfg["max_bytes"])
-        out.append(EvalSource(info.name, info.lang, info.domain, "eval", chosen, len(texts), cut))
+        chosen, pool = budget(texts, cfg["max_docs"], _max_bytes(cfg, info.domain), unit_bytes=cfg["unit_bytes"],
+                              seed=seed, name=info.name)
+        out.append(EvalSource(info.name, info.lang, info.domain, "eval", chosen, pool))
     for name, (lang, domain, texts) in heldout_groups(layout, cfg).items():
-        chosen, cut = budget(texts, cfg["max_docs"], cfg["max_bytes"])
-        out.append(EvalSource(name, lang, domain, "heldout", chosen, len(texts), cut))
+        chosen, pool = budget(texts, cfg["max_docs"], _max_bytes(cfg, domain), unit_bytes=cfg["unit_bytes"],
+                              seed=seed, name=name)
+        out.append(EvalSource(name, lang, domain, "heldout", chosen, pool))
     out = [s for s in out if s.texts]
     if not out:
         raise DataError(f"{layout.clean}: no role: eval documents and no held-out documents to evaluate")

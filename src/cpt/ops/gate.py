@@ -1,20 +1,24 @@
 """The promotion gate: does the new model earn the registry alias ``champion``?
 
-Pure decision logic over ``metrics/eval.json`` (no mlflow import): bits per byte are tokenizer-independent, so the
-base (old tokenizer) and the continually pretrained model (extended tokenizer) are compared on the same bytes.
+Decision logic over ``metrics/eval.json`` (no mlflow import): bits per byte are tokenizer-independent, so the base
+(old tokenizer) and the continually pretrained model (extended tokenizer) are compared on the same bytes. Sign
+convention of eval.json: ``gain = bpb(base) - bpb(cpt)`` on new-domain text and ``forgetting = bpb(cpt) - bpb(base)``
+on old-domain text, each with its bootstrap 95% interval (``gain_ci95`` / ``forgetting_ci95``).
 
-    gain        = bpb_new(reference) - bpb_new(candidate)   # bits per byte saved on the new domain (> 0 is good)
-    forgetting  = bpb_old(candidate) - bpb_old(reference)   # bits per byte lost on the old domain (> 0 is bad)
-    promote     = gain >= gate.min_gain and forgetting <= gate.max_forgetting, vs the base AND vs the champion
+Vs the base, every source and every language gets a verdict (``cpt.ops.verdict``): forgetting's UPPER bound within
+``gate.max_forgetting`` for each old-domain source and language (the worst source decides: a big English set that
+improved can no longer hide a WikiText regression), gain's LOWER bound at least ``gate.min_gain`` for each new-domain
+source and language, "undecided: too little eval text" when an interval misses its budget and is wider than it.
+The byte-weighted pooled figures (``vs_base``) are kept as information.
 
-Domain bpb is the byte-weighted mean of the per-source bpb (``sum(bpb * bytes) / sum(bytes)``), i.e. total bits over
-total bytes, so a big eval set is not outvoted by a small one. A source's domain comes from its eval entry
-(``domain``) or else from ``ingest.sources``. Against the champion only the sources scored on the same bytes by
-both are compared; when there are none the comparison is skipped and the decision says so.
+Vs the current champion: the two are compared on the same text or not at all. When the champion's stored scores are
+not on the candidate's eval set (other sources or bytes), ``run`` re-scores the champion (downloaded from the
+registry) on the candidate's eval set; when that is impossible the gate refuses, saying why. It never promotes
+unchecked: ``vs_champion.checked`` is true whenever a champion exists and the decision is "promote".
 
-``run`` is the post-eval hook (``cpt.cli.run_stage`` calls it whenever the eval stage runs): it asks the tracker
-(``cpt.ops.tracking``) for the current champion, registers the model, decides, sets the alias and writes
-``metrics/gate.json``. With tracking off it still decides vs the base and writes the file.
+``decision``: "promote" | "refuse" | "undecided". ``run`` is the post-eval hook (``cpt.cli.run_stage`` calls it
+whenever the eval stage runs): champion lookup (and re-score) -> decision -> register -> alias -> metrics/gate.json.
+With tracking off it still decides vs the base and writes the file.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import math
 from typing import Any
 
 from cpt.io import write_json
+from cpt.ops import verdict
 from cpt.params import section
 
 log = logging.getLogger("cpt.ops.gate")
@@ -139,12 +144,58 @@ def comparable_sources(candidate: dict[str, dict], champion: dict[str, dict]) ->
     }
 
 
+def champion_comparable(candidate: dict[str, dict], scores: dict[str, dict] | None) -> bool:
+    """True when ``scores`` (a champion's) cover every candidate source on the same bytes."""
+    return bool(candidate) and comparable_sources(candidate, scores or {}) == set(candidate)
+
+
+def verdicts(eval_metrics: dict[str, Any], cpt: dict[str, dict], base: dict[str, dict],
+             cfg: dict[str, Any]) -> tuple[dict[str, dict], dict[str, dict]]:
+    """(per_source, per_lang) verdicts vs the base, on eval.json's intervals."""
+    info = eval_metrics.get("sources") if isinstance(eval_metrics.get("sources"), dict) else {}
+    per_src: dict[str, dict] = {}
+    for name in sorted(set(cpt) & set(base)):
+        domain = cpt[name]["domain"]
+        kind, budget = ("gain", cfg["min_gain"]) if domain == "new" else ("forgetting", cfg["max_forgetting"])
+        value = base[name]["bpb"] - cpt[name]["bpb"] if kind == "gain" else cpt[name]["bpb"] - base[name]["bpb"]
+        entry = info.get(name) or {}
+        per_src[name] = {"domain": domain, "lang": entry.get("lang"), "bytes": cpt[name]["bytes"],
+                         **verdict.judge(kind, value, entry.get(f"{kind}_ci95"), budget)}
+    per_lang: dict[str, dict] = {}
+    for kind, domain, budget in (("gain", "new", cfg["min_gain"]), ("forgetting", "old", cfg["max_forgetting"])):
+        values = eval_metrics.get(kind) if isinstance(eval_metrics.get(kind), dict) else {}
+        cis = eval_metrics.get(f"{kind}_ci95") if isinstance(eval_metrics.get(f"{kind}_ci95"), dict) else {}
+        for lang, value in sorted(values.items()):
+            key = lang if lang not in per_lang else f"{lang}_{domain}"
+            per_lang[key] = {"domain": domain, **verdict.judge(kind, _number(value), cis.get(lang), budget)}
+    return per_src, per_lang
+
+
+def _vs_champion(candidate: dict[str, dict], champion: dict[str, Any] | None, note: str | None,
+                 rescored: dict[str, dict] | None, cfg: dict[str, Any]) -> dict[str, Any]:
+    if champion is None:
+        return {"checked": False, "passed": True, "reasons": [note or "no champion yet"]}
+    version = champion.get("version")
+    if champion_comparable(candidate, champion.get("sources")):
+        ref, how = champion["sources"], "its stored scores, on the same bytes"
+    elif champion_comparable(candidate, rescored):
+        ref, how = rescored, "re-scored on this eval set"
+    else:
+        why = note or "its stored scores are on other eval sources/bytes and it was not re-scored"
+        return {"checked": False, "passed": False, "version": version, "reasons": [
+            f"champion v{version} cannot be compared on this eval set ({why}); refusing to promote unchecked"]}
+    vs = compare(domain_bpb(candidate), domain_bpb(ref, set(candidate)), cfg["champion_min_gain"],
+                 cfg["champion_max_forgetting"])
+    return {"checked": True, "version": version, "how": how, "sources": sorted(candidate), **vs}
+
+
 def decide(eval_metrics: dict[str, Any], params: dict[str, Any], champion: dict[str, Any] | None = None,
-           champion_note: str | None = None) -> dict[str, Any]:
+           champion_note: str | None = None, champion_scores: dict[str, dict] | None = None) -> dict[str, Any]:
     """The whole decision as a JSON-able dict (written to metrics/gate.json and the MLflow run).
 
-    ``champion``: ``{"version": str, "sources": {name: {"domain", "bpb", "bytes"}}}`` of the current champion, or
-    None with ``champion_note`` saying why there is none (no champion yet, tracking off, server unreachable).
+    ``champion``: ``{"version": str, "sources": {name: {"domain", "bpb", "bytes"}}}`` of the current champion (its
+    stored scores), or None with ``champion_note`` saying why there is none. ``champion_scores``: the champion
+    re-scored on the candidate's eval set (same shape as its ``sources``), for when the stored scores do not compare.
     """
     cfg = gate_params(params)
     domains = source_domains(params)
@@ -153,12 +204,33 @@ def decide(eval_metrics: dict[str, Any], params: dict[str, Any], champion: dict[
     common = set(base) & set(cpt)
     notes = notes_b + notes_c
     notes += [f"{n}: scored for only one of base/cpt; not used" for n in sorted(set(base) ^ set(cpt))]
-    vs_base = compare(domain_bpb(cpt, common), domain_bpb(base, common), cfg["min_gain"], cfg["max_forgetting"])
+    candidate = {n: cpt[n] for n in common}
+    by_source, by_lang = verdicts(eval_metrics, candidate, base, cfg)
+    pooled = compare(domain_bpb(cpt, common), domain_bpb(base, common), cfg["min_gain"], cfg["max_forgetting"])
+    champ = _vs_champion(candidate, champion, champion_note, champion_scores, cfg)
+    items = {**{f"source {k}": v for k, v in by_source.items()}, **{f"lang {k}": v for k, v in by_lang.items()}}
+    decision = verdict.worst(items) if by_source else "refuse"
+    if not champ["passed"]:
+        decision = "refuse"
+    failed = [f"{n}: {v['reason']}" for n, v in items.items() if v["decision"] != "promote"]
+    if not by_source:
+        failed.append("no source scored by both base and cpt")
+    if not champ["passed"]:
+        failed += [f"vs champion v{champ.get('version')}: {r}" if champ.get("checked") else r for r in champ["reasons"]]
     result: dict[str, Any] = {
-        "passed": False,
+        "decision": decision,
+        "passed": decision == "promote",
         "promoted": False,  # passed AND the alias was actually set in the registry
+        "reason": ("passed vs base" + (" and champion" if champ.get("checked") else "")) if decision == "promote"
+        else f"{decision}: " + "; ".join(failed),
         "alias": cfg["alias"],
-        "vs_base": vs_base,
+        "thresholds": {k: cfg[k] for k in ("min_gain", "max_forgetting", "champion_min_gain",
+                                           "champion_max_forgetting")},
+        "per_source": by_source,
+        "per_lang": by_lang,
+        "vs_base": {**pooled, "note": "pooled over sources, byte-weighted: information only (the per-source and "
+                                      "per-language verdicts decide)"},
+        "vs_champion": champ,
         "sources": {n: {"domain": cpt[n]["domain"], "bytes": cpt[n]["bytes"], "base_bpb": base[n]["bpb"],
                         "cpt_bpb": cpt[n]["bpb"]} for n in sorted(common)},
         "notes": notes,
@@ -166,24 +238,6 @@ def decide(eval_metrics: dict[str, Any], params: dict[str, Any], champion: dict[
     for key in ("gain", "forgetting"):  # the eval stage's own per-language view, kept for the reader
         if isinstance(eval_metrics.get(key), dict):
             result[f"eval_{key}"] = eval_metrics[key]
-    if champion is None:
-        result["vs_champion"] = {"checked": False, "passed": True, "reasons": [champion_note or "no champion yet"]}
-    else:
-        shared = comparable_sources({n: cpt[n] for n in common}, champion.get("sources") or {})
-        if not shared:
-            result["vs_champion"] = {
-                "checked": False, "passed": True, "version": champion.get("version"),
-                "reasons": ["champion was scored on different eval sources/bytes; comparison skipped"],
-            }
-        else:
-            vs = compare(domain_bpb(cpt, shared), domain_bpb(champion["sources"], shared),
-                         cfg["champion_min_gain"], cfg["champion_max_forgetting"])
-            result["vs_champion"] = {"checked": True, "version": champion.get("version"),
-                                     "sources": sorted(shared), **vs}
-    result["passed"] = bool(vs_base["passed"] and result["vs_champion"]["passed"])
-    reasons = vs_base["reasons"] + (result["vs_champion"]["reasons"] if result["vs_champion"].get("checked") else [])
-    result["reason"] = "passed vs base" + (" and champion" if result["vs_champion"].get("checked") else "") \
-        if result["passed"] else "; ".join(reasons)
     return result
 
 
@@ -194,7 +248,8 @@ def candidate_sources(decision: dict[str, Any]) -> dict[str, dict]:
 
 def summary_metrics(decision: dict[str, Any]) -> dict[str, float]:
     """Flat numbers for the tracker (``gate/...``)."""
-    out = {"gate/passed": float(decision["passed"]), "gate/promoted": float(decision["promoted"])}
+    out = {"gate/passed": float(decision["passed"]), "gate/promoted": float(decision["promoted"]),
+           "gate/undecided": float(decision.get("decision") == "undecided")}
     for side in ("vs_base", "vs_champion"):
         for key in ("gain", "forgetting"):
             value = decision.get(side, {}).get(key)
@@ -203,13 +258,29 @@ def summary_metrics(decision: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def rescore_champion(champion: dict[str, Any], tracker: Any, rescore: Any) -> tuple[dict | None, str | None]:
+    """The champion's scores on the candidate's eval set, or (None, why not)."""
+    if rescore is None:
+        return None, "no re-scorer given"
+    try:
+        path = tracker.download_model(champion)
+        if path is None:
+            return None, "the registry holds no model files for it"
+        return rescore(path), None
+    except Exception as exc:  # noqa: BLE001 - a registry or scoring problem is a reason to refuse, not a crash
+        return None, f"re-scoring it failed ({type(exc).__name__}: {exc})"
+
+
 def promote(params: dict[str, Any], eval_metrics: dict[str, Any], tracker: Any, model_dir: Any,
-            model_name: str | None = None) -> dict[str, Any]:
-    """Champion lookup -> decision -> register ``model_dir`` as a new version of ``model_name`` (default: the
-    tracker's ``tracking.model_name``) -> alias. Tracking problems are recorded in the decision, never raised.
-    The eval hook below uses it for the CPT model; the sft stage for its own model under its own name."""
+            model_name: str | None = None, rescore: Any = None) -> dict[str, Any]:
+    """Champion lookup (+ re-score) -> decision -> register ``model_dir`` as a new version of ``model_name``
+    (default: the tracker's ``tracking.model_name``) -> alias. Tracking problems are recorded in the decision, never
+    raised. The eval hook below uses it for the CPT model; the sft stage for its own model under its own name.
+
+    ``rescore(model_dir) -> {source: {"domain", "bytes", "bpb"}}`` scores a model folder on this eval's text (the
+    eval stage's ``rescore``); used when the champion's stored scores are on other text."""
     cfg = gate_params(params)
-    champion, note, lookup_failed = None, None, False
+    champion, note, lookup_failed, rescored = None, None, False, None
     if not getattr(tracker, "active", False):
         model_name = None
         note = "tracking off: champion comparison skipped, nothing registered"
@@ -221,7 +292,13 @@ def promote(params: dict[str, Any], eval_metrics: dict[str, Any], tracker: Any, 
         except Exception as exc:  # noqa: BLE001 - a down server must not fail eval
             note = f"champion lookup failed ({type(exc).__name__}: {exc}); comparison skipped"
             lookup_failed = True
-    decision = decide(eval_metrics, params, champion, note)
+    if champion is not None:
+        cpt, _ = per_source(eval_metrics, "cpt", source_domains(params))
+        if not champion_comparable(cpt, champion.get("sources")):
+            rescored, note = rescore_champion(champion, tracker, rescore)
+            if rescored is not None:
+                log.info("gate: champion v%s re-scored on this eval set", champion.get("version"))
+    decision = decide(eval_metrics, params, champion, note, rescored)
     decision["registered_model"] = model_name
     decision["version"] = None
     if getattr(tracker, "active", False):
@@ -248,14 +325,19 @@ def promote(params: dict[str, Any], eval_metrics: dict[str, Any], tracker: Any, 
         tracker.log_metrics(summary_metrics(decision))
         tracker.set_tags({"cpt.gate.promoted": decision["promoted"], "cpt.gate.reason": decision["reason"][:5000]})
     level = logging.INFO if decision["passed"] else logging.WARNING
-    verdict = "PROMOTED" if decision["promoted"] else ("passed" if decision["passed"] else "not promoted")
-    log.log(level, "gate (%s): %s (%s)", model_name or "untracked", verdict, decision["reason"])
+    shown = "PROMOTED" if decision["promoted"] else decision["decision"]
+    log.log(level, "gate (%s): %s (%s)", model_name or "untracked", shown, decision["reason"])
     return decision
 
 
-def run(params: dict[str, Any], layout: Any, eval_metrics: dict[str, Any], tracker: Any) -> dict[str, Any]:
-    """Post-eval hook: ``promote`` the CPT model (data/models/cpt), then write ``metrics/gate.json``."""
-    decision = promote(params, eval_metrics, tracker, layout.model)
+def run(params: dict[str, Any], layout: Any, eval_metrics: dict[str, Any], tracker: Any,
+        rescore: Any = None) -> dict[str, Any]:
+    """Post-eval hook: ``promote`` the CPT model (data/models/cpt), then write ``metrics/gate.json`` and the
+    decision into the eval report. The eval results are already safe on disk."""
+    decision = promote(params, eval_metrics, tracker, layout.model, rescore=rescore)
     write_json(layout.metrics_file("gate"), decision, sort_keys=True)
     tracker.log_artifact(layout.metrics_file("gate"))
+    report = layout.reports / "eval" / "report.md"
+    if verdict.write_into(report, decision):  # the eval report shows the final decision, per source and language
+        tracker.log_artifact(report, "eval")
     return decision

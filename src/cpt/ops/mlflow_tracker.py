@@ -162,6 +162,18 @@ class MlflowTracker(Tracker):
         self.set_tags({"cpt.registered_model": f"{name}/{version.version}"})
         return str(version.version)
 
+    def download_model(self, champion: dict[str, Any]) -> Path | None:
+        """The champion's logged model folder (``model/`` of its run), downloaded to a temp folder, so the gate can
+        re-score it on the candidate's eval set."""
+        import tempfile
+
+        run_id = champion.get("run_id")
+        if not run_id:
+            return None
+        dest = Path(tempfile.mkdtemp(prefix=f"cpt-champion-v{champion.get('version')}-"))
+        with self._io:
+            return Path(self._sink.client.download_artifacts(run_id, "model", str(dest)))
+
     def set_alias(self, name: str, alias: str, version: str) -> None:
         with self._io:
             self._sink.client.set_registered_model_alias(name, alias, version)

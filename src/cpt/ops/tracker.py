@@ -48,6 +48,10 @@ class Tracker:
     def set_alias(self, name: str, alias: str, version: str) -> None:  # noqa: D102
         pass
 
+    def download_model(self, champion: dict[str, Any]) -> Path | None:
+        """A local copy of a registered version's model folder (``get_alias``'s dict), for re-scoring it."""
+        return None
+
 
 _current: Tracker = Tracker()
 

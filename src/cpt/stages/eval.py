@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import copy
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from cpt.errors import ConfigError
 from cpt.evaluation import report, xcopa
+from cpt.evaluation.bpb import BpbScorer
+from cpt.evaluation.models import load_model
 from cpt.evaluation.scoring import score_models
 from cpt.evaluation.overlap import check_overlap
 from cpt.evaluation.sources import collect_sources
@@ -39,8 +42,11 @@ DEFAULTS: dict[str, Any] = {
     "heldout": "data/shards/heldout.jsonl",
     "train_curve": "metrics/train_curve.csv",
     "sources": None,
-    "max_docs": 100,
+    "max_docs": None,
     "max_bytes": 20_000,
+    "max_bytes_old": 200_000,
+    "unit_bytes": 4096,
+    "bootstrap_resamples": 1000,
     "max_length": 1024,
     "stride": 768,
     "batch_size": 8,
@@ -80,12 +86,12 @@ def config(params: dict) -> dict[str, Any]:
             cfg[key].update(value or {})
         else:
             cfg[key] = value
-    for key in ("max_length", "stride", "batch_size"):
+    for key in ("max_length", "stride", "batch_size", "bootstrap_resamples"):
         if not isinstance(cfg[key], int) or cfg[key] < 1:
             raise ConfigError(f"eval.{key}: must be a positive integer, got {cfg[key]!r}")
     if cfg["max_length"] < 2 or cfg["stride"] >= cfg["max_length"]:
         raise ConfigError(f"eval.stride ({cfg['stride']}) must be < eval.max_length ({cfg['max_length']})")
-    for key in ("max_docs", "max_bytes", "threads"):
+    for key in ("max_docs", "max_bytes", "max_bytes_old", "threads", "unit_bytes"):
         if cfg[key] is not None and (not isinstance(cfg[key], int) or cfg[key] < 1):
             raise ConfigError(f"eval.{key}: must be a positive integer or null, got {cfg[key]!r}")
     return cfg
@@ -106,9 +112,9 @@ def run(params: dict, layout: Layout) -> dict:
 def _run(params: dict, layout: Layout, cfg: dict) -> dict:
     seed = int(params.get("seed", 0))
     torch.manual_seed(seed)
-    sources = collect_sources(layout, cfg)
+    sources = collect_sources(layout, cfg, seed)
     for s in sources:
-        log.info("source %-16s %s/%-3s %4d of %4d docs, %d bytes", s.name, s.domain, s.lang, len(s.texts),
+        log.info("source %-16s %s/%-3s %4d of %4d units, %d bytes", s.name, s.domain, s.lang, len(s.texts),
                  s.available, sum(len(t.encode()) for t in s.texts))
     overlap_result = check_overlap(layout, cfg)
 
@@ -122,7 +128,7 @@ def _run(params: dict, layout: Layout, cfg: dict) -> dict:
 
     paths = {"base": layout.resolve(cfg["base"]), "cpt": layout.resolve(cfg["model"])}
     scores, xacc, gens, info = score_models(paths, sources, xcopa_items, cfg, seed, layout)
-    metrics = assemble(scores, sources, xacc, overlap_result)
+    metrics = assemble(scores, sources, xacc, overlap_result, resamples=int(cfg["bootstrap_resamples"]), seed=seed)
     out_dir = layout.reports / "eval"
     report.write_all(
         out_dir, metrics=metrics, sources=sources, scores=scores, xcopa_items=xcopa_items, samples=gens,
@@ -132,3 +138,18 @@ def _run(params: dict, layout: Layout, cfg: dict) -> dict:
     for path in sorted(out_dir.glob("*")):
         tracker.log_artifact(path, "eval")
     return metrics
+
+
+def rescore(params: dict, layout: Layout, model_dir: Path) -> dict[str, dict[str, Any]]:
+    """Score another model folder (the registered champion) on exactly this eval's text: the same sources, units and
+    budget as ``run`` (seeded), so its bpb compares source by source. ``{source: {"domain", "bytes", "bpb"}}``, the
+    shape the gate stores with a registered version."""
+    cfg = config(params)
+    sources = collect_sources(layout, cfg, int(params.get("seed", 0)))
+    lm = load_model("champion", Path(model_dir), device=cfg["device"], dtype=cfg["dtype"])
+    scorer = BpbScorer(lm, cfg["max_length"], cfg["stride"], cfg["batch_size"])
+    out = {}
+    for s in sources:
+        score = scorer.score(s.texts, desc=s.name)
+        out[s.name] = {"domain": s.domain, "bytes": score.bytes, "bpb": score.bpb}
+    return out

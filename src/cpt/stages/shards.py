@@ -20,12 +20,7 @@ import shutil
 import time
 from typing import Any
 
-from cpt.data.packing import (
-    load_tokenizer,
-    special_ids,
-    token_dtype,
-    tokenizers_parallelism,
-)
+from cpt.data.packing import token_dtype, tokenizers_parallelism
 from cpt.data.records import DOMAINS, select_sources
 from cpt.data.shard_writer import pack_domain
 from cpt.errors import ConfigError, DataError
@@ -33,6 +28,7 @@ from cpt.io import atomic_open, replace_dir, write_json
 from cpt.layout import Layout
 from cpt.params import stage_config
 from cpt.progress import progress
+from cpt.tok.codec import TextCodec
 
 log = logging.getLogger("cpt.stages.shards")
 
@@ -63,8 +59,9 @@ def run(params: dict[str, Any], layout: Layout) -> dict[str, Any]:
     cfg = config(params)
     seed = int(params.get("seed", 0))
     tok_dir = layout.resolve(cfg["tokenizer"])
-    tok = load_tokenizer(tok_dir)
-    specials = special_ids(tok, tok_dir, eos_token=str(cfg["eos_token"]), add_bos=cfg["add_bos"])
+    # cpt's one text -> ids rule (cpt.tok.codec), the same eval, the overlap check and the tiny base use
+    codec = TextCodec.from_folder(tok_dir, eos_token=str(cfg["eos_token"]), add_bos=cfg["add_bos"])
+    tok, specials = codec.tok, codec.specials
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
     dtype = token_dtype(vocab_size)
     try:
@@ -99,6 +96,8 @@ def run(params: dict[str, Any], layout: Layout) -> dict[str, Any]:
         "seed": seed,
         "val_fraction": float(cfg["val_fraction"]),
         "tail": "drop",
+        "block_info": "<split>.blocks.npy: int64 (blocks, 2) = [index into the split's lang_index, or -1 when the "
+                      "block's targets mix languages; UTF-8 bytes behind the block's targets (positions 1..)]",
         "splits": splits,
     }
     write_json(tmp / "meta.json", meta)

@@ -101,6 +101,10 @@ def config(params: dict) -> dict[str, Any]:
         raise ConfigError(f"params.yaml: train.min_lr={cfg['min_lr']} > train.lr={cfg['lr']}")
     if cfg["resume"] not in (True, False, "force"):
         raise ConfigError(f"params.yaml: train.resume={cfg['resume']!r}: expected true, false or force")
+    if cfg["dtype"] in ("fp16", "float16"):
+        # fp16 gradients underflow without a loss scaler (torch.amp.GradScaler), which this loop does not run: bf16
+        # has fp32's range and needs none, and every GPU cpt targets (A100, H100) has it.
+        raise ConfigError("params.yaml: train.dtype=fp16 is not supported (no GradScaler); use bf16 or fp32")
     if not 0 <= int(cfg["embed_only_steps"]) < cfg["steps"]:
         raise ConfigError(f"params.yaml: train.embed_only_steps={cfg['embed_only_steps']} must be in [0, steps)")
     return cfg

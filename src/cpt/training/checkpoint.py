@@ -19,6 +19,7 @@ import os
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -202,6 +203,32 @@ def sweep_temp(folder: Path) -> int:
             shutil.rmtree(p, ignore_errors=True)
             n += 1
     return n
+
+
+SUPERSEDED = "superseded"
+
+
+def move_aside(folder: Path, reason: str) -> Path | None:
+    """Move every checkpoint (and the step log) of a run that can no longer be continued into
+    ``superseded/<time>/`` with ``why.txt``, instead of deleting them: a changed base or tokenizer starts a fresh
+    run, and the old run stays inspectable (delete the folder to reclaim the space). Returns where they went."""
+    folder = Path(folder)
+    if not folder.exists():
+        return None
+    items = [p for p in folder.iterdir() if _STEP_DIR.match(p.name) or p.name in (LATEST, "steps.jsonl")]
+    if not items:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    dest = folder / SUPERSEDED / stamp
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = folder / SUPERSEDED / f"{stamp}-{n}"
+    dest.mkdir(parents=True)
+    for p in items:
+        os.replace(p, dest / p.name)
+    (dest / "why.txt").write_text(reason + "\n", encoding="utf-8")
+    return dest
 
 
 def clear(folder: Path) -> None:

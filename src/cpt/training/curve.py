@@ -15,12 +15,16 @@ CURVE_FIELDS = ["step", "tokens", "lr", "loss_new", "loss_old", "bpb_new", "bpb_
 
 
 def write_curve(path: Path, rows: list[dict]) -> None:
+    """CURVE_FIELDS, then one exact bits-per-byte column per language (``bpb_<domain>_<lang>``) when the shards
+    recorded per-block bytes."""
+    extra = sorted({k for row in rows for k in row if k[:8] in ("bpb_new_", "bpb_old_")})
+    fields = CURVE_FIELDS + extra
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CURVE_FIELDS, extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
         writer.writerow({k: ("" if row.get(k) is None or (isinstance(row.get(k), float) and not math.isfinite(row[k]))
-                             else row[k]) for k in CURVE_FIELDS})
+                             else row[k]) for k in fields})
     with atomic_open(path) as fh:
         fh.write(buf.getvalue())
 

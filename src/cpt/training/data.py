@@ -40,6 +40,10 @@ class ShardSplit:
     blocks: np.ndarray  # (n_blocks, block_size) memmap view
     tokens: int  # tokens behind the split (meta), for bits per byte
     bytes: int  # UTF-8 bytes behind those tokens (meta)
+    # per block [language index into ``langs`` or -1 (mixed), UTF-8 bytes behind its targets] from the shards
+    # stage's <split>.blocks.npy (cpt.data.block_bytes); None for shards written before it existed
+    block_info: np.ndarray | None = None
+    langs: tuple[str, ...] = ()
 
     @property
     def n_blocks(self) -> int:
@@ -103,7 +107,13 @@ def open_shards(folder: Path) -> Shards:
             arr = np.memmap(path, dtype=dtype, mode="r").reshape(-1, block)
         if "blocks" in info and int(info["blocks"]) != arr.shape[0]:
             raise DataError(f"{path}: {arr.shape[0]} blocks on disk, meta.json says {info['blocks']}")
-        splits[name] = ShardSplit(name, path, arr, int(info.get("tokens", arr.size)), int(info.get("bytes", 0)))
+        block_info, info_path = None, folder / f"{name}.blocks.npy"
+        if info_path.exists():
+            block_info = np.load(info_path)
+            if block_info.shape != (arr.shape[0], 2):
+                raise DataError(f"{info_path}: shape {block_info.shape}, expected ({arr.shape[0]}, 2): rerun `cpt shards`")
+        splits[name] = ShardSplit(name, path, arr, int(info.get("tokens", arr.size)), int(info.get("bytes", 0)),
+                                  block_info, tuple(info.get("lang_index") or ()))
     return Shards(folder, meta, splits)
 
 

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from cpt.errors import ConfigError, DataError
+from cpt.training.loss import logit_scale
 
 log = logging.getLogger("cpt.stages.train")
 
@@ -146,9 +147,15 @@ def calibrate_new_logits(model: nn.Module, blocks: torch.Tensor, base_vocab: int
     head = model.get_output_embeddings()
     if head is None or blocks.numel() == 0 or not target_mass or head.weight.shape[0] <= base_vocab:
         return {"new_logit_shift": 0.0}
+    if is_tied(model):
+        # One matrix is both the head and the input embedding: shifting the new head rows would move the new INPUT
+        # rows off their sub-token-mean init too. They stay at their init (the report says calibration was skipped).
+        why = "tied head: shifting the new head rows would move the new input rows too"
+        log.warning("new-row calibration skipped (%s)", why)
+        return {"new_logit_shift": 0.0, "calibration_skipped": why}
     device = head.weight.device
     h = model.base_model(input_ids=blocks.to(device), use_cache=False)[0]
-    h = h.reshape(-1, head.weight.shape[1]).float()
+    h = h.reshape(-1, head.weight.shape[1]).float() * logit_scale(model.config)
     w = head.weight.float()
     old_logits = h @ w[:base_vocab].t()
     old_lse = torch.logsumexp(old_logits, dim=-1)
@@ -176,6 +183,4 @@ def calibrate_new_logits(model: nn.Module, blocks: torch.Tensor, base_vocab: int
             lo, hi = (mid, hi) if mass(mid) > target_mass else (lo, mid)
         delta = hi
         head.weight[base_vocab:] += (delta * d).to(head.weight.dtype)
-        if head.weight is model.get_input_embeddings().weight:
-            log.info("tied head: the new input rows moved with the output rows")
     return {"new_logit_shift": delta, "new_mass_before": before, "new_mass_after": mass(delta)}

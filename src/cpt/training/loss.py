@@ -82,6 +82,20 @@ def linear_cross_entropy(
     return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_size, compute_dtype, with_grad)
 
 
+def logit_scale(config) -> float:
+    """The factor a family applies to ``hidden @ W.T`` before the softmax: Granite divides by ``logits_scaling``,
+    Cohere multiplies by ``logit_scale``; 1.0 for everyone else. The fused loss must apply it or it trains a
+    different model than the one HF (and eval) runs."""
+    scale = 1.0
+    div = getattr(config, "logits_scaling", None)
+    if isinstance(div, (int, float)) and div not in (0, 1):
+        scale /= float(div)
+    mul = getattr(config, "logit_scale", None)
+    if isinstance(mul, (int, float)) and not isinstance(mul, bool) and mul != 1:
+        scale *= float(mul)
+    return scale
+
+
 class CausalLMLoss(nn.Module):
     """``forward(input_ids (B, T), targets (B, T), position_ids=None) -> (loss_sum, token_losses (B, T))`` for an HF
     causal LM; IGNORE_INDEX targets count 0."""
@@ -95,12 +109,16 @@ class CausalLMLoss(nn.Module):
         # go through the model's own logits instead.
         softcap = getattr(model.config, "final_logit_softcapping", None)
         self.fused = fused and isinstance(head, nn.Linear) and head.bias is None and not softcap
+        self.logit_scale = logit_scale(model.config)
+
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor,
                 position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.fused:
             hidden = self.model.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False)[0]
             head = self.model.get_output_embeddings()
+            if self.logit_scale != 1.0:  # (s * h) @ W.T = s * logits: the scale rides on the hidden states
+                hidden = hidden * self.logit_scale
             total, losses = linear_cross_entropy(
                 hidden.flatten(0, 1), head.weight, targets.flatten(), chunk_size=self.chunk_size
             )

@@ -55,6 +55,19 @@ def build_optimizer(model: nn.Module, *, lr: float, weight_decay: float, betas: 
     return torch.optim.AdamW(spec, lr=lr, betas=betas, eps=eps, fused=fused or None)
 
 
+def apply_hparams(optimizer: torch.optim.Optimizer, *, weight_decay: float, betas: tuple[float, float],
+                  embed_lr_mult: float) -> None:
+    """Set the run's hyperparameters on the groups ``build_optimizer`` made. Needed after loading a checkpoint:
+    ``load_state_dict`` restores the saved groups' weight_decay, betas and lr_mult, so without this a
+    ``train.resume: force`` with a new weight_decay would silently keep the old one."""
+    for group in optimizer.param_groups:
+        group["betas"] = tuple(betas)
+        if group.get("name") == DECAY:
+            group["weight_decay"] = weight_decay
+        if group.get("name") == EMBED:
+            group["lr_mult"] = embed_lr_mult
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_mult", 1.0)

@@ -1,4 +1,5 @@
-"""Resume decisions: the fingerprint of every param that shapes a run (stored in each checkpoint), and which
+"""Resume decisions: the fingerprint of everything that shapes a run (stored in each checkpoint: the trajectory
+params, the seed, content hashes of the base and the tokenizer, the shards' meta, the global batch), and which
 changes ``train.resume: force`` may continue through (schedule and optimizer knobs) versus those that would mix two
 runs (data, batch, init, seed, model)."""
 
@@ -27,11 +28,34 @@ NOT_TRAJECTORY = {"eval_interval", "eval_blocks", "ckpt_interval", "keep_checkpo
                   "trust_remote_code", "dtype", "threads"}
 
 
-def fingerprint_items(cfg: dict, seed: int, shards_meta: dict, base_config: dict) -> dict[str, Any]:
+def content_hash(folder: Path, *, exclude: frozenset[str] = frozenset()) -> str:
+    """blake2b over the names and bytes of every file in ``folder`` (sorted; not recursive): a base with other
+    weights, or a tokenizer with one piece more, is another run, whatever its config.json says. Reads the weights
+    once per start (about 1 s per GB)."""
+    h = hashlib.blake2b(digest_size=16)
+    folder = Path(folder)
+    if not folder.is_dir():
+        return "missing"
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and p.name not in exclude):
+        h.update(path.name.encode("utf-8") + b"\0")
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def fingerprint_items(cfg: dict, seed: int, shards_meta: dict, base_dir: Path, tokenizer_dir: Path,
+                      world_size: int) -> dict[str, Any]:
+    """Everything a checkpoint's trajectory depends on: the trajectory params, the seed, the CONTENT of the base
+    (weights, config, its tokenizer; not cpt_base.json, which only describes it), of the extended tokenizer and of the
+    shards' meta (token, byte and document counts per split), and the global batch."""
     items = {k: v for k, v in cfg.items() if k not in NOT_TRAJECTORY}
     items["seed"] = seed
     items["shards"] = hashlib.sha256(json.dumps(shards_meta, sort_keys=True).encode()).hexdigest()[:16]
-    items["base"] = hashlib.sha256(json.dumps(base_config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    items["base"] = content_hash(base_dir, exclude=frozenset({"cpt_base.json"}))
+    items["tokenizer"] = content_hash(tokenizer_dir)
+    items["global_batch"] = int(world_size) * int(cfg["micro_batch"]) * int(cfg["grad_accum"])
     return items
 
 

@@ -45,6 +45,7 @@ from cpt.errors import DataError  # noqa: E402
 from cpt.io import write_json  # noqa: E402
 from cpt.layout import Layout  # noqa: E402
 from cpt.progress import progress  # noqa: E402
+from cpt.tok.codec import TextCodec  # noqa: E402
 from cpt.training.schedule import lr_at  # noqa: E402
 
 log = logging.getLogger("cpt.stages.base")
@@ -151,17 +152,10 @@ def tiny_config(cfg: dict[str, Any], vocab_size: int):
 
 # -- 3. data, pretraining, evaluation -------------------------------------------------------------------------------
 
-def token_stream(tok, texts: Sequence[str], bos_id: int | None, eos_id: int) -> np.ndarray:
-    """``[BOS] text EOS`` for every text, concatenated (the same packing as the shards stage)."""
-    parts = []
-    for enc in tok.encode_batch_fast(list(texts), add_special_tokens=False):
-        ids = enc.ids
-        arr = np.empty(len(ids) + 1 + (bos_id is not None), dtype=np.int64)
-        if bos_id is not None:
-            arr[0] = bos_id
-        arr[int(bos_id is not None):-1] = ids
-        arr[-1] = eos_id
-        parts.append(arr)
+def token_stream(codec: TextCodec, texts: Sequence[str]) -> np.ndarray:
+    """``[BOS] text EOS`` for every text, concatenated: the shards stage's packing and its text -> ids rule
+    (``cpt.tok.codec``), so the base is pretrained and measured on ids exactly like the ones eval scores."""
+    parts = [np.asarray(codec.document(ids), dtype=np.int64) for ids in codec.encode(list(texts))]
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
@@ -266,7 +260,6 @@ def heldout_texts(texts: Iterable[str], budget_bytes: int) -> list[str]:
 
 def build(train_texts: list[str], heldout: list[str], out: Path, cfg: dict[str, Any], seed: int) -> dict[str, Any]:
     """Tokenizer + model + pretraining + evaluation; writes the HF folder ``out``; returns metrics."""
-    from tokenizers import Tokenizer
     from transformers import LlamaForCausalLM
 
     t0 = time.perf_counter()
@@ -278,13 +271,14 @@ def build(train_texts: list[str], heldout: list[str], out: Path, cfg: dict[str, 
                                max_sentences=int(cfg["tokenizer_sentences"]))
     hf_tok = write_hf_tokenizer(spm_path, out, model_max_length=int(cfg["block_size"]))
     vocab_size = len(hf_tok)
-    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
-    tok.encode_special_tokens = True  # "</s>" inside a book is text, not an EOS (as in the shards stage)
+    codec = TextCodec.from_folder(out)  # "</s>" inside a book is text, not an EOS (as in the shards stage)
+    if (codec.bos_id, codec.eos_id) != (BOS, EOS):
+        raise DataError(f"{out}: the tokenizer's BOS/EOS are {codec.bos_id}/{codec.eos_id}, expected {BOS}/{EOS}")
     tokenizer_seconds = time.perf_counter() - t0
 
-    train_ids = token_stream(tok, train_texts, BOS, EOS)
+    train_ids = token_stream(codec, train_texts)
     eval_texts = heldout_texts(heldout, int(cfg["eval_bytes"]))
-    eval_ids = token_stream(tok, eval_texts, BOS, EOS)
+    eval_ids = token_stream(codec, eval_texts)
     eval_bytes = sum(len(t.encode("utf-8")) for t in eval_texts)
     log.info("tokenizer: %d pieces in %.1fs; %d train tokens, %d held-out tokens (%d bytes)", vocab_size,
              tokenizer_seconds, train_ids.size, eval_ids.size, eval_bytes)

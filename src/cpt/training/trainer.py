@@ -27,23 +27,25 @@ from cpt.ops import tracking
 from cpt.progress import progress
 from cpt.training import checkpoint, distributed, flops
 from cpt.training.curve import truncate_step_log, write_curve
-from cpt.training.data import ReplaySampler, ShardSplit, eval_rows, open_shards
+from cpt.training.data import ReplaySampler, ShardSplit, open_shards
 from cpt.training.embeddings import calibrate_new_logits, extend_embeddings
 from cpt.training.export import config_dtype, export_model
 from cpt.training.loss import CausalLMLoss
 from cpt.training.measure import (
+    LN2,
     bpb,
     calibration_blocks,
     domain_losses,
-    eval_batches,
+    lang_rows,
     mean_loss,
     resize_probe_rows,
+    split_bpb,
     to_xy,
 )
-from cpt.training.optim import build_optimizer, set_lr
+from cpt.training.optim import apply_hparams, build_optimizer, set_lr
 from cpt.training.resume import changed_items, check_forceable, describe_changes, fingerprint_items
 from cpt.training.schedule import lr_for
-from cpt.training.step import NonFiniteLoss, evaluate, train_step
+from cpt.training.step import NonFiniteLoss, train_step
 
 log = logging.getLogger("cpt.stages.train")
 
@@ -120,9 +122,12 @@ def resume_point(cfg: dict, fp: dict[str, Any], ckdir: Path, info: distributed.D
     if info.main:
         ckdir.mkdir(parents=True, exist_ok=True)
         checkpoint.sweep_temp(ckdir)
-        if start_over:
+        if start_over == "train.resume=false":
             log.warning("%s: removing the checkpoints in %s and training from scratch", start_over, ckdir)
             checkpoint.clear(ckdir)
+        elif start_over:  # other inputs (a changed base, tokenizer, data or params): never silently reused
+            aside = checkpoint.move_aside(ckdir, start_over)
+            log.warning("%s: its checkpoints moved to %s; training from scratch", start_over, aside)
     if info.enabled:
         torch.distributed.barrier()
     return None if start_over else newest
@@ -184,20 +189,27 @@ def parallelize(cfg: dict, core: CausalLMLoss, hf_model, info: distributed.DistI
 # ---- eval during training -------------------------------------------------------------------------------------------
 
 
-def evaluate_val(model, core, inputs: Inputs, eval_sets: dict[str, np.ndarray], cfg: dict, info, device,
+def evaluate_val(model, core, inputs: Inputs, eval_sets: dict[str, dict[str, np.ndarray]], cfg: dict, info, device,
                  amp_dtype) -> dict[str, float]:
-    """Mean loss and bits per byte on the fixed val blocks of each domain (sharded over ranks)."""
+    """Loss and exact bits per byte on val blocks of each domain, per language (``bpb_<domain>_<lang>``) and pooled
+    over the domain's scored blocks (``bpb_<domain>``); sharded over ranks."""
     row: dict[str, float] = {}
+    specials = tuple(i for i in (inputs.shards.meta.get("bos_id"), inputs.shards.meta.get("eos_id")) if i is not None)
     core.eval()
     for d in ("new", "old"):
-        split, rows = inputs.val[d], eval_sets[d]
-        if split is None or len(rows) == 0:
-            row[f"loss_{d}"] = row[f"bpb_{d}"] = float("nan")
+        split, groups = inputs.val[d], eval_sets[d]
+        row[f"loss_{d}"] = row[f"bpb_{d}"] = float("nan")
+        if split is None or not groups:
             continue
-        total, n = evaluate(model, eval_batches(split, rows[info.rank :: info.world_size], cfg["micro_batch"], device),
-                            device=device, amp_dtype=amp_dtype)
-        row[f"loss_{d}"] = total / n
-        row[f"bpb_{d}"] = bpb(total / n, split)
+        parts = {lang: split_bpb(model, split, rows, cfg["micro_batch"], device, amp_dtype, specials, info.rank,
+                                 info.world_size) for lang, rows in groups.items()}
+        loss_sum, tokens = sum(p["loss_sum"] for p in parts.values()), sum(p["tokens"] for p in parts.values())
+        nll, nbytes = sum(p["nll"] for p in parts.values()), sum(p["bytes"] for p in parts.values())
+        row[f"loss_{d}"] = loss_sum / tokens if tokens else float("nan")
+        row[f"bpb_{d}"] = parts["all"]["bpb"] if "all" in parts else (nll / (LN2 * nbytes) if nbytes else float("nan"))
+        for lang, p in parts.items():
+            if lang != "all":
+                row[f"bpb_{d}_{lang}"] = p["bpb"]
     core.train()
     return row
 
@@ -213,7 +225,7 @@ def train(cfg: dict, seed: int, layout: Layout, info: distributed.DistInfo, devi
     tokens_per_step = global_batch * (inputs.block - 1)
 
     ckdir = layout.checkpoints
-    fp = fingerprint_items(cfg, seed, inputs.shards.meta, inputs.base_config)
+    fp = fingerprint_items(cfg, seed, inputs.shards.meta, layout.base, layout.tokenizer, info.world_size)
     resume_from = resume_point(cfg, fp, ckdir, info)
     seed_everything(seed)
 
@@ -221,7 +233,7 @@ def train(cfg: dict, seed: int, layout: Layout, info: distributed.DistInfo, devi
     save_dtype = config_dtype(inputs.base_config)
     n_params = flops.count_params(hf_model)
     layers, width = flops.model_shape(hf_model.config)
-    per_token = flops.flops_per_token(n_params, layers, width, inputs.block - 1)
+    per_token = flops.flops_per_token(flops.matmul_params(hf_model), layers, width, inputs.block - 1)  # PaLM N
 
     model = parallelize(cfg, core, hf_model, info, device, amp_dtype)
     optimizer = build_optimizer(hf_model, lr=float(cfg["lr"]), weight_decay=float(cfg["weight_decay"]),
@@ -229,6 +241,9 @@ def train(cfg: dict, seed: int, layout: Layout, info: distributed.DistInfo, devi
     clip_params = [p for g in optimizer.param_groups for p in g["params"]]
     if resume_from is not None:
         state = RunState.from_checkpoint(checkpoint.load(resume_from, core, optimizer))
+        # loading the optimizer state restored the checkpoint's hyperparameters; resume: force may have changed them
+        apply_hparams(optimizer, weight_decay=float(cfg["weight_decay"]), betas=tuple(cfg["betas"]),
+                      embed_lr_mult=float(cfg["embed_lr_mult"]))
         log.info("resuming from %s (step %d of %d, %d samples)", resume_from, state.step, cfg["steps"], state.samples)
 
     # a finished run is re-exported, not retrained
@@ -244,7 +259,7 @@ def train(cfg: dict, seed: int, layout: Layout, info: distributed.DistInfo, devi
         return {**state.metrics, "retrained": False, "resumed_from": state.step}
 
     sampler = ReplaySampler(inputs.train_new, inputs.train_old, float(cfg["replay_ratio"]), seed)
-    eval_sets = {d: eval_rows(inputs.val[d], cfg["eval_blocks"], info.world_size) for d in ("new", "old")}
+    eval_sets = {d: lang_rows(inputs.val[d], cfg["eval_blocks"], info.world_size) for d in ("new", "old")}
     peak = flops.peak_flops(device, cfg["peak_tflops"])
     tracker = tracking.current()
     step_log = ckdir / "steps.jsonl"
@@ -318,9 +333,9 @@ def train(cfg: dict, seed: int, layout: Layout, info: distributed.DistInfo, devi
             row = val_row(step + 1, lr, train_loss)
             state.curve.append(row)
             if info.main:
-                tracker.log_metrics({f"val_{k.replace('_', '/')}": row[k] for k in
-                                     ("loss_new", "loss_old", "bpb_new", "bpb_old") if math.isfinite(row[k])},
-                                    step=step + 1)
+                val = {f"val_{k.replace('_', '/')}": row[k] for k in ("loss_new", "loss_old", "bpb_new", "bpb_old")}
+                val |= {f"bpb/{k[4:7]}/{k[8:]}": v for k, v in row.items() if k[:8] in ("bpb_new_", "bpb_old_")}
+                tracker.log_metrics({k: v for k, v in val.items() if math.isfinite(v)}, step=step + 1)
                 write_curve(layout.metrics / "train_curve.csv", state.curve)
         if (step + 1) % cfg["ckpt_interval"] == 0 and not done:
             save_checkpoint(step + 1, finished=False)
@@ -335,6 +350,15 @@ def train(cfg: dict, seed: int, layout: Layout, info: distributed.DistInfo, devi
     return metrics
 
 
+def per_language(row: dict[str, Any]) -> dict[str, float]:
+    """``{lang: bpb}`` from an eval row's ``bpb_<domain>_<lang>`` (``<lang>_<domain>`` if a language is in both)."""
+    out: dict[str, float] = {}
+    for k, v in row.items():
+        if k[:8] in ("bpb_new_", "bpb_old_"):
+            out[k[8:] if k[8:] not in out else f"{k[8:]}_{k[4:7]}"] = v
+    return out
+
+
 def final_metrics(cfg: dict, state: RunState, start_step: int, train_loss: float, sampler: ReplaySampler,
                   per_token: float, peak: float | None, n_params: int, info, device: torch.device) -> dict[str, Any]:
     final, resize = state.curve[-1], state.resize
@@ -344,10 +368,12 @@ def final_metrics(cfg: dict, state: RunState, start_step: int, train_loss: float
         "mfu": flops.mfu(tokens_per_s, per_token, peak, info.world_size),
         "train_seconds": state.train_seconds, "loss_new": final["loss_new"], "loss_old": final["loss_old"],
         "bpb_new": final["bpb_new"], "bpb_old": final["bpb_old"], "train_loss": train_loss,
+        # exact bits per byte per language on val blocks spread over the split (compare eval's heldout_<lang>)
+        "final_bpb": per_language(final),
         "old_loss_before_resize": resize["old_loss_before"], "old_loss_after_resize": resize["old_loss_after"],
         "old_loss_resize_change": resize["old_loss_change"], "embeddings": {k: resize.get(k) for k in
         ("vocab", "base_vocab", "rows_before", "rows_after", "added", "init", "init_fallback", "tied",
-         "new_logit_shift", "new_mass_before", "new_mass_after")},
+         "new_logit_shift", "new_mass_before", "new_mass_after", "calibration_skipped")},
         "params": n_params, "flops_per_token": per_token, "world_size": info.world_size, "device": device.type,
         "replay_ratio": float(cfg["replay_ratio"]), "epochs": sampler.epochs(state.samples),
         "resumed_from": start_step or None, "retrained": True,

@@ -1,0 +1,71 @@
+"""What a checkpoint may be continued with: a changed base (weights, not just config.json) or tokenizer starts a
+fresh run and moves the old checkpoints aside; ``resume: force`` continues with the NEW optimizer hyperparameters."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from cpt.layout import Layout
+from train_fixture import make_project, tiny_params
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, corpora):
+    return make_project(tmp_path_factory.mktemp("fp_src"), corpora)
+
+
+def _layout(project, tmp_path) -> Layout:
+    shutil.copytree(project / "data", tmp_path / "data")
+    return Layout(tmp_path)
+
+
+def test_a_finished_run_is_not_reused_after_the_base_weights_change(project, tmp_path, one_torch_thread):
+    import cpt.stages.train
+    from safetensors.torch import load_file, save_file
+
+    layout = _layout(project, tmp_path)
+    params = tiny_params(steps=4, eval_interval=4, ckpt_interval=4)
+    first = cpt.stages.train.run(params, layout)
+    assert first["retrained"]
+    # same config.json, other weights (a fine-tune of the same architecture, another base.tiny.steps, ...)
+    weights = load_file(layout.base / "model.safetensors")
+    save_file({k: v + 0.01 for k, v in weights.items()}, layout.base / "model.safetensors", metadata={"format": "pt"})
+    again = cpt.stages.train.run(params, layout)
+    assert again["retrained"] and again["resumed_from"] is None  # trained anew, from the new base
+    aside = list((layout.checkpoints / "superseded").iterdir())
+    assert len(aside) == 1 and (aside[0] / "step_0000004").is_dir()  # moved aside, not deleted ...
+    assert "base" in (aside[0] / "why.txt").read_text()  # ... and the reason written next to them
+
+
+def test_a_changed_tokenizer_starts_over_too(project, tmp_path, one_torch_thread):
+    import cpt.stages.train
+
+    layout = _layout(project, tmp_path)
+    params = tiny_params(steps=4, eval_interval=4, ckpt_interval=4)
+    cpt.stages.train.run(params, layout)
+    cfg = json.loads((layout.tokenizer / "tokenizer_config.json").read_text())
+    cfg["model_max_length"] = 12345
+    (layout.tokenizer / "tokenizer_config.json").write_text(json.dumps(cfg))
+    assert cpt.stages.train.run(params, layout)["resumed_from"] is None
+
+
+def test_resume_force_applies_the_new_optimizer_hyperparameters(project, tmp_path, one_torch_thread):
+    import cpt.stages.train
+
+    layout = _layout(project, tmp_path)
+    cpt.stages.train.run(tiny_params(steps=4, eval_interval=4, ckpt_interval=4), layout)
+    forced = tiny_params(steps=8, eval_interval=4, ckpt_interval=4, resume="force", weight_decay=0.0,
+                         betas=[0.8, 0.9], embed_lr_mult=0.5)
+    assert cpt.stages.train.run(forced, layout)["resumed_from"] == 4
+    groups = {g["name"]: g for g in torch.load(layout.checkpoints / "step_0000008" / "optimizer.pt",
+                                               weights_only=True)["param_groups"]}
+    assert groups["decay"]["weight_decay"] == 0.0  # not the checkpoint's 0.1
+    assert all(tuple(g["betas"]) == (0.8, 0.9) for g in groups.values())  # not (0.9, 0.95)
+    assert groups["embed"]["lr_mult"] == 0.5  # not 1.0
+    # and the LR the embeddings trained with at the last step is the multiplied one
+    last = json.loads((layout.checkpoints / "steps.jsonl").read_text().splitlines()[-1])
+    assert groups["embed"]["lr"] == pytest.approx(0.5 * last["lr"])
