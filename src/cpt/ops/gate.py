@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 from typing import Any
 
 from cpt.io import write_json
-from cpt.params import section
+from cpt.params import section, with_defaults
 
 log = logging.getLogger("cpt.ops.gate")
 
@@ -40,7 +41,7 @@ DOMAINS = ("new", "old")
 
 
 def gate_params(params: dict[str, Any]) -> dict[str, Any]:
-    cfg = {**DEFAULTS, **section(params, "gate")}
+    cfg = with_defaults("gate", section(params, "gate"), DEFAULTS)
     for key in ("min_gain", "max_forgetting"):
         cfg[key] = float(cfg[key])
     cfg["champion_min_gain"] = float(cfg["min_gain"] if cfg["champion_min_gain"] is None else cfg["champion_min_gain"])
@@ -203,6 +204,11 @@ def summary_metrics(decision: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def sources_path(layout: Any) -> Path:
+    """data/eval/sources.json: the candidate's per-source bpb (domain, bytes), as the registry keeps it."""
+    return Path(layout.data) / "eval" / "sources.json"
+
+
 def run(params: dict[str, Any], layout: Any, eval_metrics: dict[str, Any], tracker: Any) -> dict[str, Any]:
     """Post-eval hook: champion lookup -> decision -> register -> alias -> metrics/gate.json. Tracking problems are
     recorded in the decision, never raised (the eval results are already safe on disk)."""
@@ -221,11 +227,16 @@ def run(params: dict[str, Any], layout: Any, eval_metrics: dict[str, Any], track
     decision = decide(eval_metrics, params, champion, note)
     decision["registered_model"] = model_name
     decision["version"] = None
+    # The per-source numbers a later gate compares against: an artifact of the registered version (a JSON tag
+    # would be ~1 KB of unreadable text in the registry UI), and a DVC output of eval that is NOT in git, so a fresh
+    # clone has no copy and `dvc repro` runs eval (and this gate) for the model it just trained.
+    sources_file = sources_path(layout)
+    write_json(sources_file, candidate_sources(decision), sort_keys=True)
     if getattr(tracker, "active", False):
         try:
             decision["version"] = tracker.register_model(
-                layout.model, tags={"cpt.gate.sources": candidate_sources(decision), "cpt.gate.reason": decision["reason"],
-                                    "cpt.gate.passed": decision["passed"]})
+                layout.model, tags={"cpt.gate.reason": decision["reason"][:5000], "cpt.gate.passed": decision["passed"]},
+                artifacts={"gate": sources_file})
         except Exception as exc:  # noqa: BLE001
             decision["notes"].append(f"model registration failed ({type(exc).__name__}: {exc})")
         if decision["passed"] and decision["version"] is None:

@@ -33,6 +33,8 @@ DEFAULTS: dict[str, Any] = {
     "flush_interval": 5.0,  # seconds between background sends
     "close_timeout": 10.0,  # seconds close() keeps retrying before spooling to disk
     "spool_dir": "data/tracking_spool",
+    "system_metrics": ["train"],  # stages whose runs get CPU/GPU/memory samples (mlflow's system metrics)
+    "system_metrics_interval": 10,  # seconds between samples
 }
 
 # Reports each stage writes (docs/architecture.md); logged as artifacts when the stage closes, with metrics/<stage>.json.
@@ -46,9 +48,6 @@ STAGE_ARTIFACTS: dict[str, tuple[str, ...]] = {
     "train": ("metrics/train_curve.csv",),
     "eval": (),  # the eval stage logs reports/eval/* itself (artifact folder eval/)
 }
-
-
-LAST_STAGE = "eval"  # a grouped parent run is FINISHED when this stage finishes (FAILED when any stage fails)
 
 
 def settings(params: dict[str, Any], layout: Any) -> dict[str, Any]:
