@@ -22,8 +22,9 @@ import os
 import shutil
 from typing import Any
 
-from cpt.data.checks import doc_expectations, doc_frames, run_suite, source_expectations
+from cpt.data.checks import doc_expectations, doc_frames, run_suite, source_expectations, validation_markdown
 from cpt.errors import ValidationFailed
+from cpt.io import atomic_open
 from cpt.layout import Layout
 from cpt.params import stage_config
 
@@ -63,7 +64,7 @@ def run(params: dict[str, Any], layout: Layout) -> dict[str, Any]:
     results += run_suite(ctx, "clean_sources", per_source, source_expectations(per_source, cfg), "source")
 
     failed = [r for r in results if not r["success"]]
-    metrics = {
+    metrics: dict[str, Any] = {
         "success": not failed,
         "docs": int(len(docs)),
         "sources": int(len(per_source)),
@@ -73,6 +74,8 @@ def run(params: dict[str, Any], layout: Layout) -> dict[str, Any]:
         else str(site / "index.html"),
         "expectations": {r["name"]: {k: v for k, v in r.items() if k != "name"} for r in results},
     }
+    with atomic_open(layout.reports / "validation.md") as fh:  # readable offline, and in git
+        fh.write(validation_markdown(metrics))
     if failed:
         lines = [
             f"{r['name']} ({r['expectation']} on {r['column']}"
