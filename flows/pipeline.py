@@ -174,7 +174,8 @@ def _run_stages(stages: list[str], root: Path, train_retries: int = 2, retry_del
         t = STAGE_TASKS[stage]
         if stage == "train":
             t = t.with_options(retries=train_retries, retry_delay_seconds=retry_delay)
-        results.append(t(stage, str(root)))
+        # the task's state is Ran/Skipped (see _run_stage); its data is the stage's result (raises if it failed)
+        results.append(t(stage, str(root), return_state=True).result())
     return results
 
 
