@@ -10,7 +10,9 @@ Prefect adds what DVC lacks:
   in ``CPT_MLFLOW_RUN_ID``, so each stage is a nested run (cpt.ops.tracking);
 * routing and GPU exclusivity: train/evaluate take a Prefect global concurrency slot ``gpu-<CUDA_VISIBLE_DEVICES>``
   (a no-op until ``prefect gcl create gpu-0 --limit 1`` exists), on top of the deployment/work-queue limits;
-* moving data between machines: ``pull`` runs ``dvc pull`` of the inputs first, ``push`` sends outputs back.
+* moving data between machines: ``pull`` runs ``dvc pull`` of the inputs first, ``push`` sends outputs back;
+* a view of the answer: each stage task ends ``Ran`` or ``Skipped`` (DVC found it up to date), and ``pipeline``
+  publishes the markdown artifact ``cpt-pipeline`` (gain / forgetting, the gate's decision, the MLflow run).
 
 Run locally without a server: ``python -m flows.pipeline`` (an ephemeral Prefect API is started for the run).
 """
