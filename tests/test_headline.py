@@ -108,7 +108,7 @@ def test_mlflow_shows_the_answer_first(project):
     assert parent.data.tags["mlflow.note.content"].startswith("**vi +7.8 bpb, en +0.045 bpb forgotten, gate passed**")
     assert parent.data.tags["cpt.gate.decision"] == "promote"
     assert parent.data.metrics["summary/gain/vi"] == 7.8 and parent.data.metrics["summary/passed"] == 1.0
-    assert len(parent.data.metrics) < 30, sorted(parent.data.metrics)  # a headline, not 699 stage metrics
+    assert all(k.startswith("summary/") for k in parent.data.metrics), sorted(parent.data.metrics)  # headline only
     exp = c.get_experiment(parent.info.experiment_id)
     assert exp.tags["mlflow.experiment.primaryMetric.name"] == "summary/forgetting/en"
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"

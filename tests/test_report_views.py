@@ -26,7 +26,10 @@ def test_samples_of_a_tiny_model_open_with_a_warning_and_mark_degenerate_text():
     big = {name: [{"lang": "vi", "prompt": "Hà Nội là", "greedy": " thủ đô của Việt Nam.",
                    "sampled": " một thành phố lớn."}] for name in ("base", "cpt")}
     assert "Warning" not in samples_markdown(big, CFG, {"base": {"params": 7e9}, "cpt": {"params": 7e9}})
-    assert degenerate("the the the the the the") == "a short loop" and degenerate("Sông Mê Kông chảy qua") is None
+    assert degenerate("the the the the the the") == "a loop" and degenerate("Sông Mê Kông chảy qua") is None
+    loop = " of the same other was the same other, and the same other, and the same other, and the same other, and"
+    assert degenerate(loop) == "a loop"
+    assert degenerate("s, I your shallon evil at the moment. But, the maping of the name to be re") is None
 
 
 def test_eval_figure_has_readable_tick_labels_and_deltas_on_their_own_axes(tmp_path):

@@ -156,14 +156,18 @@ MIN_GENERATIVE_PARAMS = 100_000_000
 
 
 def degenerate(text: str) -> str | None:
-    """Why a continuation is not text ("empty", "one character repeated", "a short loop"), or None."""
-    t = "".join(text.split())
-    if not t:
+    """Why a continuation is not text ("empty", "one character repeated", "a loop"), or None. A loop: from a third
+    of the way in, 70% of the characters equal the one a fixed period earlier (``the same other, and the same...``)."""
+    t = " ".join(text.split())
+    if not t.strip():
         return "empty"
-    if max(t.count(c) for c in set(t)) >= 0.8 * len(t) and len(t) > 3:
+    if len(t) > 3 and max(t.count(c) for c in set(t)) >= 0.8 * len(t):
         return "one character repeated"
-    if len(t) >= 12 and any(t == (t[:n] * (len(t) // n + 1))[:len(t)] for n in range(2, 7)):
-        return "a short loop"
+    tail = t[len(t) // 3:]
+    for period in range(2, len(tail) // 3 + 1):
+        pairs = len(tail) - period
+        if pairs >= 12 and sum(tail[i] == tail[i + period] for i in range(pairs)) >= 0.7 * pairs:
+            return "a loop"
     return None
 
 

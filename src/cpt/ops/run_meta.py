@@ -27,7 +27,9 @@ DEFAULTS: dict[str, Any] = {
     "model_name": "cpt",  # registered model name (the gate aliases its versions)
     "log_model": True,  # log data/models/cpt into the eval run and register it
     "group_stages": True,  # plain `dvc repro`: stages of one (commit, params) share a parent run
-    "mirror_to_parent": True,  # per-step metrics also go to the parent run
+    # per-step metrics also go to the parent run. Off: the parent shows the headline (summary/...) first and alone,
+    # and its chart view the old/new loss image; the curves are in the train run (compare train runs for overlays)
+    "mirror_to_parent": False,
     "http_timeout": 5,  # seconds per HTTP request to a tracking server
     "http_retries": 0,  # retries per request inside mlflow; cpt retries the whole queue itself
     "flush_interval": 5.0,  # seconds between background sends
