@@ -118,6 +118,7 @@ def run_link(uri: str, experiment_id: str | None, run_id: str | None) -> str | N
     """A link to the run in the MLflow UI (http stores), else how to open it (``mlflow ui`` on a local store)."""
     if not run_id:
         return None
+    page = f"#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
     if uri.startswith(("http://", "https://")):
-        return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
-    return f"run {run_id} (open with `mlflow ui --backend-store-uri {uri}`)"
+        return f"{uri.rstrip('/')}/{page}"
+    return f"http://127.0.0.1:5000/{page} (after `mlflow ui --host 127.0.0.1 --backend-store-uri {uri}`)"
