@@ -118,7 +118,7 @@ def test_mlflow_shows_the_answer_first(project):
     # the chart view's image chart (old and new loss together), in the train run and the parent
     for run_id in (tr.run_id, parent.info.run_id):
         images = [a.path for a in c.list_artifacts(run_id, "images")]
-        assert any(p.startswith("images/loss~new_vs_old+step+80") for p in images), images  # '/' stored as '~'
+        assert any(p.startswith("images/summary~loss_new_vs_old+step+80") for p in images), images  # '/' stored as '~'
     (inp,) = train_run.inputs.dataset_inputs
     assert inp.dataset.name == "token shards" and inp.dataset.digest == "0123456789abcdef0123456789abcdef.dir"
     assert any(k.startswith("system/cpu_utilization") for k in train_run.data.metrics), sorted(train_run.data.metrics)

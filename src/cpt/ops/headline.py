@@ -22,7 +22,8 @@ from cpt.ops import summary as summary_mod
 
 log = logging.getLogger("cpt.ops.headline")
 
-LOSS_CHART_KEY = "loss/new_vs_old"
+# in the "summary" section of the chart view, which sorts first (sections are the key up to its last "/")
+LOSS_CHART_KEY = "summary/loss_new_vs_old"
 
 
 def publish(layout: Any, tracker: Any, decision: dict[str, Any]) -> dict[str, Any]:
