@@ -5,7 +5,7 @@ DVC owns the DAG, the params and the cache, so an unchanged stage is skipped her
 Prefect adds what DVC lacks:
 
 * retries: the train task retries (``train_retries``) and, since ``train.resume`` is on and ``data/checkpoints`` is
-  ``persist: true`` in dvc.yaml, a retry resumes from the last checkpoint instead of starting over;
+  not a DVC output (DVC leaves it in place), a retry resumes from the last checkpoint instead of starting over;
 * one MLflow parent run per pipeline execution: the outermost flow opens it and hands its id to every stage process
   in ``CPT_MLFLOW_RUN_ID``, so each stage is a nested run (cpt.ops.tracking);
 * routing and GPU exclusivity: train/evaluate take a Prefect global concurrency slot ``gpu-<CUDA_VISIBLE_DEVICES>``
