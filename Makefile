@@ -35,10 +35,12 @@ demo: setup
 	$(BIN)/dvc repro
 	@echo
 	@echo "Done. Results:"
-	@echo "  metrics/*.json            one small JSON per stage (dvc metrics show)"
-	@echo "  reports/                  fertility table, data docs, eval report and loss curves"
-	@echo "  data/models/cpt           the continually pretrained model (HF folder)"
-	@echo "  mlflow.db                 MLflow runs: $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db"
+	@echo "  metrics/summary.json      the headline: gain / forgetting per language, the gate's decision (dvc metrics show)"
+	@echo "  metrics/<stage>.json      each stage's results (timings: metrics/timings/, git-ignored)"
+	@echo "  reports/                  eval report + loss curves, samples, validation.md, fertility table"
+	@echo "  data/models/cpt           the continually pretrained model (HF folder; registry: models:/cpt@champion)"
+	@echo "  mlflow.db                 MLflow: $(BIN)/mlflow ui --host 127.0.0.1 --backend-store-uri sqlite:///mlflow.db"
+	@echo "                            then http://127.0.0.1:5000/#/experiments/1?workflowType=machine_learning"
 
 test: setup
 	$(BIN)/python -m pytest -q

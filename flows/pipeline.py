@@ -5,12 +5,14 @@ DVC owns the DAG, the params and the cache, so an unchanged stage is skipped her
 Prefect adds what DVC lacks:
 
 * retries: the train task retries (``train_retries``) and, since ``train.resume`` is on and ``data/checkpoints`` is
-  ``persist: true`` in dvc.yaml, a retry resumes from the last checkpoint instead of starting over;
+  not a DVC output (DVC leaves it in place), a retry resumes from the last checkpoint instead of starting over;
 * one MLflow parent run per pipeline execution: the outermost flow opens it and hands its id to every stage process
   in ``CPT_MLFLOW_RUN_ID``, so each stage is a nested run (cpt.ops.tracking);
 * routing and GPU exclusivity: train/evaluate take a Prefect global concurrency slot ``gpu-<CUDA_VISIBLE_DEVICES>``
   (a no-op until ``prefect gcl create gpu-0 --limit 1`` exists), on top of the deployment/work-queue limits;
-* moving data between machines: ``pull`` runs ``dvc pull`` of the inputs first, ``push`` sends outputs back.
+* moving data between machines: ``pull`` runs ``dvc pull`` of the inputs first, ``push`` sends outputs back;
+* a view of the answer: each stage task ends ``Ran`` or ``Skipped`` (DVC found it up to date), and ``pipeline``
+  publishes the markdown artifact ``cpt-pipeline`` (gain / forgetting, the gate's decision, the MLflow run).
 
 Run locally without a server: ``python -m flows.pipeline`` (an ephemeral Prefect API is started for the run).
 """
@@ -31,6 +33,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
+from prefect.states import Completed, State
 
 from cpt.ops import tracking
 from cpt.io import read_json
@@ -70,15 +73,19 @@ def _gpu_slot() -> contextlib.AbstractContextManager:
     return concurrency(f"gpu-{gpu.replace(',', '-')}", occupy=1, strict=False)
 
 
-def _run_stage(stage: str, root: str) -> dict[str, Any]:
+def _run_stage(stage: str, root: str) -> State:
+    """``dvc repro --single-item <stage>``; the task's final state says what happened: ``Ran`` or ``Skipped`` (DVC
+    found it up to date), both of type COMPLETED, so the flow run page tells them apart at a glance."""
     logger = get_run_logger()
     with _gpu_slot() if stage in ("train", "eval", "sft") else contextlib.nullcontext():
         result = run_dvc(["repro", "--single-item", stage], root, logger=logger)
     metrics_file = Layout(Path(root)).metrics_file(stage)
     metrics = read_json(metrics_file) if metrics_file.exists() else {}
     skipped = result.skipped(stage)
-    logger.info("%s: %s in %.1fs", stage, "up to date (DVC skipped it)" if skipped else "ran", result.seconds)
-    return {"stage": stage, "ran": not skipped, "seconds": result.seconds, "metrics": metrics}
+    what = "up to date (DVC skipped it)" if skipped else f"ran in {result.seconds:.1f}s"
+    logger.info("%s: %s", stage, what)
+    data = {"stage": stage, "ran": not skipped, "seconds": result.seconds, "metrics": metrics}
+    return Completed(name="Skipped" if skipped else "Ran", message=f"{stage}: {what}", data=data)
 
 
 # One task per stage, named as the stage. NO_CACHE: DVC is the cache; Prefect result caching would replay a stale
@@ -103,8 +110,10 @@ def dvc_push(root: str, targets: list[str]) -> None:
 
 
 @contextlib.contextmanager
-def _pipeline_run(root: Path, name: str, enabled: bool) -> Iterator[tracking.Tracker]:
-    """The MLflow parent run for this execution, unless an outer flow already opened one (then stages nest there)."""
+def _pipeline_run(root: Path, name: str, enabled: bool, results: list[dict[str, Any]]) -> Iterator[tracking.Tracker]:
+    """The MLflow parent run for this execution, unless an outer flow already opened one (then stages nest there).
+    ``results`` (filled by the caller) says whether eval ran in THIS execution: only then does the parent get the
+    gate's verdict (metrics/gate.json on disk may be from an earlier run)."""
     if not enabled or os.environ.get(tracking.ENV_PARENT):
         yield tracking.Tracker()
         return
@@ -132,21 +141,32 @@ def _pipeline_run(root: Path, name: str, enabled: bool) -> Iterator[tracking.Tra
         if parent.run_id and os.environ.get(tracking.ENV_PARENT) == parent.run_id:
             del os.environ[tracking.ENV_PARENT]
         gate = Layout(root).metrics_file("gate")
-        if parent.active and gate.exists():
+        if parent.active and gate.exists() and any(r["stage"] == "eval" and r["ran"] for r in results):
             decision = read_json(gate)
             parent.set_tags({"cpt.gate.promoted": decision.get("promoted"), "cpt.gate.reason": decision.get("reason")})
             parent.log_artifact(gate, "metrics")
         parent.close(status=status)
 
 
-def _summary(results: list[dict[str, Any]], root: Path) -> str:
-    rows = ["| stage | ran | seconds |", "|---|---|---|"]
-    rows += [f"| {r['stage']} | {'yes' if r['ran'] else 'up to date'} | {r['seconds']:.1f} |" for r in results]
-    gate = Layout(root).metrics_file("gate")
-    if gate.exists():
-        d = read_json(gate)
-        rows += ["", f"**gate**: {'PROMOTED' if d.get('promoted') else 'not promoted'} - {d.get('reason')}"]
-    return "\n".join(rows)
+def _summary(results: list[dict[str, Any]], root: Path, link: str | None = None) -> str:
+    """The flow's answer as markdown: gain / forgetting per language with intervals, the gate's decision and
+    thresholds, the MLflow run, then which stages ran and which DVC skipped."""
+    from cpt.ops import summary
+
+    layout = Layout(root)
+    lines = ["# cpt pipeline", ""]
+    if (layout.metrics / "summary.json").exists():
+        gate = read_json(layout.metrics_file("gate")) if layout.metrics_file("gate").exists() else {}
+        evaluated = any(r["stage"] == "eval" and r["ran"] for r in results)
+        lines += [summary.markdown(read_json(layout.metrics / "summary.json"), gate, link)]
+        if not evaluated:
+            lines += ["(eval was up to date: these are the numbers of the run that last evaluated this model)", ""]
+    elif link:
+        lines += [f"MLflow run: {link}", ""]
+    lines += ["| stage | state | seconds |", "|---|---|---:|"]
+    lines += [f"| {r['stage']} | {'ran' if r['ran'] else 'skipped (up to date)'} | {r['seconds']:.1f} |"
+              for r in results]
+    return "\n".join(lines) + "\n"
 
 
 def _run_stages(stages: list[str], root: Path, train_retries: int = 2, retry_delay: float = 30.0) -> list[dict[str, Any]]:
@@ -156,7 +176,8 @@ def _run_stages(stages: list[str], root: Path, train_retries: int = 2, retry_del
         t = STAGE_TASKS[stage]
         if stage == "train":
             t = t.with_options(retries=train_retries, retry_delay_seconds=retry_delay)
-        results.append(t(stage, str(root)))
+        # the task's state is Ran/Skipped (see _run_stage); its data is the stage's result (raises if it failed)
+        results.append(t(stage, str(root), return_state=True).result())
     return results
 
 
@@ -168,8 +189,9 @@ def data_prep(root: str = ".", stages: list[str] | None = None, set_params: list
     path = _root(root)
     _apply_params(path, set_params)
     selected = _selected(DATA_PREP, stages)
-    with _pipeline_run(path, "data_prep", track):
-        results = _run_stages(selected, path)
+    results: list[dict[str, Any]] = []
+    with _pipeline_run(path, "data_prep", track, results):
+        results += _run_stages(selected, path)
     if push and selected:
         dvc_push(str(path), selected)
     return results
@@ -182,8 +204,9 @@ def train(root: str = ".", pull: bool = False, push: bool = False, train_retries
     path = _root(root)
     if pull:
         dvc_pull(str(path), list(TRAIN_INPUTS))
-    with _pipeline_run(path, "train", track):
-        results = _run_stages(["train"], path, train_retries, retry_delay)
+    results: list[dict[str, Any]] = []
+    with _pipeline_run(path, "train", track, results):
+        results += _run_stages(["train"], path, train_retries, retry_delay)
     if push:
         dvc_push(str(path), ["train"])
     return results
@@ -195,8 +218,9 @@ def evaluate(root: str = ".", pull: bool = False, push: bool = False, track: boo
     path = _root(root)
     if pull:
         dvc_pull(str(path), list(EVAL_INPUTS))
-    with _pipeline_run(path, "evaluate", track):
-        results = _run_stages(["eval"], path)
+    results: list[dict[str, Any]] = []
+    with _pipeline_run(path, "evaluate", track, results):
+        results += _run_stages(["eval"], path)
     if push:
         dvc_push(str(path), ["eval"])
     return results
@@ -217,20 +241,24 @@ def pipeline(root: str = ".", stages: list[str] | None = None, set_params: list[
     if pull:
         dvc_pull(str(path), [])
     results: list[dict[str, Any]] = []
-    with _pipeline_run(path, "pipeline", track):
+    with _pipeline_run(path, "pipeline", track, results) as parent:
         prep = [s for s in selected if s in DATA_PREP]
         if prep:
             results += data_prep(root=str(path), stages=prep, track=track)
-        if "train" in selected:
-            results += train(root=str(path), train_retries=train_retries, retry_delay=retry_delay, track=track)
-        if "eval" in selected:
-            results += evaluate(root=str(path), track=track)
-        if "sft" in selected:  # instruction tuning of the cpt model: one more task in this flow, on the GPU slot
-            results += _run_stages(["sft"], path)
+        # the rest in STAGES order: train and eval as their subflows, any other stage (a new one added to
+        # cpt.stages.STAGES) as its task, so the chain follows the stage list
+        for stage in [s for s in selected if s not in DATA_PREP]:
+            if stage == "train":
+                results += train(root=str(path), train_retries=train_retries, retry_delay=retry_delay, track=track)
+            elif stage == "eval":
+                results += evaluate(root=str(path), track=track)
+            else:
+                results += _run_stages([stage], path)
+    link = parent.link() if parent.active else None
     if push:
         dvc_push(str(path), [])
-    create_markdown_artifact(markdown=_summary(results, path), key="cpt-pipeline",
-                             description="cpt pipeline: stages run/skipped, the gate decision")
+    create_markdown_artifact(markdown=_summary(results, path, link), key="cpt-pipeline",
+                             description="cpt pipeline: gain / forgetting, the gate's decision, the MLflow run")
     return results
 
 

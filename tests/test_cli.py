@@ -63,8 +63,13 @@ def test_dvc_stages_match_cli_verbs(repo_root):
     assert list(dvc["stages"]) == list(STAGES)
     for name, stage in dvc["stages"].items():
         assert stage["cmd"].split()[:2] == ["cpt", name]
-        metrics = [next(iter(m)) if isinstance(m, dict) else m for m in stage.get("metrics", [])]
-        assert f"metrics/{name}.json" in metrics
+        outs = [next(iter(m)) if isinstance(m, dict) else m for m in stage.get("outs", [])]
+        assert f"metrics/{name}.json" in outs  # results in git, a plain output (not a DVC metric)
+        for out in stage.get("outs", []):
+            if isinstance(out, dict) and next(iter(out)).startswith("metrics/"):
+                assert next(iter(out.values())).get("cache") is False, out
+    declared = [next(iter(m)) if isinstance(m, dict) else m for s in dvc["stages"].values() for m in s.get("metrics", [])]
+    assert declared == ["metrics/summary.json"], "the headline is the one DVC metric (dvc metrics show stays narrow)"
 
 
 def test_unknown_param_keys_are_refused_not_ignored():
@@ -72,5 +77,36 @@ def test_unknown_param_keys_are_refused_not_ignored():
     from cpt.params import with_defaults
 
     assert with_defaults("train", {"lr": 2}, {"lr": 1, "steps": 3}) == {"lr": 2, "steps": 3}
-    with pytest.raises(ConfigError, match=r"train: unknown key\(s\) \['replay_ration'\]"):
-        with_defaults("train", {"replay_ration": 0.1}, {"replay_ratio": 0.25})
+    with pytest.raises(ConfigError) as err:
+        with_defaults("train", {"replay_ration": 0.1}, {"replay_ratio": 0.25, **{f"k{i}": i for i in range(30)}})
+    msg = str(err.value)
+    assert "unknown key 'replay_ration' (did you mean 'replay_ratio'?)" in msg
+    assert len(msg) < 200 and "\n" not in msg and "k17" not in msg  # one short line, not 31 keys
+
+
+def test_yaml_error_is_one_line_with_file_line_column(tmp_path, capsys):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("seed: 1\ntrain:\n  lr: [1, 2\n  steps: 3\n")
+    assert main(["train", "-p", str(bad), "--root", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "<unicode string>" not in err
+    assert f"{bad}:4:8: not valid YAML" in err, err
+
+
+def test_params_error_creates_no_mlflow_run(tmp_path, monkeypatch, capsys):
+    """A typo in a param fails before the stage's MLflow run (and its parent) exist: nothing FAILED is left behind."""
+    from mlflow import MlflowClient
+
+    from cpt.ops import tracking
+
+    for var in (tracking.ENV_PARENT, "MLFLOW_TRACKING_URI", tracking.ENV_SWITCH, "DVC_EXP_NAME"):
+        monkeypatch.delenv(var, raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    params = tmp_path / "params.yaml"
+    params.write_text(f"seed: 1\ntrain: {{replay_ration: 0.1}}\ntracking: {{uri: '{uri}', close_timeout: 1}}\n")
+    assert main(["train", "-p", str(params), "--root", str(tmp_path)]) == 1
+    assert "did you mean 'replay_ratio'?" in capsys.readouterr().err
+    client = MlflowClient(tracking_uri=uri)
+    exps = client.search_experiments()
+    runs = client.search_runs([e.experiment_id for e in exps]) if exps else []
+    assert runs == []

@@ -356,7 +356,7 @@ def test_stage_reports_gain_forgetting_xcopa_and_samples(tmp_path, corpora):
 def test_unknown_eval_key_and_bad_stride_are_config_errors(tmp_path):
     from cpt.stages.eval import config
 
-    with pytest.raises(ConfigError, match="eval.strid"):
+    with pytest.raises(ConfigError, match=r"eval: unknown key 'strid' \(did you mean 'stride'\?\)"):
         config({"eval": {"strid": 3}})
     with pytest.raises(ConfigError, match="stride"):
         config({"eval": {"stride": 512, "max_length": 512}})

@@ -166,23 +166,44 @@ def test_train_retry_resumes_and_stages_nest_under_the_flow_run(toy):
     # MLflow: one parent run for the execution; every stage process (run by DVC) is a nested run of it
     c = mlflow_client(root)
     runs = c.search_runs([c.get_experiment_by_name("cpt").experiment_id])
-    parents = [r for r in runs if r.info.run_name == "pipeline"]
+    parents = [r for r in runs if r.data.tags.get("cpt.flow") == "pipeline"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     parent = parents[0].info.run_id
     assert parents[0].data.tags["prefect.flow_run_name"]
+    assert parents[0].info.run_name.startswith("baseline @ ")  # named for what changed: nothing, at this commit
     stages = sorted((r.info.run_name, r.info.status) for r in runs if r.data.tags.get("mlflow.parentRunId") == parent)
     assert stages == [("eval", "FINISHED"), ("ingest", "FINISHED"), ("train", "FAILED"), ("train", "FINISHED")]
-    assert parents[0].data.metrics["train/attempt"] == 2.0
-    assert [m.step for m in c.get_metric_history(parent, "loss/new")] == [5, 10]
+    trains = {r.info.status: r.info.run_id for r in runs if r.info.run_name == "train"}
+    assert [m.step for m in c.get_metric_history(trains["FAILED"], "loss/new")] == [5]
+    assert [m.step for m in c.get_metric_history(trains["FINISHED"], "loss/new")] == [10]
+    assert not c.get_metric_history(parent, "loss/new")  # curves stay in the train runs; the parent: the headline
 
 
 def test_dvc_decides_what_reruns_and_set_params_writes_like_dvc_exp(toy):
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
     from flows.pipeline import pipeline
 
     root, _ = toy
-    changed = pipeline(root=str(root), stages=["ingest", "train"], set_params=["train.lr=0.5"], track=False)
+    state = pipeline(root=str(root), stages=["ingest", "train"], set_params=["train.lr=0.5"], track=False,
+                     return_state=True)
+    changed = state.result()
     # ingest is up to date (skipped, as `dvc repro` would), train depends on the changed param
     assert [(r["stage"], r["ran"]) for r in changed] == [("ingest", False), ("train", True)]
+    # ...and the Prefect UI says so: the task's state is named Skipped or Ran (both COMPLETED)
+    with get_client(sync_client=True) as client:
+        subflows = client.read_flow_runs()
+        ours = {f.id for f in subflows if f.id == state.state_details.flow_run_id or f.parent_task_run_id and any(
+            t.flow_run_id == state.state_details.flow_run_id for t in [client.read_task_run(f.parent_task_run_id)])}
+        tasks = [t for t in client.read_task_runs() if t.flow_run_id in ours
+                 and not t.state.state_details.child_flow_run_id]  # not the runs standing for subflow calls
+        assert sorted((t.name.split("-")[0], t.state.name, t.state.type.value) for t in tasks
+                      if t.name.split("-")[0] in ("ingest", "train")) == [
+            ("ingest", "Skipped", "COMPLETED"), ("train", "Ran", "COMPLETED")]
+        (artifact,) = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["cpt-pipeline"])),
+                                            limit=1, sort="CREATED_DESC")
+        assert "| ingest | skipped (up to date) |" in artifact.data and "| train | ran |" in artifact.data
     assert changed[1]["metrics"]["lr"] == 0.5
     assert "lr: 0.5  # peak LR" in (root / "params.yaml").read_text()  # DVC's -S writer: comments kept
 
@@ -217,8 +238,20 @@ def test_dvc_experiment_is_its_own_mlflow_run_and_diffs(toy):
     exp_id = c.get_experiment_by_name("cpt").experiment_id
     parents = c.search_runs([exp_id], filter_string="tags.`cpt.dvc_exp` = 'lr7'")
     parent = [r for r in parents if "mlflow.parentRunId" not in r.data.tags]
-    assert len(parent) == 1 and parent[0].info.run_name == "dvc exp lr7"
+    assert len(parent) == 1 and parent[0].info.run_name == "lr7 (lr=0.7)"  # the experiment and what it changed
     assert parent[0].data.params["train.lr"] == "0.7"
     nested = c.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent[0].info.run_id}'")
     assert sorted(r.info.run_name for r in nested) == ["eval", "train"]  # ingest was up to date
-    assert parent[0].info.status == "FINISHED"  # eval, the last stage, closed it
+    assert parent[0].info.status == "FINISHED"
+
+
+def test_a_flow_that_did_not_evaluate_puts_no_gate_verdict_on_its_run(toy):
+    """metrics/gate.json on disk is from an earlier eval: a data_prep run must not claim it."""
+    from flows.pipeline import data_prep
+
+    root, _ = toy
+    (root / "metrics" / "gate.json").write_text(json.dumps({"promoted": True, "reason": "old news"}))
+    data_prep(root=str(root), stages=["ingest"])
+    c = mlflow_client(root)
+    (run,) = c.search_runs([c.get_experiment_by_name("cpt").experiment_id], "tags.`cpt.flow` = 'data_prep'")
+    assert run.info.status == "FINISHED" and not any(k.startswith("cpt.gate") for k in run.data.tags)

@@ -58,7 +58,9 @@ with get_client(sync_client=True) as c:
     print(json.dumps({
         "flow_runs": {str(r.id): {"flow": c.read_flow(r.flow_id).name, "state": r.state_type.value,
                                   "parent_task": str(r.parent_task_run_id)} for r in flow_runs},
-        "task_runs": [{"name": t.name, "state": t.state_type.value, "flow_run": str(t.flow_run_id)} for t in task_runs],
+        "task_runs": [{"name": t.name, "state": t.state_type.value, "state_name": t.state_name,
+                       "flow_run": str(t.flow_run_id)} for t in task_runs],
+        "pull_steps": nightly.pull_steps,
         "nightly": {"crons": [s.schedule.cron for s in nightly.schedules], "pool": nightly.work_pool_name,
                     "queue": nightly.work_queue_name, "env": nightly.job_variables.get("env"),
                     "limit": nightly.global_concurrency_limit.limit if nightly.global_concurrency_limit else None},
@@ -79,9 +81,10 @@ def stack(tmp_path_factory, corpora):
     mlflow_db(tmp / "mlflow")
     mport, pport = free_port(), free_port()
     env = base_env(PREFECT_HOME=str(tmp / "prefect_home"), PREFECT_API_URL=f"http://127.0.0.1:{pport}/api",
-                   PREFECT_UI_ENABLED="false", MLFLOW_TRACKING_URI=f"http://127.0.0.1:{mport}", CPT_ROOT=str(proj),
+                   PREFECT_UI_ENABLED="false", MLFLOW_TRACKING_URI=f"http://127.0.0.1:{mport}",
                    PREFECT_LOGGING_LEVEL="INFO")
     env.pop("CPT_MLFLOW_RUN_ID", None)
+    env.pop("CPT_ROOT", None)  # a worker started with no extra variable: the deployment carries its folder
     env.pop("CPT_TRACKING", None)
     # a stage that starts while the tracking server is down (checked in test_a_server_started_mid_stage_...)
     from cpt.ops import tracking
@@ -109,7 +112,8 @@ def stack(tmp_path_factory, corpora):
         early.close("FINISHED", {"loss": 0.5})
         started = time.monotonic()
         worker = spawn([str(BIN / "prefect"), "worker", "start", "--pool", "gpu", "--work-queue", "gpu-0",
-                        "--type", "process", "--run-once", "--limit", "1"], tmp / "worker.log", env)
+                        "--type", "process", "--run-once", "--limit", "1"], tmp / "worker.log", env,
+                       cwd=tmp)  # anywhere but the project
         procs.append(worker)
         try:
             worker.wait(timeout=900)
@@ -143,8 +147,11 @@ def test_deployment_run_completes_with_a_task_per_stage_and_its_artifacts(stack)
     assert state["nightly"]["env"]["CUDA_VISIBLE_DEVICES"] == "0" and state["nightly"]["limit"] == 1
     stage_tasks = [t for t in state["task_runs"] if t["name"] in STAGES]
     assert sorted(t["name"] for t in stage_tasks) == sorted(STAGES)
-    assert all(t["state"] == "COMPLETED" for t in stage_tasks)
+    assert all(t["state"] == "COMPLETED" and t["state_name"] == "Ran" for t in stage_tasks)  # Ran, not Skipped
     proj = stack["proj"]
+    # the deployment carries its working directory (the worker ran in tmp/, with no CPT_ROOT)
+    (step,) = state["pull_steps"]
+    assert step["prefect.deployments.steps.set_working_directory"]["directory"] == str(proj)
     for stage in STAGES:
         assert (proj / "metrics" / f"{stage}.json").exists(), stage
     assert (proj / "data" / "models" / "cpt" / "config.json").exists()
@@ -163,7 +170,8 @@ def test_mlflow_server_has_the_run_the_history_and_the_champion(stack, monkeypat
     parents = [r for r in runs if r.data.tags.get("prefect.flow_run_id") == stack["flow_run_id"]]
     assert len(parents) == 1
     parent = parents[0]
-    assert parent.info.run_name == "pipeline" and parent.info.status == "FINISHED"
+    assert parent.info.run_name.startswith("baseline @ ") and parent.info.status == "FINISHED"
+    assert parent.data.tags["cpt.flow"] == "pipeline" and parent.data.tags["cpt.dvc_exp"] == "baseline"
     assert "train.replay_ratio" in parent.data.params and parent.data.tags["mlflow.source.git.commit"]
     nested = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert sorted(nested) == sorted(STAGES)
@@ -171,8 +179,9 @@ def test_mlflow_server_has_the_run_the_history_and_the_champion(stack, monkeypat
     steps = params_steps(stack)
     history = c.get_metric_history(nested["train"].info.run_id, "loss/new")
     assert [m.step for m in history] == list(range(1, steps + 1))
-    assert len(c.get_metric_history(parent.info.run_id, "loss/new")) == steps  # mirrored for UI comparisons
-    assert "eval/gain/vi" in parent.data.metrics and "tokenizer/seconds" in parent.data.metrics
+    assert not c.get_metric_history(parent.info.run_id, "loss/new")  # the parent holds the headline, not curves
+    assert "summary/gain/vi" in parent.data.metrics and "tokenizer/seconds" not in parent.data.metrics
+    assert "bpb forgotten, gate passed**" in parent.data.tags["mlflow.note.content"]  # it states the result
     arts = {a.path for a in c.list_artifacts(nested["tokenizer"].info.run_id, "reports")}
     assert "reports/fertility.md" in arts
     # registry: the gate passed on this run, registered the model and moved the alias
@@ -188,6 +197,7 @@ def test_mlflow_server_has_the_run_the_history_and_the_champion(stack, monkeypat
     local = mlflow.artifacts.download_artifacts("models:/cpt@champion", dst_path=str(stack["tmp"] / "champion"))
     assert (stack["tmp"] / "champion" / "config.json").exists(), local  # an HF folder, loadable as is
     assert parent.data.tags["cpt.gate.promoted"] == "True"
+    assert "vi +" in champion.description and champion.description.endswith("bpb forgotten, gate passed")
 
 
 def params_steps(stack) -> int:

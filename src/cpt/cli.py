@@ -17,10 +17,9 @@ from typing import Sequence
 
 from cpt import __version__
 from cpt.errors import CptError
-from cpt.io import write_metrics
 from cpt.layout import Layout
-from cpt.ops import tracking
-from cpt.params import ParamsError, load_params
+from cpt.ops import timings, tracking
+from cpt.params import ParamsError, load_params, section, stage_config
 from cpt.stages import DESCRIPTIONS, STAGES
 
 log = logging.getLogger("cpt")
@@ -76,10 +75,34 @@ def configure_logging(stage: str, verbose: bool = False) -> None:
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
+def check_params(stage: str, module, params: dict, layout: Layout) -> None:
+    """The stage's own params checks (its ``config``, else its section against its ``DEFAULTS``), before any tracking
+    run exists: a typo fails in a second, with "did you mean", and leaves no FAILED run behind in MLflow."""
+    config = getattr(module, "config", None) or getattr(module, "_config", None)
+    if callable(config):
+        config(params)
+    elif isinstance(getattr(module, "DEFAULTS", None), dict):
+        stage_config(params, stage, module.DEFAULTS)
+    if stage == "ingest":  # every source is checked (keys, formats, files) before any work
+        from cpt.data.sources import parse_sources
+
+        parse_sources({**module.DEFAULTS, **section(params, "ingest")}, layout)
+    if stage == "eval":  # the gate runs after eval, in the same process
+        from cpt.ops.gate import gate_params
+
+        gate_params(params)
+
+
 def run_stage(stage: str, params: dict, layout: Layout) -> dict:
-    """Run one stage in-process and write its metrics file. Used by the CLI and by the Prefect tasks' tests."""
+    """Run one stage in-process and write its metrics: results to ``metrics/<stage>.json`` (git, DVC), timings to
+    ``metrics/timings/<stage>.json`` (git-ignored), both to MLflow. Used by the CLI and by the Prefect tasks' tests."""
     module = importlib.import_module(f"cpt.stages.{stage}")
+    check_params(stage, module, params, layout)
     tracker = tracking.activate(tracking.for_stage(stage, params, layout))
+    if tracker.active:  # the clean corpus / the shards it reads, as MLflow datasets with their DVC md5
+        from cpt.ops.mlflow_views import stage_datasets
+
+        tracker.log_inputs(stage_datasets(layout.root, stage))
     started = time.perf_counter()
     try:
         metrics = module.run(params, layout) or {}
@@ -88,7 +111,7 @@ def run_stage(stage: str, params: dict, layout: Layout) -> dict:
         tracking.activate(tracking.Tracker())
         raise
     metrics.setdefault("seconds", round(time.perf_counter() - started, 3))
-    write_metrics(layout.metrics_file(stage), metrics)
+    timings.write(layout, stage, metrics)
     try:
         _after_stage(stage, params, layout, metrics, tracker)
     except BaseException:
@@ -102,13 +125,20 @@ def run_stage(stage: str, params: dict, layout: Layout) -> dict:
 
 def _after_stage(stage: str, params: dict, layout: Layout, metrics: dict, tracker: tracking.Tracker) -> None:
     """Post-stage hooks. After eval: the promotion gate (register the model, alias ``champion`` if it earned it,
-    write metrics/gate.json); here rather than in the eval stage so it runs whenever eval runs, tracked or not."""
+    write metrics/gate.json), then the headline (metrics/summary.json, the MLflow descriptions); here rather than in
+    the eval stage so they run whenever eval runs, tracked or not. After train: the old/new loss chart for MLflow."""
     if stage == "eval":
-        from cpt.ops import gate
+        from cpt.ops import gate, headline
         from cpt.stages import eval as eval_stage
 
         # a champion scored on other text is re-scored on this eval's text (or the gate refuses)
-        gate.run(params, layout, metrics, tracker, rescore=lambda folder: eval_stage.rescore(params, layout, folder))
+        decision = gate.run(params, layout, metrics, tracker,
+                            rescore=lambda folder: eval_stage.rescore(params, layout, folder))
+        headline.publish(layout, tracker, decision)
+    elif stage == "train":
+        from cpt.ops import headline
+
+        headline.loss_chart(layout, tracker)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -49,10 +49,34 @@ def load_params(path: str | Path = "params.yaml", overrides: Iterable[str] = ())
         try:
             params = parse_yaml(fh.read()) or {}
         except yaml.YAMLError as exc:
-            raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
+            raise ParamsError(yaml_error(path, exc)) from None
     if not isinstance(params, dict):
         raise ParamsError(f"{path}: top level must be a mapping, got {type(params).__name__}")
     return apply_overrides(params, overrides)
+
+
+def yaml_error(path: str | Path, exc: yaml.YAMLError) -> str:
+    """A YAML error as one line, ``params.yaml:12:5: not valid YAML: mapping values are not allowed here``
+    (PyYAML's own message names ``<unicode string>`` and spans several lines)."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    what = getattr(exc, "problem", None) or (str(exc).splitlines() or [type(exc).__name__])[0]
+    context = getattr(exc, "context", None)
+    return f"{where}: not valid YAML: {what}" + (f" ({context})" if context else "")
+
+
+def unknown_keys_message(name: str, unknown: list[str], known: Iterable[str]) -> str:
+    """``params train: unknown key 'replay_ration' (did you mean 'replay_ratio'?)``: one short line however many keys
+    the section has (the keys, each with its comment, are in params.yaml)."""
+    import difflib
+
+    known = [str(k) for k in known]
+    parts = []
+    for key in unknown:
+        close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+        parts.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return (f"params {name}: unknown key{'s' if len(parts) > 1 else ''} {', '.join(parts)}; unknown params are "
+            f"refused, not ignored ({len(known)} known keys: see params.yaml)")
 
 
 def apply_overrides(params: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
@@ -98,9 +122,7 @@ def with_defaults(name: str, values: dict[str, Any] | None, defaults: dict[str, 
         raise ConfigError(f"params {name}: expected a mapping, got {type(values).__name__}")
     unknown = sorted(set(values) - set(defaults))
     if unknown:
-        raise ConfigError(
-            f"params {name}: unknown key(s) {unknown} (unknown params are refused, not ignored); known: {sorted(defaults)}"
-        )
+        raise ConfigError(unknown_keys_message(name, unknown, sorted(defaults)))
     return {**defaults, **values}
 
 

@@ -195,7 +195,7 @@ def run_checkpoint(cp: Any, name: str, frame: Any, index_col: str) -> list[dict]
                 "column": conf.kwargs.get("column"), "row_condition": conf.kwargs.get("row_condition"),
                 "success": bool(r.success), "element_count": res.get("element_count"),
                 "unexpected_count": res.get("unexpected_count"),
-                "examples": [str(e)[:120] for e in examples],
+                "examples": [str(e)[:120] for e in examples], "bounds": _bounds(conf.kwargs),
             })
     return out
 
@@ -230,3 +230,32 @@ def doc_chunks(files: list[str], flags: dict[str, np.ndarray], chunk_docs: int) 
             yield frame
             start += n
             pending, n = [], 0
+
+
+def _bounds(kwargs: dict) -> str:
+    """What the expectation allows, short: ``[100, 20000000]``, ``in {eval, train}``, ``not in (3,120 values)``."""
+    if "min_value" in kwargs or "max_value" in kwargs:
+        return f"[{kwargs.get('min_value')}, {kwargs.get('max_value')}]"
+    values = kwargs.get("value_set")
+    if values is not None:
+        values = sorted(str(v) for v in values)
+        return "{" + ", ".join(values) + "}" if len(values) <= 8 else f"({len(values):,} values)"
+    return ""
+
+
+def validation_markdown(metrics: dict) -> str:
+    """reports/validation.md: every expectation the gate ran, its bounds and its result, in one self-contained page
+    (Great Expectations' Data Docs need CDN assets; offline they render unstyled, with empty tables)."""
+    ok = metrics["success"]
+    L = ["# Data validation (great-expectations)", "",
+         f"**{'PASSED' if ok else 'FAILED'}**: {metrics['evaluated'] - metrics['failed']} of {metrics['evaluated']} "
+         f"expectations hold on {metrics['docs']:,} cleaned documents from {metrics['sources']} sources.", "",
+         "| expectation | check | column | where | allowed | unexpected | result |", "|---|---|---|---|---|---:|---|"]
+    for name, r in metrics["expectations"].items():
+        cond = r.get("row_condition")
+        where = cond.get("pass_through_filter", "") if isinstance(cond, dict) else (cond or "")
+        check = r["expectation"].removeprefix("expect_column_values_to_").replace("_", " ")
+        result = "ok" if r["success"] else "**FAILED**, e.g. " + ", ".join(f"`{e}`" for e in r["examples"][:3])
+        L.append(f"| {name} | {check} | {r['column']} | {where} | {r.get('bounds', '')} | "
+                 f"{r['unexpected_count'] or 0} of {r['element_count'] or 0:,} | {result} |")
+    return "\n".join(L + [""])

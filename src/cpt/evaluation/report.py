@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from cpt.evaluation.figures import write_figure
 from cpt.io import atomic_open
 from cpt.ops.verdict import END, START
 
@@ -39,47 +40,6 @@ def read_curve(path: Path) -> dict[str, list[float]]:
                 except ValueError:
                     cols.setdefault(key, []).append(math.nan)
     return cols if cols.get("step") else {}
-
-
-def write_figure(path: Path, curve: dict[str, list[float]], rows: list[dict[str, Any]]) -> str | None:
-    """The PNG, or the reason it could not be drawn."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "matplotlib is not installed (pip install 'cpt[data]'), so the figure was not drawn"
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
-    if curve:
-        x_key = "tokens" if any(not math.isnan(v) for v in curve.get("tokens", [])) else "step"
-        for key, label, color in (("loss_new", "new language (val)", "tab:blue"),
-                                  ("loss_old", "old language (val, replay)", "tab:orange")):
-            pts = [(x, y) for x, y in zip(curve[x_key], curve.get(key, [])) if not math.isnan(y)]
-            if pts:
-                ax1.plot(*zip(*pts), marker=".", label=label, color=color)
-        ax1.set_xlabel(x_key)
-        ax1.set_ylabel("loss (nats/token, cpt tokenizer)")
-        ax1.legend()
-        ax1.grid(alpha=0.3)
-    else:
-        ax1.text(0.5, 0.5, "metrics/train_curve.csv not found", ha="center", va="center", transform=ax1.transAxes)
-    ax1.set_title("continual pretraining: loss, new vs old")
-    names = [r["source"] for r in rows]
-    ys = range(len(rows))
-    ax2.barh([y - 0.2 for y in ys], [r["base"] for r in rows], height=0.4, label="base", color="tab:gray")
-    ax2.barh([y + 0.2 for y in ys], [r["cpt"] for r in rows], height=0.4, label="cpt", color="tab:green")
-    ax2.set_yticks(list(ys), [f"{n} ({r['domain']})" for n, r in zip(names, rows)])
-    ax2.invert_yaxis()
-    ax2.set_xlabel("bits per UTF-8 byte (lower is better)")
-    ax2.set_title("eval sources: base vs cpt")
-    ax2.legend()
-    ax2.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    with atomic_open(path, "wb", encoding=None) as fh:
-        fig.savefig(fh, format="png", dpi=110)
-    plt.close(fig)
-    return None
 
 
 def _f(x: float, nd: int = 4) -> str:
@@ -125,7 +85,7 @@ def write_all(
         log.warning(figure_note)
     (out_dir / "samples.md").parent.mkdir(parents=True, exist_ok=True)
     with atomic_open(out_dir / "samples.md") as fh:
-        fh.write(samples_markdown(samples, cfg))
+        fh.write(samples_markdown(samples, cfg, models))
     with atomic_open(out_dir / "report.md") as fh:
         fh.write(report_markdown(metrics, rows, models, cfg, figure_note, curve, bool(curve_cols)))
 
@@ -216,13 +176,52 @@ def report_markdown(metrics: dict, rows: list[dict], models: dict, cfg: dict, fi
     return "\n".join(L)
 
 
-def samples_markdown(samples: dict[str, list[dict[str, str]]], cfg: dict) -> str:
+# Below this many parameters a causal LM's greedy continuation is a loop or nothing; bits per byte still measure it.
+MIN_GENERATIVE_PARAMS = 100_000_000
+
+
+def degenerate(text: str) -> str | None:
+    """Why a continuation is not text ("empty", "one character repeated", "a loop"), or None. A loop: from a third
+    of the way in, 70% of the characters equal the one a fixed period earlier (``the same other, and the same...``)."""
+    t = " ".join(text.split())
+    if not t.strip():
+        return "empty"
+    if len(t) > 3 and max(t.count(c) for c in set(t)) >= 0.8 * len(t):
+        return "one character repeated"
+    tail = t[len(t) // 3:]
+    for period in range(2, len(tail) // 3 + 1):
+        pairs = len(tail) - period
+        if pairs >= 12 and sum(tail[i] == tail[i + period] for i in range(pairs)) >= 0.7 * pairs:
+            return "a loop"
+    return None
+
+
+def samples_warning(samples: dict[str, list[dict[str, str]]], models: dict | None) -> str | None:
+    """The warning samples.md opens with when the models are too small to generate text, or most samples are not."""
+    sizes = {name: m.get("params") for name, m in (models or {}).items() if isinstance(m.get("params"), (int, float))}
+    texts = [row[mode] for rows in samples.values() for row in rows for mode in ("greedy", "sampled") if mode in row]
+    bad = sum(1 for t in texts if degenerate(t))
+    small = sizes and max(sizes.values()) < MIN_GENERATIVE_PARAMS
+    if not small and bad * 2 < max(1, len(texts)):
+        return None
+    size = ", ".join(f"{n} {p / 1e6:.1f}M" for n, p in sizes.items())
+    return (f"**Warning: these models are too small to generate text** ({size} parameters; fluent text needs "
+            f"roughly {MIN_GENERATIVE_PARAMS // 1_000_000}M or more). {bad} of {len(texts)} continuations below are "
+            "empty or a repeated pattern (marked). They show that generation runs end to end, not what the model "
+            "learned: read the bits per byte in report.md for that.") if small else (
+        f"**Warning: {bad} of {len(texts)} continuations are empty or a repeated pattern** (marked below).")
+
+
+def samples_markdown(samples: dict[str, list[dict[str, str]]], cfg: dict, models: dict | None = None) -> str:
     s = cfg["samples"]
     L = ["# Generation samples", "",
          f"Greedy, and sampled with temperature {s['temperature']}, top-p {s['top_p']}, seed fixed; "
          f"{s['max_new_tokens']} new tokens at most. The prompt is in bold.", ""]
     if not samples:
         return "\n".join(L + ["(samples disabled)", ""])
+    warning = samples_warning(samples, models)
+    if warning:
+        L += [f"> {warning}", ""]
     base = samples.get("base", [])
     cpt = samples.get("cpt", [])
     for i, row in enumerate(base):
@@ -231,6 +230,7 @@ def samples_markdown(samples: dict[str, list[dict[str, str]]], cfg: dict) -> str
             if i < len(rows):
                 for mode in ("greedy", "sampled"):
                     text = " ".join(rows[i][mode].split())
-                    L.append(f"- **{name}, {mode}:** **{row['prompt']}** {text}")
+                    why = degenerate(rows[i][mode])
+                    L.append(f"- **{name}, {mode}:** **{row['prompt']}** {text}" + (f" *({why})*" if why else ""))
         L.append("")
     return "\n".join(L)

@@ -23,13 +23,16 @@ With tracking off it still decides vs the base and writes the file.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from cpt.io import write_json
 from cpt.ops import verdict
-from cpt.params import section
+from cpt.params import section, with_defaults
 
 log = logging.getLogger("cpt.ops.gate")
 
@@ -45,7 +48,7 @@ DOMAINS = ("new", "old")
 
 
 def gate_params(params: dict[str, Any]) -> dict[str, Any]:
-    cfg = {**DEFAULTS, **section(params, "gate")}
+    cfg = with_defaults("gate", section(params, "gate"), DEFAULTS)
     for key in ("min_gain", "max_forgetting"):
         cfg[key] = float(cfg[key])
     cfg["champion_min_gain"] = float(cfg["min_gain"] if cfg["champion_min_gain"] is None else cfg["champion_min_gain"])
@@ -258,6 +261,11 @@ def summary_metrics(decision: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def sources_path(layout: Any) -> Path:
+    """data/eval/sources.json: the candidate's per-source bpb (domain, bytes), as the registry keeps it."""
+    return Path(layout.data) / "eval" / "sources.json"
+
+
 def rescore_champion(champion: dict[str, Any], tracker: Any, rescore: Any) -> tuple[dict | None, str | None]:
     """The champion's scores on the candidate's eval set, or (None, why not)."""
     if rescore is None:
@@ -272,13 +280,16 @@ def rescore_champion(champion: dict[str, Any], tracker: Any, rescore: Any) -> tu
 
 
 def promote(params: dict[str, Any], eval_metrics: dict[str, Any], tracker: Any, model_dir: Any,
-            model_name: str | None = None, rescore: Any = None) -> dict[str, Any]:
+            model_name: str | None = None, rescore: Any = None,
+            sources_file: Path | None = None) -> dict[str, Any]:
     """Champion lookup (+ re-score) -> decision -> register ``model_dir`` as a new version of ``model_name``
     (default: the tracker's ``tracking.model_name``) -> alias. Tracking problems are recorded in the decision, never
     raised. The eval hook below uses it for the CPT model; the sft stage for its own model under its own name.
 
     ``rescore(model_dir) -> {source: {"domain", "bytes", "bpb"}}`` scores a model folder on this eval's text (the
-    eval stage's ``rescore``); used when the champion's stored scores are on other text."""
+    eval stage's ``rescore``); used when the champion's stored scores are on other text. ``sources_file``: where the
+    candidate's per-source numbers are kept (eval: data/eval/sources.json, a DVC output); they are registered with
+    the version as the artifact ``gate/sources.json``, which a later gate compares against."""
     cfg = gate_params(params)
     champion, note, lookup_failed, rescored = None, None, False, None
     if not getattr(tracker, "active", False):
@@ -301,12 +312,30 @@ def promote(params: dict[str, Any], eval_metrics: dict[str, Any], tracker: Any, 
     decision = decide(eval_metrics, params, champion, note, rescored)
     decision["registered_model"] = model_name
     decision["version"] = None
+    # The per-source numbers a later gate compares against: an artifact of the registered version (a JSON tag
+    # would be ~1 KB of unreadable text in the registry UI). A caller without a file of its own gets a temporary one.
+    with contextlib.ExitStack() as stack:
+        if sources_file is None:
+            sources_file = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "sources.json"
+        write_json(sources_file, candidate_sources(decision), sort_keys=True)
+        _register_and_alias(decision, cfg, tracker, model_dir, model_name, sources_file, lookup_failed)
+    if getattr(tracker, "active", False):
+        tracker.log_metrics(summary_metrics(decision))
+        tracker.set_tags({"cpt.gate.promoted": decision["promoted"], "cpt.gate.reason": decision["reason"][:5000]})
+    level = logging.INFO if decision["passed"] else logging.WARNING
+    shown = "PROMOTED" if decision["promoted"] else decision["decision"]
+    log.log(level, "gate (%s): %s (%s)", model_name or "untracked", shown, decision["reason"])
+    return decision
+
+
+def _register_and_alias(decision: dict[str, Any], cfg: dict[str, Any], tracker: Any, model_dir: Any,
+                        model_name: str | None, sources_file: Path, lookup_failed: bool) -> None:
     if getattr(tracker, "active", False):
         other_name = {} if model_name == tracker.model_name else {"name": model_name}
         try:
             decision["version"] = tracker.register_model(
-                model_dir, tags={"cpt.gate.sources": candidate_sources(decision), "cpt.gate.reason": decision["reason"],
-                                 "cpt.gate.passed": decision["passed"]}, **other_name)
+                model_dir, tags={"cpt.gate.reason": decision["reason"][:5000], "cpt.gate.passed": decision["passed"]},
+                artifacts={"gate": sources_file}, **other_name)
         except Exception as exc:  # noqa: BLE001
             decision["notes"].append(f"model registration failed ({type(exc).__name__}: {exc})")
         if decision["passed"] and decision["version"] is None:
@@ -321,20 +350,15 @@ def promote(params: dict[str, Any], eval_metrics: dict[str, Any], tracker: Any, 
                 decision["reason"] += f"; but setting alias failed ({type(exc).__name__}: {exc})"
     elif decision["passed"]:
         decision["reason"] += "; tracking off, so no alias was set"
-    if getattr(tracker, "active", False):
-        tracker.log_metrics(summary_metrics(decision))
-        tracker.set_tags({"cpt.gate.promoted": decision["promoted"], "cpt.gate.reason": decision["reason"][:5000]})
-    level = logging.INFO if decision["passed"] else logging.WARNING
-    shown = "PROMOTED" if decision["promoted"] else decision["decision"]
-    log.log(level, "gate (%s): %s (%s)", model_name or "untracked", shown, decision["reason"])
-    return decision
 
 
 def run(params: dict[str, Any], layout: Any, eval_metrics: dict[str, Any], tracker: Any,
         rescore: Any = None) -> dict[str, Any]:
     """Post-eval hook: ``promote`` the CPT model (data/models/cpt), then write ``metrics/gate.json`` and the
     decision into the eval report. The eval results are already safe on disk."""
-    decision = promote(params, eval_metrics, tracker, layout.model, rescore=rescore)
+    # data/eval/sources.json is a DVC output of eval that is NOT in git: a fresh clone has no copy, so `dvc repro`
+    # runs eval (and this gate) for the model it just trained.
+    decision = promote(params, eval_metrics, tracker, layout.model, rescore=rescore, sources_file=sources_path(layout))
     write_json(layout.metrics_file("gate"), decision, sort_keys=True)
     tracker.log_artifact(layout.metrics_file("gate"))
     report = layout.reports / "eval" / "report.md"

@@ -45,8 +45,11 @@ class Sink:
             if exp is None:
                 local = not self.cfg["uri"].startswith(("http://", "https://", "databricks"))
                 location = Path(self.cfg["artifact_root"]).as_uri() if local else None
+                from cpt.ops.mlflow_views import EXPERIMENT_TAGS
+
                 try:
-                    self._experiment_id = self.client.create_experiment(name, artifact_location=location)
+                    self._experiment_id = self.client.create_experiment(name, artifact_location=location,
+                                                                        tags=EXPERIMENT_TAGS)
                 except Exception:  # noqa: BLE001 - created meanwhile by another process
                     exp = self.client.get_experiment_by_name(name)
                     if exp is None:

@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cpt.ops import spool
+from cpt.ops import mlflow_views, spool
 from cpt.ops.mlflow_sink import Sink, permanent
-from cpt.ops.run_meta import LAST_STAGE, STAGE_ARTIFACTS, flatten_metrics, now_ms
+from cpt.ops.run_meta import STAGE_ARTIFACTS, flatten_metrics, now_ms
 from cpt.ops.tracker import Tracker, TrackingUnavailable
 
 log = logging.getLogger("cpt.ops.tracking")
@@ -75,9 +75,6 @@ class MlflowTracker(Tracker):
         if metrics:
             rows = flatten_metrics(metrics)
             self._enqueue({"op": "metrics", "metrics": rows, "step": 0, "ts": now_ms(), "mirror": False})
-            if self.stage:
-                self._enqueue({"op": "parent_metrics", "metrics": flatten_metrics(metrics, f"{self.stage}/"),
-                               "ts": now_ms()})
         if self.stage:
             root = Path(self.cfg["root"])
             for rel in (f"metrics/{self.stage}.json", *STAGE_ARTIFACTS.get(self.stage, ())):
@@ -85,8 +82,11 @@ class MlflowTracker(Tracker):
                     folder = str(Path(rel).parent) if Path(rel).parent != Path(".") else None
                     self.log_artifact(root / rel, rel if (root / rel).is_dir() else folder)
         self._enqueue({"op": "end", "status": status, "end_time": now_ms()})
-        if self._grouped and (status != "FINISHED" or self.stage == LAST_STAGE):
+        if self._grouped:
+            # after every stage, not only the last: `dvc repro train` ends there, and a parent left RUNNING
+            # would stay so forever (the next stage of the same pipeline sets it RUNNING again)
             self._enqueue({"op": "parent_status", "status": status, "end_time": now_ms()})
+        mlflow_views.stop_system_metrics(getattr(self, "_monitor", None))
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
@@ -116,6 +116,36 @@ class MlflowTracker(Tracker):
                 return not self._pending()
             time.sleep(0.5)
 
+    # -- what the UI shows (cpt.ops.mlflow_views): queued like everything else --
+    def set_parent_tags(self, tags: dict[str, Any]) -> None:
+        self._enqueue({"op": "parent_tags", "tags": {k: str(v) for k, v in tags.items()}})
+
+    def log_parent_metrics(self, metrics: dict[str, float]) -> None:
+        self._enqueue({"op": "parent_metrics", "metrics": flatten_metrics(metrics), "ts": now_ms()})
+
+    def log_image(self, path: str | Path, key: str, step: int = 0, parent: bool = True) -> None:
+        self._enqueue({"op": "image", "path": str(Path(path).resolve()), "key": key, "step": step, "parent": parent})
+
+    def log_inputs(self, datasets: list[dict[str, Any]]) -> None:
+        if datasets:
+            self._enqueue({"op": "inputs", "datasets": datasets})
+
+    def set_experiment_tags(self, tags: dict[str, Any]) -> None:
+        self._enqueue({"op": "experiment_tags", "tags": dict(tags)})
+
+    def link(self, parent: bool = True) -> str | None:
+        from cpt.ops.mlflow_views import run_link
+
+        with contextlib.suppress(Exception):
+            return run_link(self.cfg["uri"], self._sink.experiment_id(),
+                            (self.parent_run_id if parent else None) or self.run_id)
+        return None
+
+    def describe_version(self, version: str, text: str) -> None:
+        """The model version's description (what the registry page shows first)."""
+        with self._io:
+            self._sink.client.update_model_version(self.model_name, version, description=text)
+
     def get_alias(self, name: str, alias: str) -> dict[str, Any] | None:
         from mlflow.exceptions import MlflowException
 
@@ -126,16 +156,26 @@ class MlflowTracker(Tracker):
                 if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
                     return None
                 raise
-        try:
-            sources = json.loads(version.tags.get("cpt.gate.sources", "{}"))
-        except ValueError:
-            sources = {}
-        return {"version": str(version.version), "run_id": version.run_id, "sources": sources}
+        return {"version": str(version.version), "run_id": version.run_id, "sources": self._gate_sources(version)}
 
-    def register_model(self, path: str | Path, tags: dict[str, Any] | None = None,
-                       name: str | None = None) -> str | None:
+    def _gate_sources(self, version: Any) -> dict[str, Any]:
+        """The champion's per-source bpb: the ``gate/sources.json`` artifact of its eval run (older versions: the
+        ``cpt.gate.sources`` tag)."""
+        import tempfile
+
+        with contextlib.suppress(Exception), tempfile.TemporaryDirectory() as tmp, self._io:
+            path = self._sink.client.download_artifacts(version.run_id, "gate/sources.json", tmp)
+            return json.loads(Path(path).read_text(encoding="utf-8"))
+        try:
+            return json.loads(version.tags.get("cpt.gate.sources", "{}"))
+        except ValueError:
+            return {}
+
+    def register_model(self, path: str | Path, tags: dict[str, Any] | None = None, name: str | None = None,
+                       artifacts: dict[str, str | Path] | None = None) -> str | None:
         """Log the HF model folder into this run (``model/``) and register it as a new version of ``name``
-        (default: ``tracking.model_name``; the sft stage registers its model under its own name)."""
+        (default: ``tracking.model_name``; the sft stage registers its model under its own name); ``artifacts``
+        ({folder: file}) are logged with it (the gate's per-source numbers: ``gate/sources.json``)."""
         name = name or self.model_name
         if not self.cfg["log_model"]:
             return None
@@ -149,6 +189,8 @@ class MlflowTracker(Tracker):
         with self._io:
             client = self._sink.client
             client.log_artifacts(self.run_id, str(path), "model")
+            for folder, file in (artifacts or {}).items():
+                client.log_artifact(self.run_id, str(file), folder)
             try:
                 client.create_registered_model(name, description="cpt models (tracking.model_name: continually "
                                                "pretrained; sft.model_name: instruction-tuned); alias 'champion' = "
@@ -282,6 +324,8 @@ class MlflowTracker(Tracker):
                     sink.client.set_terminated(self.parent_run_id, op["status"], end_time=op["end_time"])
         elif kind == "note":
             sink.set_tags(self.run_id, op["tags"])
+        elif kind in mlflow_views.KINDS:
+            mlflow_views.apply(sink, op, self.run_id, self.parent_run_id)
         return 1
 
     def _start(self, op: dict[str, Any]) -> None:
@@ -302,6 +346,8 @@ class MlflowTracker(Tracker):
             tags["mlflow.parentRunId"] = parent_id
         self.run_id = sink.create_run(op["run_name"], tags, op["start_time"], op["params"])
         self.parent_run_id = parent_id
+        if self.stage in (self.cfg.get("system_metrics") or ()):
+            self._monitor = mlflow_views.start_system_metrics(self.cfg, self.run_id)
 
     # -- spool (disk) --
     def _spool(self) -> Path:

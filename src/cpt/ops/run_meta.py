@@ -27,12 +27,16 @@ DEFAULTS: dict[str, Any] = {
     "model_name": "cpt",  # registered model name (the gate aliases its versions)
     "log_model": True,  # log data/models/cpt into the eval run and register it
     "group_stages": True,  # plain `dvc repro`: stages of one (commit, params) share a parent run
-    "mirror_to_parent": True,  # per-step metrics also go to the parent run
+    # per-step metrics also go to the parent run. Off: the parent shows the headline (summary/...) first and alone,
+    # and its chart view the old/new loss image; the curves are in the train run (compare train runs for overlays)
+    "mirror_to_parent": False,
     "http_timeout": 5,  # seconds per HTTP request to a tracking server
     "http_retries": 0,  # retries per request inside mlflow; cpt retries the whole queue itself
     "flush_interval": 5.0,  # seconds between background sends
     "close_timeout": 10.0,  # seconds close() keeps retrying before spooling to disk
     "spool_dir": "data/tracking_spool",
+    "system_metrics": ["train"],  # stages whose runs get CPU/GPU/memory samples (mlflow's system metrics)
+    "system_metrics_interval": 10,  # seconds between samples
 }
 
 # Reports each stage writes (docs/architecture.md); logged as artifacts when the stage closes, with metrics/<stage>.json.
@@ -46,9 +50,6 @@ STAGE_ARTIFACTS: dict[str, tuple[str, ...]] = {
     "train": ("metrics/train_curve.csv",),
     "eval": (),  # the eval stage logs reports/eval/* itself (artifact folder eval/)
 }
-
-
-LAST_STAGE = "eval"  # a grouped parent run is FINISHED when this stage finishes (FAILED when any stage fails)
 
 
 def settings(params: dict[str, Any], layout: Any) -> dict[str, Any]:

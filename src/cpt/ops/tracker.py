@@ -37,12 +37,34 @@ class Tracker:
     def close(self, status: str = "FINISHED", metrics: dict[str, Any] | None = None) -> None:  # noqa: D102
         pass
 
+    # what the UI shows (cpt.ops.headline); nothing to show without tracking
+    def set_parent_tags(self, tags: dict[str, Any]) -> None:  # noqa: D102
+        pass
+
+    def log_parent_metrics(self, metrics: dict[str, float]) -> None:  # noqa: D102
+        pass
+
+    def log_image(self, path: str | Path, key: str, step: int = 0, parent: bool = True) -> None:  # noqa: D102
+        pass
+
+    def log_inputs(self, datasets: list[dict[str, Any]]) -> None:  # noqa: D102
+        pass
+
+    def set_experiment_tags(self, tags: dict[str, Any]) -> None:  # noqa: D102
+        pass
+
+    def link(self, parent: bool = True) -> str | None:  # noqa: D102
+        return None
+
+    def describe_version(self, version: str, text: str) -> None:  # noqa: D102
+        pass
+
     # registry, used by the promotion gate (cpt.ops.gate); the null tracker has no registry
     def get_alias(self, name: str, alias: str) -> dict[str, Any] | None:  # noqa: D102
         return None
 
     def register_model(self, path: str | Path, tags: dict[str, Any] | None = None,  # noqa: D102
-                       name: str | None = None) -> str | None:
+                       name: str | None = None, artifacts: dict[str, str | Path] | None = None) -> str | None:
         return None
 
     def set_alias(self, name: str, alias: str, version: str) -> None:  # noqa: D102

@@ -18,10 +18,13 @@ Run layout, one MLflow run per pipeline execution with one nested run per stage:
 
 * a Prefect flow opens the parent run and hands its id to the stage processes in ``CPT_MLFLOW_RUN_ID``;
 * under ``dvc exp run`` (``DVC_EXP_NAME`` set by DVC) the stages share a parent named after the experiment;
-* under a plain ``dvc repro`` the stages share a parent keyed by (git commit, params hash).
+* under a plain ``dvc repro`` the stages share a parent keyed by (git commit, params hash);
+* the parent is named for what changed (``cpt.ops.run_names``) and ends FINISHED or FAILED with every stage (the
+  next stage of the same pipeline sets it RUNNING again).
 
-The stage's final metrics are logged to its run and, prefixed ``<stage>/``, to the parent, so the MLflow UI can
-compare pipeline runs directly; per-step metrics (``loss/new`` ...) go to both as they are.
+A stage's final metrics go to its own run; the parent gets the per-step curves (``loss/new``, ``loss/old`` ...) and,
+after eval, the headline (``summary/...``, the description, the gate's verdict: ``cpt.ops.headline``), so the
+compare view shows a few comparable numbers instead of every stage's hundreds.
 """
 
 from __future__ import annotations
@@ -38,7 +41,6 @@ from cpt.ops.run_meta import (
     DEFAULTS,
     ENV_PARENT,
     ENV_SWITCH,
-    LAST_STAGE,
     STAGE_ARTIFACTS,
     configure_mlflow_env,
     flatten_metrics,
@@ -46,9 +48,10 @@ from cpt.ops.run_meta import (
     run_tags,
     settings,
 )
+from cpt.ops.run_names import pipeline_label
 from cpt.ops.tracker import Tracker, TrackingUnavailable, activate, current
 
-__all__ = ["DEFAULTS", "ENV_PARENT", "ENV_SWITCH", "LAST_STAGE", "STAGE_ARTIFACTS", "MlflowTracker", "Tracker",
+__all__ = ["DEFAULTS", "ENV_PARENT", "ENV_SWITCH", "STAGE_ARTIFACTS", "MlflowTracker", "Tracker",
            "TrackingUnavailable", "activate", "current", "flatten_metrics", "for_stage", "open_pipeline_run",
            "params_hash", "replay", "run_tags", "settings"]
 
@@ -80,21 +83,22 @@ def for_stage(stage: str, params: dict[str, Any], layout: Any) -> Tracker:
     if parent_run_id is None:
         if os.environ.get("DVC_EXP_NAME"):
             key = f"exp:{os.environ['DVC_EXP_NAME']}:{os.environ.get('DVC_EXP_BASELINE_REV', '')[:12]}"
-            name = f"dvc exp {os.environ['DVC_EXP_NAME']}"
         elif cfg["group_stages"]:
             key = f"repro:{(tags.get('mlflow.source.git.commit') or 'nogit')[:12]}:{tags['cpt.params_hash']}"
-            name = f"dvc repro {key.split(':')[1][:7]}-{tags['cpt.params_hash'][:7]}"
         else:
             key = None
         if key:
+            name, name_tags = pipeline_label(params, str(layout.root), tags.get("mlflow.source.git.commit"))
             ptags = {k: v for k, v in tags.items() if k not in ("cpt.stage", "mlflow.source.name")}
-            parent = {"key": key, "name": name, "tags": {**ptags, "mlflow.source.name": "dvc"}, "params": flat}
+            parent = {"key": key, "name": name, "tags": {**ptags, **name_tags, "mlflow.source.name": "dvc"},
+                      "params": flat}
     return MlflowTracker(cfg, run_name=stage, tags=tags, params=flat, stage=stage, parent_run_id=parent_run_id,
                          parent=parent, replay_first=Path(cfg["spool_dir"]).is_dir())
 
 
 def open_pipeline_run(params: dict[str, Any], layout: Any, name: str, tags: dict[str, Any] | None = None) -> Tracker:
-    """The parent run of one pipeline execution (opened by the Prefect flow). Its ``run_id`` (None if the store is
+    """The parent run of one pipeline execution (opened by the Prefect flow ``name``, tag ``cpt.flow``; the run is
+    named for what changed, as under DVC: ``cpt.ops.run_names``). Its ``run_id`` (None if the store is
     down at that moment) goes to the stage processes in ``CPT_MLFLOW_RUN_ID``; ``close(status)`` ends it."""
     cfg = settings(params, layout)
     if not cfg["enabled"] or not _mlflow_importable():
@@ -104,9 +108,11 @@ def open_pipeline_run(params: dict[str, Any], layout: Any, name: str, tags: dict
         replay(cfg)
     from cpt.params import flatten
 
-    all_tags = {**run_tags(params, layout), "mlflow.source.name": "prefect", **{k: str(v) for k, v in
-                                                                                 (tags or {}).items()}}
-    tracker = MlflowTracker(cfg, run_name=name, tags=all_tags, params=flatten(params))
+    meta = run_tags(params, layout)
+    label, name_tags = pipeline_label(params, str(layout.root), meta.get("mlflow.source.git.commit"))
+    all_tags = {**meta, **name_tags, "mlflow.source.name": "prefect", "cpt.flow": name,
+                **{k: str(v) for k, v in (tags or {}).items()}}
+    tracker = MlflowTracker(cfg, run_name=label, tags=all_tags, params=flatten(params))
     tracker.flush(timeout=float(cfg["http_timeout"]))  # the flow needs the run id now, for the stage processes
     return tracker
 

@@ -32,7 +32,7 @@ from cpt.evaluation.sources import collect_sources
 from cpt.evaluation.summary import assemble
 from cpt.layout import Layout
 from cpt.ops import tracking
-from cpt.params import section
+from cpt.params import section, unknown_keys_message
 
 log = logging.getLogger("cpt.stages.eval")
 
@@ -74,13 +74,13 @@ def config(params: dict) -> dict[str, Any]:
     cfg = copy.deepcopy(DEFAULTS)
     for key, value in section(params, "eval").items():
         if key not in cfg:
-            raise ConfigError(f"eval.{key}: unknown key; known: {sorted(cfg)}")
+            raise ConfigError(unknown_keys_message("eval", [key], sorted(cfg)))
         if isinstance(cfg[key], dict) and key != "samples":
             if not isinstance(value, dict):
                 raise ConfigError(f"eval.{key}: expected a mapping")
             unknown = set(value) - set(cfg[key])
             if unknown:
-                raise ConfigError(f"eval.{key}: unknown key(s) {sorted(unknown)}; known: {sorted(cfg[key])}")
+                raise ConfigError(unknown_keys_message(f"eval.{key}", sorted(unknown), sorted(cfg[key])))
             cfg[key].update(value)
         elif key == "samples":
             cfg[key].update(value or {})

@@ -26,7 +26,7 @@ the train keys that change the trajectory), stored in each checkpoint:
   every later step equal the uninterrupted run's bit for bit on CPU (tests/test_train_resume.py kills one with
   SIGKILL). A run whose final checkpoint is there is NOT retrained: data/models/cpt is re-exported from it and the
   stored metrics are returned (``retrained: false``). Checkpoints of a run with other params (``dvc exp run -S
-  train.lr=...`` with ``persist: true`` checkpoints) are removed with a warning naming the changed params, and
+  train.lr=...``: data/checkpoints is kept across reruns) are removed with a warning naming the changed params, and
   training starts over.
 - ``force``: continue the newest checkpoint even though schedule params changed (lr, steps, warmup, ...: "it
   diverged, continue with a lower LR", "train 1000 steps more"); other changes (data, batch, init, seed) refuse.

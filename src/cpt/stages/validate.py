@@ -36,9 +36,11 @@ from cpt.data.checks import (
     shard_stats,
     source_expectations,
     source_frame,
+    validation_markdown,
 )
 from cpt.data.engine import Engine
 from cpt.errors import ValidationFailed
+from cpt.io import atomic_open
 from cpt.layout import Layout
 from cpt.params import stage_config
 
@@ -94,7 +96,7 @@ def run(params: dict[str, Any], layout: Layout) -> dict[str, Any]:
     n_docs = int(sum(counts))
 
     failed = [r for r in results if not r["success"]]
-    metrics = {
+    metrics: dict[str, Any] = {
         "success": not failed,
         "docs": n_docs,
         "engine": eng.summary(),
@@ -105,6 +107,8 @@ def run(params: dict[str, Any], layout: Layout) -> dict[str, Any]:
         else str(site / "index.html"),
         "expectations": {r["name"]: {k: v for k, v in r.items() if k != "name"} for r in results},
     }
+    with atomic_open(layout.reports / "validation.md") as fh:  # readable offline, and in git
+        fh.write(validation_markdown(metrics))
     if failed:
         lines = [
             f"{r['name']} ({r['expectation']} on {r['column']}"

@@ -1,0 +1,156 @@
+"""The headline of a pipeline run: ``metrics/summary.json`` (at most 12 keys), the words MLflow shows for it (run and
+model version descriptions) and the ``summary/...`` metrics.
+
+Read from what the stages already wrote, never recomputed: ``metrics/eval.json`` (gain / forgetting per language,
+and their 95% intervals when eval computes them), ``metrics/gate.json`` (the promotion decision) and the train
+stage's untracked timings (``metrics/timings/train.json``: tokens/s, MFU). One sign convention: bits per byte, and
+both numbers read "more is more": gain > 0 is learned, forgetting > 0 is forgotten.
+
+Throughput is a timing, but the headline wants it. A fresh clone retrains bit for bit and would otherwise rewrite
+the committed file with its own tokens/s on every demo, so: when every result in the summary is unchanged, the
+throughput already recorded (the run that first produced these results) is kept; the rerun's own throughput is in
+MLflow and in ``metrics/timings/train.json``. When a result changes, the throughput is this run's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+THROUGHPUT = ("tokens_per_s", "mfu")
+DECISIONS = {True: "promote", False: "refuse"}
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _num(value: Any, nd: int = 4) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+        return None
+    return round(float(value), nd)
+
+
+def _interval(value: Any) -> list[float] | None:
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(_num(v) is not None for v in value):
+        return [_num(v) for v in value]
+    if isinstance(value, dict) and _num(value.get("lo")) is not None and _num(value.get("hi")) is not None:
+        return [_num(value["lo"]), _num(value["hi"])]
+    return None
+
+
+def decision_of(gate: dict[str, Any]) -> str:
+    """``promote`` / ``refuse`` / ``undecided``: gate.json's own ``decision`` when it has one, else from ``passed``."""
+    if gate.get("decision") in ("promote", "refuse", "undecided"):
+        return gate["decision"]
+    if isinstance(gate.get("passed"), bool):
+        return DECISIONS[gate["passed"]]
+    return "undecided"
+
+
+def build(eval_metrics: dict[str, Any], gate: dict[str, Any], timings: dict[str, Any]) -> dict[str, Any]:
+    """The headline dict (<= 12 keys; nested per language so `dvc exp show` columns read ``gain.vi``)."""
+    out: dict[str, Any] = {}
+    for key in ("gain", "forgetting"):
+        values = eval_metrics.get(key) if isinstance(eval_metrics.get(key), dict) else {}
+        out[key] = {lang: _num(v) for lang, v in sorted(values.items()) if _num(v) is not None}
+        cis = eval_metrics.get(f"{key}_ci95")
+        if isinstance(cis, dict):
+            ci = {lang: _interval(cis.get(lang)) for lang in out[key]}
+            if any(ci.values()):
+                out[f"{key}_ci95"] = {lang: v for lang, v in ci.items() if v}
+    out["passed"] = bool(gate.get("passed")) if gate else None
+    out["decision"] = decision_of(gate)
+    out["tokens_per_s"] = _num(timings.get("tokens_per_s"), 1)
+    out["mfu"] = _num(timings.get("mfu"))
+    assert len(out) <= 12, sorted(out)
+    return out
+
+
+def write(layout: Any) -> dict[str, Any]:
+    """Build the summary from the files on disk and write ``metrics/summary.json`` (see the module docstring for
+    why an unchanged result keeps its recorded throughput). Returns what was written."""
+    from cpt.io import write_json
+    from cpt.ops.timings import timings_file
+
+    metrics = Path(layout.metrics)
+    new = build(_read(metrics / "eval.json"), _read(metrics / "gate.json"), _read(timings_file(layout, "train")))
+    path = metrics / "summary.json"
+    old = _read(path)
+    results = {k: v for k, v in new.items() if k not in THROUGHPUT}
+    if old and {k: v for k, v in old.items() if k not in THROUGHPUT} == results:
+        new.update({k: old.get(k) for k in THROUGHPUT})
+    write_json(path, new, sort_keys=False)
+    return new
+
+
+def _signed(x: Any, nd: int) -> str:
+    return "n/a" if _num(x) is None else f"{x:+.{nd}f}"
+
+
+def _digits(x: Any) -> int:
+    """Decimals that keep two significant digits: +7.8 bpb, +0.045 bpb."""
+    v = abs(_num(x) or 0.0)
+    return 1 if v >= 1 else 2 if v >= 0.1 else 3
+
+
+def headline(summary: dict[str, Any]) -> str:
+    """One line, e.g. ``vi +7.8 bpb, zh +13.2 bpb, en +0.045 bpb forgotten, gate passed``."""
+    parts = [f"{lang} {_signed(v, _digits(v))} bpb" for lang, v in summary.get("gain", {}).items()]
+    parts += [f"{lang} {_signed(v, _digits(v))} bpb forgotten" for lang, v in summary.get("forgetting", {}).items()]
+    verdict = {"promote": "gate passed", "refuse": "gate refused", "undecided": "gate undecided"}
+    parts.append(verdict.get(summary.get("decision"), "no gate decision"))
+    return ", ".join(parts)
+
+
+def markdown(summary: dict[str, Any], gate: dict[str, Any] | None = None, run_link: str | None = None) -> str:
+    """The table MLflow descriptions and the Prefect artifact show: gain / forgetting per language with intervals,
+    the gate's decision and thresholds."""
+    gate = gate or {}
+    rows = ["| language | bits per byte | 95% interval | means |", "|---|---:|---|---|"]
+    for key, means in (("gain", "learned (new language)"), ("forgetting", "forgotten (old language)")):
+        cis = summary.get(f"{key}_ci95") or {}
+        for lang, v in summary.get(key, {}).items():
+            ci = cis.get(lang)
+            rows.append(f"| {lang} | {_signed(v, 3)} | {f'[{ci[0]:+.3f}, {ci[1]:+.3f}]' if ci else 'n/a'} | {means} |")
+    lines = [f"**{headline(summary)}**", "", *rows, ""]
+    vs = gate.get("vs_base") if isinstance(gate.get("vs_base"), dict) else {}
+    if vs.get("min_gain") is not None:
+        lines.append(f"Gate: **{summary.get('decision')}**: new-language gain >= {vs['min_gain']} bpb and "
+                     f"old-language forgetting <= {vs.get('max_forgetting')} bpb (byte-weighted, vs the base"
+                     f"{' and the champion' if (gate.get('vs_champion') or {}).get('checked') else ''}).")
+    if gate.get("reason"):
+        lines.append(f"Reason: {gate['reason']}.")
+    if gate.get("version"):
+        alias = gate.get("alias", "champion")
+        lines.append(f"Registered: `{gate.get('registered_model')}` version {gate['version']}"
+                     f"{f' (alias `{alias}`)' if gate.get('promoted') else ''}.")
+    if summary.get("tokens_per_s") is not None:
+        mfu = summary.get("mfu")
+        lines.append(f"Training throughput: {summary['tokens_per_s']:,.0f} tokens/s"
+                     f"{f', MFU {mfu:.1%}' if isinstance(mfu, float) else ''}.")
+    if run_link:
+        lines.append(f"MLflow run: {run_link}")
+    return "\n".join(lines) + "\n"
+
+
+def mlflow_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """``summary/gain/vi``, ``summary/gain/vi/ci95_lo`` ...: the headline as MLflow metrics (first in the UI)."""
+    out: dict[str, float] = {}
+    for key in ("gain", "forgetting"):
+        for lang, v in summary.get(key, {}).items():
+            out[f"summary/{key}/{lang}"] = float(v)
+        for lang, ci in (summary.get(f"{key}_ci95") or {}).items():
+            out[f"summary/{key}/{lang}/ci95_lo"], out[f"summary/{key}/{lang}/ci95_hi"] = float(ci[0]), float(ci[1])
+    if summary.get("passed") is not None:
+        out["summary/passed"] = float(bool(summary["passed"]))
+    for key in THROUGHPUT:
+        if _num(summary.get(key)) is not None:
+            out[f"summary/{key}"] = float(summary[key])
+    return out
