@@ -41,9 +41,10 @@ def score_models(layout: Layout, cfg: dict, cpt_dir: Path, sft_dir: Path, device
     assistant tokens. ``{"cpt": {source: {bpb, bytes, lang, domain}}, "sft": {...}, "forgetting": {lang: sft - cpt},
     "scores": {model: {source: Score}}, "units": {model: {lang: per-conversation NLL}}}`` (the last two feed
     ``cpt.sft.intervals``). The plain-text units are eval's: documents cut into ``unit_bytes`` pieces, a seeded
-    sample within ``max_docs`` / ``max_bytes``."""
-    sources = collect_sources(layout, {k: cfg[k] for k in ("sources", "max_docs", "max_bytes", "heldout",
-                                                            "unit_bytes")}, seed)
+    sample within ``max_docs`` / ``max_bytes`` (``max_bytes_old`` for old-domain sources when set: forgetting's
+    interval must be narrower than ``gate.max_forgetting``, which takes more text than a gain of whole bits)."""
+    sources = collect_sources(layout, {k: cfg[k] for k in ("sources", "max_docs", "max_bytes", "max_bytes_old",
+                                                            "heldout", "unit_bytes")}, seed)
     out: dict[str, Any] = {"scores": {}, "units": {}, "sources": sources}
     for name, folder in (("cpt", cpt_dir), ("sft", sft_dir)):
         lm = load_model(name, folder, device=device)

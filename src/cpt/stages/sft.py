@@ -58,7 +58,7 @@ DEFAULTS: dict[str, Any] = {
     "log_interval": 10,
     "threads": None,
     "plain_eval": {"sources": None, "max_docs": 50, "max_bytes": 10000, "heldout": "data/shards/heldout.jsonl",
-                   "unit_bytes": 4096, "max_length": 1024, "stride": 768, "batch_size": 8},
+                   "max_bytes_old": None, "unit_bytes": 4096, "max_length": 1024, "stride": 768, "batch_size": 8},
     "bootstrap_resamples": 1000,  # paired bootstrap draws of the gate's 95% intervals (cpt.sft.intervals)
     "samples": {"max_new_tokens": 48, "temperature": 0.8, "top_p": 0.95,
                 "prompts": {"vi": ["Hà Nội là thủ đô của nước nào?"], "en": ["Give three tips for staying healthy."]}},
