@@ -8,6 +8,7 @@ import json
 import unicodedata
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -147,6 +148,64 @@ def test_packing_plan_and_boundaries(chat_tok, project):
     assert (packed[0, y == -100] == 0).all()
 
 
+def test_conversation_nll_per_unit(chat_tok, project):
+    """The gate's resampling unit: each held-out conversation's assistant NLL read from the packed rows (spans)
+    equals that conversation scored alone, and the units' bytes add up to the split's."""
+    from cpt.evaluation.models import load_model
+    from cpt.sft.intervals import conversation_nll
+    from cpt.sft.packing import pack
+    from cpt.sft.template import encode
+
+    convs = [CONV[1:3], CONV[3:], CONV, CONV[:3], CONV[1:]]
+    enc = encode(chat_tok, convs)
+    split = pack("x", enc, 128, chat_tok.eos_token_id)
+    assert split.n_blocks < len(convs) and len(split.spans) == len(convs)
+    assert split.spans[:, 3].sum() == split.target_bytes
+    lm = load_model("cpt", project / "data" / "models" / "cpt", device="cpu")
+    packed = conversation_nll(lm, split, micro_batch=2)
+    for k, (row, start, end, nbytes) in enumerate(split.spans):
+        i = next(j for j, e in enumerate(enc) if len(e.ids) - 1 == end - start
+                 and np.array_equal(split.data[row, 0, start:end], e.ids[:-1]))
+        alone = conversation_nll(lm, pack("one", [enc[i]], 128, chat_tok.eos_token_id), micro_batch=1)
+        assert nbytes == enc[i].assistant_bytes
+        assert packed[k] == pytest.approx(alone[0], rel=1e-5)
+
+
+def test_sft_gate_decides_on_intervals():
+    """Per-unit scores -> paired bootstrap -> the gate: a clear assistant gain with no forgetting promotes, a clear
+    plain-text regression refuses (never "undecided: no interval"); intervals are seeded and cover the estimate."""
+    from cpt.evaluation.uncertainty import Paired
+    from cpt.ops import gate
+    from cpt.sft.intervals import Group, gate_inputs, summarize
+
+    rng = np.random.default_rng(0)
+    nbytes = rng.integers(200, 400, 60).astype(float)
+    cpt_vi = nbytes * 2.0 * (1 + 0.1 * rng.standard_normal(60))  # nats: ~2.9 bpb
+    cpt_en = nbytes * 1.0 * (1 + 0.1 * rng.standard_normal(60))
+
+    def strata(en_cost: float) -> list:
+        return [Group("sft_heldout_vi", "vi", "new", "assistant", Paired(cpt_vi, cpt_vi * 0.7, nbytes)),
+                Group("sft_heldout_en", "en", "old", "assistant", Paired(cpt_en, cpt_en * 0.9, nbytes)),
+                Group("ntrex_vi", "vi", "new", "plain", Paired(cpt_vi, cpt_vi * 1.5, nbytes)),
+                Group("en_wikitext2", "en", "old", "plain", Paired(cpt_en, cpt_en * en_cost, nbytes))]
+
+    params = {"gate": {"min_gain": 0.02, "max_forgetting": 0.05}}
+    good = strata(1.0)
+    summary = summarize(good, resamples=200, seed=3)
+    assert summary == summarize(good, resamples=200, seed=3)
+    lo, hi = summary["gain_ci95"]["vi"]
+    assert lo < summary["gain"]["vi"] < hi and summary["forgetting_ci95"]["en"][0] <= 0 <= summary["forgetting_ci95"]["en"][1]
+    assert set(summary["gate"]["gain"]) == {"vi"} and set(summary["gate"]["forgetting"]) == {"en"}
+    eval_like = gate_inputs(summary, good)
+    assert set(eval_like["cpt"]) == {"sft_heldout_vi", "en_wikitext2"}  # new-domain chat, old-domain plain text
+    decision = gate.decide(eval_like, params)
+    assert decision["decision"] == "promote", decision["reason"]
+    assert decision["per_source"]["sft_heldout_vi"]["ci95"] == summary["gain_ci95"]["vi"]
+    bad = strata(1.2)  # +20% NLL on English plain text: ~0.29 bpb forgotten
+    decision = gate.decide(gate_inputs(summarize(bad, resamples=200, seed=3), bad), params)
+    assert decision["decision"] == "refuse" and "en_wikitext2" in decision["reason"], decision["reason"]
+
+
 def test_stage_exports_a_chat_model(trained):
     """The folder loads in plain transformers with chat_template set; apply_chat_template reproduces the training
     ids; the prompt is a prefix of the training ids; generate runs through the template; metrics are complete."""
@@ -170,6 +229,12 @@ def test_stage_exports_a_chat_model(trained):
     assert set(m["assistant"]) == {"vi", "en"} and m["assistant"]["vi"]["sft_loss"] < m["assistant"]["vi"]["cpt_loss"]
     assert m["data"]["vi"]["contaminated"] == 1  # the fixture's planted eval sentence
     assert "vi" in m["forgetting"] and m["gate"]["vs_base"]["gain"] is not None
+    # the gate decides on paired bootstrap intervals (per held-out conversation / per plain-text unit)
+    assert m["gate"]["decision"] in ("promote", "refuse"), m["gate"]["reason"]
+    assert m["gate"]["per_lang"]["vi"]["ci95"] == m["gain_ci95"]["vi"] and len(m["gain_ci95"]["vi"]) == 2
+    assert m["forgetting_ci95"] == {"vi": None}  # one plain-text unit (the fixture's ntrex_vi): no interval
+    assert m["sources"]["sft_heldout_vi"]["units"] == m["assistant"]["vi"]["examples"]
+    assert m["sources"]["sft_heldout_vi"]["cpt_bpb"] == pytest.approx(m["assistant"]["vi"]["cpt_bpb"], rel=1e-4)
     assert (root / "reports" / "sft" / "samples.md").read_text().count("**greedy:**") == 2
     eval_ids = {json.loads(line)["id"] for line in (root / "data" / "sft" / "eval.jsonl").read_text().splitlines()}
     assert eval_ids and not eval_ids & {r["id"] for r in train_rows}

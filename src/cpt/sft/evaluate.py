@@ -7,14 +7,14 @@
   the way a user of the exported folder calls it), greedy and sampled with the run's seed, for fixed vi/en prompts:
   ``reports/sft/samples.md``.
 * The promotion gate of ``cpt.ops.gate`` with the CPT model as the reference: gain = held-out assistant-token bits
-  per byte of the new-domain languages, forgetting = plain-text bits per byte of the old domain, both byte-weighted;
-  the SFT model is registered under ``sft.model_name`` and gets the alias only if it passes.
+  per byte of the new-domain languages, forgetting = plain-text bits per byte of the old domain, each with its paired
+  bootstrap 95% interval (``cpt.sft.intervals``), which is what the gate decides on; the SFT model is registered
+  under ``sft.model_name`` and gets the alias only if it passes.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -24,28 +24,54 @@ from cpt.device import autocast
 from cpt.evaluation.bpb import BpbScorer
 from cpt.evaluation.models import LoadedModel, load_model
 from cpt.evaluation.sources import EvalSource, collect_sources
+from cpt.evaluation.uncertainty import Paired
 from cpt.io import atomic_open
 from cpt.layout import Layout
 from cpt.ops import gate
+from cpt.sft import intervals
+from cpt.sft.intervals import Group
+from cpt.sft.packing import PackedSplit
 
 log = logging.getLogger("cpt.sft")
 
 
-def plain_text(layout: Layout, cfg: dict, cpt_dir: Path, sft_dir: Path, device: str) -> dict[str, Any]:
-    """``{"cpt": {source: {bpb, bytes, lang, domain}}, "sft": {...}, "forgetting": {lang: sft - cpt}}``."""
-    sources = collect_sources(layout, {"sources": cfg["sources"], "max_docs": cfg["max_docs"],
-                                       "max_bytes": cfg["max_bytes"], "heldout": cfg["heldout"]})
-    out: dict[str, Any] = {}
+def score_models(layout: Layout, cfg: dict, cpt_dir: Path, sft_dir: Path, device: str, *, seed: int,
+                 eval_splits: dict[str, PackedSplit], micro_batch: int, loss_chunk: int = 4096) -> dict[str, Any]:
+    """Both models, one in memory at a time: plain-text bpb per source and per-conversation NLL of the held-out
+    assistant tokens. ``{"cpt": {source: {bpb, bytes, lang, domain}}, "sft": {...}, "forgetting": {lang: sft - cpt},
+    "scores": {model: {source: Score}}, "units": {model: {lang: per-conversation NLL}}}`` (the last two feed
+    ``cpt.sft.intervals``). The plain-text units are eval's: documents cut into ``unit_bytes`` pieces, a seeded
+    sample within ``max_docs`` / ``max_bytes`` (``max_bytes_old`` for old-domain sources when set: forgetting's
+    interval must be narrower than ``gate.max_forgetting``, which takes more text than a gain of whole bits)."""
+    sources = collect_sources(layout, {k: cfg[k] for k in ("sources", "max_docs", "max_bytes", "max_bytes_old",
+                                                            "heldout", "unit_bytes")}, seed)
+    out: dict[str, Any] = {"scores": {}, "units": {}, "sources": sources}
     for name, folder in (("cpt", cpt_dir), ("sft", sft_dir)):
         lm = load_model(name, folder, device=device)
         scorer = BpbScorer(lm, max_length=int(cfg["max_length"]), stride=int(cfg["stride"]),
                            batch_size=int(cfg["batch_size"]))
-        out[name] = {}
+        out[name], out["scores"][name] = {}, {}
         for src in sources:
             s = scorer.score(src.texts, desc=src.name)
+            out["scores"][name][src.name] = s
             out[name][src.name] = {"bpb": s.bpb, "bytes": s.bytes, "lang": src.lang, "domain": src.domain}
+        out["units"][name] = {lang: intervals.conversation_nll(lm, split, micro_batch, loss_chunk)
+                              for lang, split in sorted(eval_splits.items())}
         del lm, scorer
     out["forgetting"] = _pooled_delta(out["cpt"], out["sft"], sources)
+    return out
+
+
+def groups(scored: dict[str, Any], eval_splits: dict[str, PackedSplit], domains: dict[str, str]) -> list[Group]:
+    """The bootstrap strata: one per held-out language (``sft_heldout_<lang>``, its conversations) and one per
+    plain-text source (its scored units), each with the CPT model as reference and the SFT model as candidate."""
+    out = []
+    for lang, split in sorted(eval_splits.items()):
+        out.append(Group(f"sft_heldout_{lang}", lang, domains.get(lang, "new"), "assistant",
+                         Paired(scored["units"]["cpt"][lang], scored["units"]["sft"][lang], split.spans[:, 3])))
+    for src in scored["sources"]:
+        ref, cand = scored["scores"]["cpt"][src.name], scored["scores"]["sft"][src.name]
+        out.append(Group(src.name, src.lang, src.domain, "plain", Paired(ref.doc_nll, cand.doc_nll, ref.doc_bytes)))
     return out
 
 
@@ -97,21 +123,6 @@ def write_samples(path: Path, rows: list[dict[str, str]], cfg: dict, template_or
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_open(path) as fh:
         fh.write("\n".join(lines))
-
-
-def gate_inputs(assistant: dict[str, dict], plain: dict[str, Any], domains: dict[str, str]) -> dict[str, Any]:
-    """The eval-metrics shape ``cpt.ops.gate.decide`` reads, with the CPT model as ``base`` and SFT as ``cpt``:
-    new-domain languages' held-out assistant bytes (gain), old-domain plain text (forgetting)."""
-    out: dict[str, dict] = {"base": {}, "cpt": {}}
-    for lang, s in assistant.items():
-        if domains.get(lang) == "new":
-            out["base"][f"sft_heldout_{lang}"] = {"bpb": s["cpt_bpb"], "bytes": s["bytes"], "domain": "new"}
-            out["cpt"][f"sft_heldout_{lang}"] = {"bpb": s["sft_bpb"], "bytes": s["bytes"], "domain": "new"}
-    for name, s in plain.get("cpt", {}).items():
-        if s["domain"] == "old" and math.isfinite(s["bpb"]):
-            out["base"][name] = {"bpb": s["bpb"], "bytes": s["bytes"], "domain": "old"}
-            out["cpt"][name] = {"bpb": plain["sft"][name]["bpb"], "bytes": s["bytes"], "domain": "old"}
-    return out
 
 
 def apply_gate(params: dict, gate_cfg: dict, eval_like: dict, tracker, model_dir: Path, model_name: str) -> dict:

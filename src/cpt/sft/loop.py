@@ -43,7 +43,7 @@ LN2 = math.log(2.0)
 # sft keys that never change the trajectory (the rest, with the seed, the data and the model, is the fingerprint)
 NOT_TRAJECTORY = {"eval_interval", "ckpt_interval", "keep_checkpoints", "resume", "parallel", "device", "compile",
                   "activation_checkpointing", "loss_chunk", "log_interval", "threads", "dtype", "samples", "gate",
-                  "model_name", "plain_eval", "out", "max_eval"}
+                  "model_name", "plain_eval", "out", "max_eval", "bootstrap_resamples"}
 
 
 class SftDiverged(CptError):

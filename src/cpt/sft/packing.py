@@ -37,6 +37,9 @@ class PackedSplit:
     target_bytes: int  # UTF-8 bytes behind them (for bits per byte)
     fill: float  # share of positions holding a real token
     row_bytes: np.ndarray  # target bytes per row (a subset of rows is scored under several ranks)
+    # one row per conversation, in row order: (row, first position, end position, assistant bytes); the unit the
+    # gate's bootstrap resamples (cpt.sft.intervals): a conversation's NLL is the sum of its positions' losses
+    spans: np.ndarray | None = None
 
     @property
     def n_blocks(self) -> int:
@@ -78,11 +81,13 @@ def pack(name: str, examples: list[Encoded], length: int, pad_id: int) -> Packed
     data[:, 1] = IGNORE
     used = 0
     row_bytes = np.zeros(len(layout), dtype=np.int64)
+    spans = []
     for r, members in enumerate(layout):
         at = 0
         for i in members:
             e, n = examples[i], need[i]
             row_bytes[r] += e.assistant_bytes
+            spans.append((r, at, at + n, e.assistant_bytes))
             data[r, 0, at : at + n] = e.ids[:-1]
             data[r, 1, at : at + n] = e.labels[1:]
             data[r, 2, at : at + n] = np.arange(n)
@@ -91,7 +96,8 @@ def pack(name: str, examples: list[Encoded], length: int, pad_id: int) -> Packed
         used += at
     targets = sum(sum(1 for t in e.labels[1:] if t != IGNORE) for e in examples)
     return PackedSplit(name, data, len(examples), targets, int(row_bytes.sum()),
-                       used / max(1, data.shape[0] * length), row_bytes)
+                       used / max(1, data.shape[0] * length), row_bytes,
+                       np.asarray(spans, dtype=np.int64).reshape(-1, 4))
 
 
 def to_device(rows: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -17,6 +17,7 @@ from cpt.layout import Layout
 from cpt.ops import tracking
 from cpt.sft import data as sft_data
 from cpt.sft import evaluate as sft_eval
+from cpt.sft import intervals as sft_intervals
 from cpt.sft import loop, template
 from cpt.sft.packing import PackedSplit, pack
 from cpt.training import distributed
@@ -124,21 +125,27 @@ def run(cfg: dict, seed: int, layout: Layout, params: dict, info: distributed.Di
                         "bytes": eval_splits[lang].target_bytes, "tokens": eval_splits[lang].target_tokens,
                         "examples": eval_splits[lang].examples} for lang in sorted(eval_splits)}
     t1 = time.perf_counter()
-    plain = sft_eval.plain_text(layout, cfg["plain_eval"], paths["model"], paths["out"], cfg["device"])
+    scored = sft_eval.score_models(layout, cfg["plain_eval"], paths["model"], paths["out"], cfg["device"], seed=seed,
+                                   eval_splits=eval_splits, micro_batch=int(cfg["micro_batch"]),
+                                   loss_chunk=int(cfg["loss_chunk"]))
+    strata = sft_eval.groups(scored, eval_splits, domains)
+    summary = sft_intervals.summarize(strata, resamples=int(cfg["bootstrap_resamples"]), seed=seed)
     sft_lm = sft_eval.load_model("sft", paths["out"], device=cfg["device"])
     samples = sft_eval.chat_samples(sft_lm, cfg["samples"]["prompts"], seed=seed,
                                     **{k: cfg["samples"][k] for k in ("max_new_tokens", "temperature", "top_p")})
     sft_eval.write_samples(paths["reports"] / "samples.md", samples, cfg["samples"], origin)
     eval_seconds = time.perf_counter() - t1
     tracker = tracking.current()
-    decision = sft_eval.apply_gate(params, cfg["gate"], sft_eval.gate_inputs(assistant, plain, domains), tracker,
+    decision = sft_eval.apply_gate(params, cfg["gate"], sft_intervals.gate_inputs(summary, strata), tracker,
                                    paths["out"], cfg["model_name"])
     tracker.log_artifact(paths["reports"], "sft")
     return {
         "chat_template": origin, "data": prep.stats,
         "packing": {p.name: {"examples": p.examples, "rows": p.n_blocks, "fill": p.fill,
                              "target_tokens": p.target_tokens} for p in packed.values()},
-        "assistant": assistant, "plain": {k: plain[k] for k in ("cpt", "sft")}, "forgetting": plain["forgetting"],
+        "assistant": assistant, "plain": {k: scored[k] for k in ("cpt", "sft")}, "forgetting": scored["forgetting"],
+        # per language, with paired bootstrap 95% intervals: assistant-token gain, plain-text forgetting
+        **{k: summary[k] for k in ("gain", "gain_ci95", "forgetting_ci95", "sources", "bootstrap")},
         "gate": decision, "train": {k: v for k, v in trained.items() if k != "curve"}, "curve": trained["curve"],
         "seconds_prep": prep_seconds, "seconds_eval": eval_seconds, "samples": len(samples),
         "device": device.type,

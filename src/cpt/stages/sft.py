@@ -58,7 +58,8 @@ DEFAULTS: dict[str, Any] = {
     "log_interval": 10,
     "threads": None,
     "plain_eval": {"sources": None, "max_docs": 50, "max_bytes": 10000, "heldout": "data/shards/heldout.jsonl",
-                   "max_length": 1024, "stride": 768, "batch_size": 8},
+                   "max_bytes_old": None, "unit_bytes": 4096, "max_length": 1024, "stride": 768, "batch_size": 8},
+    "bootstrap_resamples": 1000,  # paired bootstrap draws of the gate's 95% intervals (cpt.sft.intervals)
     "samples": {"max_new_tokens": 48, "temperature": 0.8, "top_p": 0.95,
                 "prompts": {"vi": ["Hà Nội là thủ đô của nước nào?"], "en": ["Give three tips for staying healthy."]}},
     "gate": {"min_gain": 0.02, "max_forgetting": 0.05, "champion_min_gain": None, "champion_max_forgetting": None,
@@ -71,7 +72,7 @@ def config(params: dict) -> dict[str, Any]:
     for sub in ("decontam", "plain_eval", "samples", "gate"):
         cfg[sub] = with_defaults(f"sft.{sub}", cfg[sub], DEFAULTS[sub])
     for key in ("steps", "micro_batch", "grad_accum", "eval_interval", "ckpt_interval", "log_interval", "loss_chunk",
-                "max_length"):
+                "max_length", "bootstrap_resamples"):
         if not isinstance(cfg[key], int) or cfg[key] < 1:
             raise ConfigError(f"params.yaml: sft.{key}={cfg[key]!r} must be an integer >= 1")
     for key, lo, hi in (("replay_ratio", 0.0, 1.0), ("eval_fraction", 0.0, 0.9), ("warmup", 0.0, 0.99)):
