@@ -21,14 +21,17 @@ RESUME_SAFE = {"steps", "lr", "min_lr", "warmup", "schedule", "decay_fraction", 
                "weight_decay", "betas", "grad_clip"}
 
 
-# Keys that never affect the trajectory.
-NOT_TRAJECTORY = {"eval_interval", "eval_blocks", "ckpt_interval", "keep_checkpoints", "resume", "parallel", "device",
+# Keys that never affect the trajectory. micro_batch and grad_accum are not in the fingerprint, the global batch is:
+# a run continues on another number of ranks with the grad_accum that keeps it (distributed.batch_for_world).
+NOT_TRAJECTORY = {"micro_batch", "grad_accum", "async_checkpoint", "eval_interval", "eval_blocks", "ckpt_interval", "keep_checkpoints", "resume", "parallel", "device",
                   "compile", "activation_checkpointing", "loss_chunk", "peak_tflops", "log_interval",
                   "trust_remote_code", "dtype", "threads"}
 
 
-def fingerprint_items(cfg: dict, seed: int, shards_meta: dict, base_config: dict) -> dict[str, Any]:
+def fingerprint_items(cfg: dict, seed: int, shards_meta: dict, base_config: dict,
+                      world_size: int = 1) -> dict[str, Any]:
     items = {k: v for k, v in cfg.items() if k not in NOT_TRAJECTORY}
+    items["global_batch"] = int(cfg["micro_batch"]) * int(cfg["grad_accum"]) * world_size
     items["seed"] = seed
     items["shards"] = hashlib.sha256(json.dumps(shards_meta, sort_keys=True).encode()).hexdigest()[:16]
     items["base"] = hashlib.sha256(json.dumps(base_config, sort_keys=True, default=str).encode()).hexdigest()[:16]
