@@ -1,4 +1,5 @@
-"""``cpt <stage> [-p params.yaml] [-S section.key=value ...]``: one verb per pipeline stage.
+"""``cpt <stage> [-p params.yaml] [-S section.key=value ...]``: one verb per pipeline stage (plus ``cpt train --plan``
+and ``cpt export``, cpt.training.commands).
 
 Each verb loads params, runs ``cpt.<stage>.run(params, layout)`` and writes the returned metrics to
 ``metrics/<stage>.json``. Stage modules are imported lazily so ``cpt --help`` is instant and a stage never pays for
@@ -22,6 +23,7 @@ from cpt.layout import Layout
 from cpt.ops import tracking
 from cpt.params import ParamsError, load_params
 from cpt.stages import DESCRIPTIONS, STAGES
+from cpt.training import commands
 
 log = logging.getLogger("cpt")
 
@@ -44,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--root", default=".", help="project root: data/, metrics/ and reports/ live here")
         p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+        if stage == "train":
+            commands.add_plan_args(p)
+    commands.add_export_parser(sub)
     return parser
 
 
@@ -117,11 +122,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     configure_logging(args.stage, args.verbose)
     root = Path(args.root)
-    params_path = Path(args.params)
+    params_path = Path(getattr(args, "params", "params.yaml"))
     if not params_path.is_absolute() and not params_path.exists():
         params_path = root / params_path
     try:
+        if args.stage == "export":  # a verb, not a stage: no params, no metrics file
+            commands.run_export(args)
+            return 0
         params = load_params(params_path, args.overrides)
+        if getattr(args, "plan", False):
+            commands.run_plan(args, params, Layout(root))
+            return 0
         metrics = run_stage(args.stage, params, Layout(root))
     except (CptError, ParamsError) as exc:
         print(f"cpt {args.stage}: error: {exc}", file=sys.stderr)

@@ -81,9 +81,20 @@ def build_on_meta(base_dir: Path, rows: int, trust_remote_code: bool = False) ->
 
 
 def materialize(model: nn.Module, device: torch.device) -> None:
-    """Allocate every (possibly sharded) parameter on ``device``, uninitialised; the buffers keep their values."""
+    """Allocate every (possibly sharded) parameter on ``device``, uninitialised; the buffers keep their values and
+    shared parameters (a tied lm_head) stay shared (``to_empty`` gives each name its own tensor when the parameters
+    are plain meta tensors)."""
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    first: dict[int, str] = {}
+    shared: dict[str, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        shared[name] = first.setdefault(id(p), name)
     model.to_empty(device=device)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for name, owner in shared.items():
+        if name != owner and params[name] is not params[owner]:
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, params[owner])
     with torch.no_grad():
         for name, b in model.named_buffers():
             b.copy_(buffers[name])
