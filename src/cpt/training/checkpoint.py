@@ -115,6 +115,9 @@ def quiet_single_process():
 
 def sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
     """{"model": ..., "optim": ...} as each rank holds it (DTensor shards under FSDP2): what DCP saves and loads."""
+    from cpt.training.distributed import reshard
+
+    reshard(model)
     state: dict[str, Any] = {"model": get_model_state_dict(model)}
     if optimizer is not None:
         state["optim"] = get_optimizer_state_dict(model, optimizer)

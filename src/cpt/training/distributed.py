@@ -118,6 +118,15 @@ def shard(core: nn.Module, hf_model: nn.Module, param_dtype: torch.dtype | None,
     return core
 
 
+def reshard(module: nn.Module) -> None:
+    """Put FSDP2's sharded parameters back on ``module`` after a forward without backward (eval, calibration).
+    FSDP2 keeps the root's parameters gathered after forward, expecting a backward that reshards them; until then
+    ``named_parameters`` returns the gathered tensors, which an optimizer built then, or the checkpoint's optimizer
+    state dict, would not recognise."""
+    if is_sharded(module):
+        module.reshard()
+
+
 def is_sharded(module: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 

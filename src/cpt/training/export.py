@@ -21,7 +21,7 @@ from torch import nn
 
 from cpt.errors import DataError
 from cpt.io import read_json, replace_dir
-from cpt.training.distributed import DistInfo
+from cpt.training.distributed import DistInfo, reshard
 
 PREFIX = "model."  # CausalLMLoss holds the HF model as ``.model``
 
@@ -94,6 +94,7 @@ def export_model(core: nn.Module, hf_model: nn.Module, tokenizer_dir: Path, out:
     """Collective: write ``out`` from the live (possibly sharded) model ``core`` (a CausalLMLoss over
     ``hf_model``); each DTensor is gathered alone, the optimizer never; rank 0 (``info.main``) writes."""
     main = info is None or info.main
+    reshard(core)
     skip = duplicate_names(hf_model)
     params = {name[len(PREFIX):]: t for name, t in core.state_dict().items()
               if name.startswith(PREFIX) and name[len(PREFIX):] not in skip}

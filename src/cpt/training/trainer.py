@@ -179,6 +179,7 @@ def build_model(cfg: dict, layout: Layout, inputs: Inputs, device: torch.device,
     change = (old_after - old_before) / old_before if old_before and math.isfinite(old_before) else float("nan")
     log.info("old-domain val loss before resize %.4f, after %.4f (%+.2f%%, %d blocks; init %s)",
              old_before, old_after, 100 * change, len(old_rows), cfg["embed_init"])
+    distributed.reshard(core)  # the optimizer must see the sharded parameters
     return hf_model, core, RunState(resize={**embed_report, "old_loss_before": old_before,
                                             "old_loss_after": old_after, "old_loss_change": change,
                                             "probe_blocks": len(old_rows)})
@@ -217,6 +218,7 @@ def evaluate_val(model, core, inputs: Inputs, eval_sets: dict[str, np.ndarray], 
         row[f"loss_{d}"] = total / n
         row[f"bpb_{d}"] = bpb(total / n, split)
     core.train()
+    distributed.reshard(core)
     return row
 
 
