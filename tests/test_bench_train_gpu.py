@@ -19,7 +19,7 @@ def test_bench_train_gpu_smoke(tmp_path, capsys):
     result = bench.main(["--smoke", "--out", str(out)])
     assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(result["rows"]))
     rows = {r["variant"]: r for r in result["rows"]}
-    assert set(rows) == {"hf_eager", "cpt_eager"}
+    assert set(rows) == {"hf_eager", "cpt_eager", "cpt_fsdp"}
     for r in rows.values():
         assert "error" not in r, r
         assert r["tokens_per_s"] > 0 and math.isfinite(r["loss"]) and r["mfu"] is None

@@ -247,3 +247,14 @@ def test_two_ranks_sharded_load_sigkill_resume_reshard_and_export(tied_project, 
 
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # still tied
+
+
+def test_cpt_torchrun_relaunches_train_under_torchrun():
+    from cpt.training.commands import torchrun_argv
+
+    argv = ["train", "-S", "train.parallel=fsdp"]
+    got = torchrun_argv(argv, {"CPT_TORCHRUN": "--nnodes 2 --nproc-per-node 8 --rdzv-endpoint head:29500"})
+    assert got[1:] == ["-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "8", "--rdzv-endpoint",
+                       "head:29500", "-m", "cpt.cli", *argv]
+    assert torchrun_argv(argv, {"CPT_TORCHRUN": "--nproc-per-node 8", "LOCAL_RANK": "0"}) is None  # a worker
+    assert torchrun_argv(argv, {}) is None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -121,6 +122,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     configure_logging(args.stage, args.verbose)
+    relaunch = commands.torchrun_argv(list(sys.argv[1:] if argv is None else argv)) if (
+        args.stage == "train" and not args.plan) else None
+    if relaunch:
+        log.info("CPT_TORCHRUN: %s", " ".join(relaunch))
+        os.execv(relaunch[0], relaunch)
     root = Path(args.root)
     params_path = Path(getattr(args, "params", "params.yaml"))
     if not params_path.is_absolute() and not params_path.exists():

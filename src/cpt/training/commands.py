@@ -83,3 +83,17 @@ def run_export(args: argparse.Namespace) -> dict:
                                getattr(torch, args.dtype) if args.dtype else None, args.max_shard_gb)
     print(json.dumps(result))
     return result
+
+
+def torchrun_argv(argv: list[str], environ=os.environ) -> list[str] | None:
+    """``cpt train`` under ``torchrun`` when ``CPT_TORCHRUN`` holds torchrun's options (e.g. ``--nproc-per-node 8``,
+    or ``--nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint head:29500 --rdzv-id cpt``): the argv
+    to exec instead of this process, None when already a torchrun worker or not asked. This is how ``dvc repro``
+    (whose stage command stays ``cpt train``) and the Prefect GPU deployments (docs/train.md) start several GPUs."""
+    import shlex
+    import sys
+
+    options = environ.get("CPT_TORCHRUN", "").strip()
+    if not options or "LOCAL_RANK" in environ:
+        return None
+    return [sys.executable, "-m", "torch.distributed.run", *shlex.split(options), "-m", "cpt.cli", *argv]
