@@ -111,7 +111,8 @@ def shard(core: nn.Module, hf_model: nn.Module, param_dtype: torch.dtype | None,
     model (cpt.training.sharded builds it so), so no rank ever holds the whole model."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else MixedPrecisionPolicy()
+    mp = (MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype
+          else MixedPrecisionPolicy())
     for block in [m for m in hf_model.modules() if isinstance(m, block_classes(hf_model))]:
         fully_shard(block, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     fully_shard(core, mp_policy=mp)
