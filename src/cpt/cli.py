@@ -137,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         params = load_params(params_path, args.overrides)
         if getattr(args, "plan", False):
-            commands.run_plan(args, params, Layout(root))
+            commands.run_plan(args, importlib.import_module("cpt.stages.train").config(params), Layout(root))
             return 0
         metrics = run_stage(args.stage, params, Layout(root))
     except (CptError, ParamsError) as exc:

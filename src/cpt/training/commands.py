@@ -29,12 +29,11 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
                    help="bf16 peak per GPU (default: train.peak_tflops, else 989, an H100/H200 SXM)")
 
 
-def run_plan(args: argparse.Namespace, params: dict, layout: Layout) -> dict:
-    from cpt.stages.train import config
+def run_plan(args: argparse.Namespace, cfg: dict, layout: Layout) -> dict:
+    """``cfg``: the train stage's config (params' train section over its defaults)."""
     from cpt.training.embeddings import padded
     from cpt.training.plan import load_shape, plan
 
-    cfg = config(params)
     vocab = args.vocab
     if vocab is None and (layout.tokenizer / "new_tokens.json").exists():
         vocab = int(json.loads((layout.tokenizer / "new_tokens.json").read_text(encoding="utf-8"))["vocab"])

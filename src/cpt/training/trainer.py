@@ -40,7 +40,7 @@ from cpt.training.measure import (
     to_xy,
 )
 from cpt.training.optim import build_optimizer, set_lr
-from cpt.training.resume import changed_items, check_forceable, describe_changes, fingerprint_items
+from cpt.training.resume import RESUME_SAFE, changed_items, check_forceable, describe_changes, fingerprint_items
 from cpt.training.schedule import lr_for
 from cpt.training.step import NonFiniteLoss, evaluate, train_step
 
@@ -127,14 +127,18 @@ def resume_point(cfg: dict, fp: dict[str, Any], ckdir: Path, info: distributed.D
     return None if start_over else newest
 
 
-def world_size_grad_accum(cfg: dict, ckdir: Path, info: distributed.DistInfo) -> int:
+def world_size_grad_accum(cfg: dict, fp: dict[str, Any], ckdir: Path, info: distributed.DistInfo) -> int:
     """train.grad_accum, or the one that keeps the global batch of the checkpoint being continued on another
-    number of ranks (distributed.batch_for_world; refused when no whole grad_accum does)."""
+    number of ranks (distributed.batch_for_world; refused when no whole grad_accum does). A checkpoint of another
+    run (other params besides the batch) is left to ``resume_point``."""
     newest = checkpoint.latest(ckdir) if cfg["resume"] else None
     if newest is None:
         return cfg["grad_accum"]
-    grad_accum, note = distributed.batch_for_world(checkpoint.read_state(newest), cfg["micro_batch"],
-                                                   cfg["grad_accum"], info.world_size)
+    saved = checkpoint.read_state(newest)
+    other = set(changed_items(saved.get("fingerprint", {}), fp)) - {"global_batch"}
+    if other - (RESUME_SAFE if cfg["resume"] == "force" else set()):
+        return cfg["grad_accum"]
+    grad_accum, note = distributed.batch_for_world(saved, cfg["micro_batch"], cfg["grad_accum"], info.world_size)
     if note and info.main:
         log.warning("%s", note)
     return grad_accum
@@ -230,11 +234,11 @@ def train(cfg: dict, seed: int, layout: Layout, info: distributed.DistInfo, devi
     inputs = setup(layout)
     amp_dtype = autocast_dtype(device, cfg["dtype"])
     ckdir = layout.checkpoints
-    cfg = {**cfg, "grad_accum": world_size_grad_accum(cfg, ckdir, info)}
+    fp = fingerprint_items(cfg, seed, inputs.shards.meta, inputs.base_config, info.world_size)
+    cfg = {**cfg, "grad_accum": world_size_grad_accum(cfg, fp, ckdir, info)}
+    fp = fingerprint_items(cfg, seed, inputs.shards.meta, inputs.base_config, info.world_size)
     global_batch = cfg["micro_batch"] * cfg["grad_accum"] * info.world_size
     tokens_per_step = global_batch * (inputs.block - 1)
-
-    fp = fingerprint_items(cfg, seed, inputs.shards.meta, inputs.base_config, info.world_size)
     resume_from = resume_point(cfg, fp, ckdir, info)
     seed_everything(seed)
 
