@@ -53,7 +53,7 @@ def tied_project(tmp_path_factory, corpora) -> Path:
     return make_project(tmp_path_factory.mktemp("sharded_src"), corpora, tied=True)
 
 
-def test_meta_build_equals_from_pretrained_in_one_process(tied_project):
+def test_meta_build_equals_from_pretrained_in_one_process(tied_project, one_torch_thread):
     new_tokens = json.loads((tied_project / "data/tokenizer/new_tokens.json").read_text())
     ref = _reference_build(tied_project / "data/base", new_tokens, 7)
     got = _meta_build(tied_project / "data/base", new_tokens, 7)
@@ -258,3 +258,36 @@ def test_cpt_torchrun_relaunches_train_under_torchrun():
                        "head:29500", "-m", "cpt.cli", *argv]
     assert torchrun_argv(argv, {"CPT_TORCHRUN": "--nproc-per-node 8", "LOCAL_RANK": "0"}) is None  # a worker
     assert torchrun_argv(argv, {}) is None
+
+
+def test_sharded_calibration_moves_the_same_rows_as_the_single_model_one(one_torch_thread):
+    """sharded.calibrate runs embeddings.calibrate_new_logits on gathered matrices with hidden states from the
+    FSDP root's forward; on a base that learned never to predict some ids it must move the head exactly as the
+    single-model function does."""
+    import copy
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from cpt.training import sharded
+    from cpt.training.embeddings import calibrate_new_logits, extend_embeddings
+    from cpt.training.loss import CausalLMLoss
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(60):  # ids 70..99 never occur: the base learns not to predict them
+        batch = torch.randint(0, 70, (8, 17), generator=gen)
+        model(input_ids=batch, labels=batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    extend_embeddings(model, {"base_vocab": 100, "vocab": 160,
+                              "added": [{"id": 100 + i, "base_ids": [i, i + 1]} for i in range(60)]})
+    x = torch.randint(0, 70, (4, 16), generator=gen)
+    other = copy.deepcopy(model)
+    ref = calibrate_new_logits(model, x, base_vocab=100, target_mass=0.01)
+    got = sharded.calibrate(CausalLMLoss(other), other, x, 100, 0.01)
+    assert ref["new_logit_shift"] > 0 and got == ref
+    assert torch.equal(model.lm_head.weight, other.lm_head.weight)
+    assert torch.equal(model.model.embed_tokens.weight, other.model.embed_tokens.weight)
