@@ -11,8 +11,9 @@
    matrices (input embeddings, untied lm_head) have more rows than the base's, so they are read whole (one
    matrix at a time) and returned.
 5. ``init_vocab_rows``: the new rows are computed on the full matrices with the very function the single-process
-   resize uses (``embeddings._init_rows``), and each rank keeps its rows: bit-identical to the old path
-   (``from_pretrained`` + ``extend_embeddings``), which tests/test_train_sharded.py checks.
+   resize uses (``embeddings.init_rows``), and each rank keeps its rows: bit-identical to the old path
+   (``from_pretrained`` + ``extend_embeddings``), which tests/test_train_sharded.py checks on 1 and 2 ranks.
+6. ``calibrate``: ``embeddings.calibrate_new_logits``, unchanged, on the gathered vocabulary matrices.
 
 Without torch.distributed (one process) the same steps run with plain tensors: one code path for 1 and N ranks.
 """
