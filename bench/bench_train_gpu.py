@@ -7,12 +7,16 @@ padded to a multiple of 64), seq 2048, bf16 autocast, random init, fused AdamW i
     hf_compile   the same under torch.compile (the 57.6 % anchor; --hf-compile, costs a second compile)
     cpt          cpt.training.step.train_step over cpt.training.loss.CausalLMLoss, compiled: the stage's own step
                  (chunked lm_head + cross-entropy with its gradient computed in forward, no full logits tensor)
+    cpt_fsdp     the same step on the train stage's multi-GPU path: built on the meta device, FSDP2 fully_shard per
+                 decoder layer + root (bf16 params, fp32 reduce), each layer compiled; world size 1 on one GPU (the
+                 FSDP2 overhead), or N under ``torchrun --nproc-per-node N`` (tokens/s and MFU over all ranks)
 
 Reports tokens/s, MFU (6N + 12·L·d·T FLOPs per token over the measured bf16 matmul peak, cpt.training.flops) and
 peak memory; prints a markdown table and writes JSON. Needs only torch + transformers (+ this repo's src/).
 
     python bench/bench_train_gpu.py                      # H100: ~5 min
     python bench/bench_train_gpu.py --smoke              # CPU, tiny shape, 2 steps: keeps the script from rotting
+    torchrun --nproc-per-node 8 bench/bench_train_gpu.py --variants cpt_fsdp   # FSDP2 over 8 GPUs
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import argparse
 import gc
 import json
 import math
+import os
 import platform
 import subprocess
 import sys
@@ -53,7 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=15, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=4, help="untimed steps first (compilation happens here)")
-    p.add_argument("--variants", default="hf_eager,cpt", help="comma list of hf_eager, hf_compile, cpt, cpt_eager")
+    p.add_argument("--variants", default="hf_eager,cpt,cpt_fsdp",
+                   help="comma list of hf_eager, hf_compile, cpt, cpt_eager, cpt_fsdp")
     p.add_argument("--hf-compile", action="store_true", help="also run hf_compile")
     p.add_argument("--loss-chunk", type=int, default=4096)
     p.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak; default: measured")
@@ -63,40 +69,73 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.smoke:
         args.layers, args.d_model, args.heads, args.kv_heads, args.ffn = 2, 64, 4, 2, 128
         args.vocab, args.seq, args.micro_batch, args.steps, args.warmup = 300, 64, 2, 2, 1
-        args.variants = "hf_eager,cpt_eager"
+        args.variants = "hf_eager,cpt_eager,cpt_fsdp"
     elif args.hf_compile and "hf_compile" not in args.variants:
         args.variants += ",hf_compile"
     return args
 
 
-def build_model(args, device):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def model_config(args):
+    from transformers import LlamaConfig
 
-    cfg = LlamaConfig(
+    return LlamaConfig(
         vocab_size=padded(args.vocab, 64), hidden_size=args.d_model, intermediate_size=args.ffn,
         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
         max_position_embeddings=max(2048, args.seq), tie_word_embeddings=False, attn_implementation="sdpa",
     )
+
+
+def build_model(args, device):
+    from transformers import LlamaForCausalLM
+
     torch.manual_seed(0)
     with torch.device(device):
-        model = LlamaForCausalLM(cfg)
+        model = LlamaForCausalLM(model_config(args))
     return model
 
 
+def build_fsdp(args, device, amp_dtype):
+    """The train stage's multi-GPU model: meta-device build, per-layer compile, FSDP2, then materialised and
+    initialised in place (random weights: a throughput bench, as the other variants)."""
+    from transformers import LlamaForCausalLM
+
+    from cpt.training import distributed, sharded
+
+    with sharded.params_on_meta():
+        model = LlamaForCausalLM(model_config(args))
+    core = CausalLMLoss(model, chunk_size=args.loss_chunk)
+    if device.type == "cuda" and not args.smoke:
+        for blk in model.modules():
+            if isinstance(blk, distributed.block_classes(model)):
+                blk.compile()
+    distributed.shard(core, model, amp_dtype)
+    sharded.materialize(model, device)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02) if p.ndim > 1 else p.fill_(1.0)
+    return model, core
+
+
 def run_variant(name: str, args, device: torch.device, amp_dtype, peak) -> dict:
-    model = build_model(args, device)
+    world = torch.distributed.get_world_size() if name == "cpt_fsdp" else 1
+    if name == "cpt_fsdp":
+        model, core = build_fsdp(args, device, amp_dtype)
+    else:
+        model = build_model(args, device)
     n_params = flops.count_params(model)
     per_token = flops.flops_per_token(n_params, args.layers, args.d_model, args.seq)
     opt = build_optimizer(model, lr=3e-4, weight_decay=0.1, betas=(0.9, 0.95))  # fused on CUDA
     set_lr(opt, 3e-4)
     clip = [p for g in opt.param_groups for p in g["params"]]
     vocab = model.config.vocab_size
-    gen = torch.Generator(device="cpu").manual_seed(1)
+    gen = torch.Generator(device="cpu").manual_seed(1 + (torch.distributed.get_rank() if world > 1 else 0))
     data = torch.randint(0, args.vocab, (args.micro_batch, args.seq + 1), generator=gen).to(device)
     x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()
 
     if name.startswith("cpt"):
-        core = CausalLMLoss(model, chunk_size=args.loss_chunk)
+        if name != "cpt_fsdp":
+            core = CausalLMLoss(model, chunk_size=args.loss_chunk)
         if name == "cpt" and device.type == "cuda":
             core.compile()
 
@@ -129,12 +168,13 @@ def run_variant(name: str, args, device: torch.device, amp_dtype, peak) -> dict:
         loss = step()
     sync()
     dt = (time.perf_counter() - t0) / args.steps
-    tokens = args.micro_batch * args.seq
+    tokens = args.micro_batch * args.seq * world
     tps = tokens / dt
     peak_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     del model, opt, data, x, y
     return {
-        "variant": name, "tokens_per_s": tps, "step_ms": dt * 1e3, "mfu": flops.mfu(tps, per_token, peak),
+        "variant": name, "tokens_per_s": tps, "step_ms": dt * 1e3, "mfu": flops.mfu(tps, per_token, peak, world),
+        "world_size": world,
         "peak_mem_gib": peak_mem, "loss": loss, "warmup_s": warm_s, "params": n_params, "vocab_padded": vocab,
         "flops_per_token": per_token,
     }
@@ -162,15 +202,34 @@ def table(rows: list[dict], base: dict | None) -> str:
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "-"
-        ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
+        ratio = f"{r['speedup_vs_hf_eager']:.2f}x" if base else "-"
         lines.append(f"| {r['variant']} | {r['tokens_per_s']:,.0f} | {r['step_ms']:.0f} | {mfu} | {mem} | {ratio} "
                      f"| {r['loss']:.3f} |")
     return "\n".join(lines)
 
 
+def process_group(device: torch.device) -> bool:
+    """cpt_fsdp needs torch.distributed: torchrun's group (NCCL on GPU), else a world of one. True if started."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return False
+    if "WORLD_SIZE" in os.environ:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    else:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1)
+    return True
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    owns_group = "cpt_fsdp" in args.variants and process_group(device)
+    main_rank = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     amp_dtype = torch.bfloat16 if device.type == "cuda" else None
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -196,8 +255,12 @@ def main(argv=None) -> dict:
         "rows": rows,
     }
     for r in rows:
-        if base and "error" not in r:
-            r["speedup_vs_hf_eager"] = r["tokens_per_s"] / base["tokens_per_s"]
+        if base and "error" not in r:  # per GPU: hf_eager runs on one
+            r["speedup_vs_hf_eager"] = r["tokens_per_s"] / r.get("world_size", 1) / base["tokens_per_s"]
+    if owns_group:
+        torch.distributed.destroy_process_group()
+    if not main_rank:
+        return result
     md = table(rows, base)
     print(f"\n{result['device']}, torch {result['torch']}, commit {result['commit']}, "
           f"bf16 peak {result['peak_tflops'] and round(result['peak_tflops'])} TFLOP/s\n")

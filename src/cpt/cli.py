@@ -1,4 +1,5 @@
-"""``cpt <stage> [-p params.yaml] [-S section.key=value ...]``: one verb per pipeline stage.
+"""``cpt <stage> [-p params.yaml] [-S section.key=value ...]``: one verb per pipeline stage (plus ``cpt train --plan``
+and ``cpt export``, cpt.training.commands).
 
 Each verb loads params, runs ``cpt.<stage>.run(params, layout)`` and writes the returned metrics to
 ``metrics/<stage>.json``. Stage modules are imported lazily so ``cpt --help`` is instant and a stage never pays for
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,6 +23,7 @@ from cpt.layout import Layout
 from cpt.ops import timings, tracking
 from cpt.params import ParamsError, load_params, section, stage_config
 from cpt.stages import DESCRIPTIONS, STAGES
+from cpt.training import commands
 
 log = logging.getLogger("cpt")
 
@@ -43,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--root", default=".", help="project root: data/, metrics/ and reports/ live here")
         p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+        if stage == "train":
+            commands.add_plan_args(p)
+    commands.add_export_parser(sub)
     return parser
 
 
@@ -148,12 +154,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     configure_logging(args.stage, args.verbose)
+    relaunch = commands.torchrun_argv(list(sys.argv[1:] if argv is None else argv)) if (
+        args.stage == "train" and not args.plan) else None
+    if relaunch:
+        log.info("CPT_TORCHRUN: %s", " ".join(relaunch))
+        os.execv(relaunch[0], relaunch)
     root = Path(args.root)
-    params_path = Path(args.params)
+    params_path = Path(getattr(args, "params", "params.yaml"))
     if not params_path.is_absolute() and not params_path.exists():
         params_path = root / params_path
     try:
+        if args.stage == "export":  # a verb, not a stage: no params, no metrics file
+            commands.run_export(args)
+            return 0
         params = load_params(params_path, args.overrides)
+        if getattr(args, "plan", False):
+            commands.run_plan(args, importlib.import_module("cpt.stages.train").config(params), Layout(root))
+            return 0
         metrics = run_stage(args.stage, params, Layout(root))
     except (CptError, ParamsError) as exc:
         print(f"cpt {args.stage}: error: {exc}", file=sys.stderr)

@@ -11,13 +11,15 @@ cpt/training/:
     optim.py        AdamW groups (embeddings/lm_head LR multiplier), embeddings-only phase
     step.py         one optimizer step (also what bench/bench_train_gpu.py times)
     schedule.py     warmup + cosine / WSD, a pure function of the step
-    checkpoint.py   atomic checkpoints, exact resume
-    distributed.py  torchrun, DDP / FSDP2
+    checkpoint.py   sharded DCP checkpoints (optionally async), exact resume, resharding to another world size
+    distributed.py  torchrun, DDP / FSDP2, the grad_accum that keeps the global batch on another world size
+    sharded.py      meta-device build, per-rank slices of the base, new rows set after sharding
+    plan.py         `cpt train --plan`: memory per GPU and step time before a run
     flops.py        MFU
     resume.py       the run's fingerprint, what ``resume: force`` may change
     measure.py      val losses, bits per byte, the resize probe
     curve.py        metrics/train_curve.csv and the per-step log
-    export.py       the HF folder written at the end
+    export.py       the HF folder (safetensors shards + index) from the sharded state, also `cpt export`
 
 Resume (``train.resume``), decided against a fingerprint of every param that shapes the run (seed, data, base, and
 the train keys that change the trajectory), stored in each checkpoint:
@@ -73,6 +75,7 @@ DEFAULTS: dict[str, Any] = {
     "ckpt_interval": 20,
     "keep_checkpoints": 2,
     "resume": True,  # true | force | false
+    "async_checkpoint": False,
     "parallel": "ddp",
     "device": "auto",
     "dtype": "auto",

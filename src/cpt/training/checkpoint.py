@@ -1,33 +1,44 @@
-"""Atomic, resumable checkpoints: ``data/checkpoints/step_<N>/`` + a ``latest`` pointer, last K kept.
+"""Sharded, resumable checkpoints with ``torch.distributed.checkpoint`` (DCP): ``data/checkpoints/step_<N>/`` + a
+``latest`` pointer, last K kept.
 
-A checkpoint holds everything the next step depends on: model and optimizer state (full, unsharded state dicts
-through ``torch.distributed.checkpoint.state_dict``, so the same files load into a plain, DDP or FSDP2 model and
-into another world size), the RNG states of every rank (python, numpy, torch, cuda), and ``state.json`` (step, data
-position in samples, tokens, the curve so far, the params fingerprint). The LR is a pure function of the step
-(cpt.training.schedule), so the scheduler state is the step.
+A checkpoint holds everything the next step depends on: model and optimizer state, the RNG states of every rank
+(python, numpy, torch, cuda) and ``state.json`` (step, data position in samples, tokens, the curve so far, the params
+fingerprint, the world size and batch). The LR is a pure function of the step (cpt.training.schedule), so the
+scheduler state is the step.
 
-Atomicity: rank 0 writes into ``.tmp-step_<N>-<pid>/`` and renames the folder into place; ``state.json`` is written
-last, so a folder without it is never trusted; ``latest`` is replaced atomically after the rename. A kill at any
-moment leaves either the previous checkpoint or the new one, never a half one; stale temp folders are swept at the
-next start.
+Why DCP: every rank writes only its own shards (``__<rank>_0.distcp``; FSDP2's DTensors, a replicated DDP tensor
+once) in parallel, so a 7B run never gathers ~84 GB of fp32 weights + Adam moments into one process; and loading
+reads whatever each rank needs for the CURRENT layout, so a checkpoint of 2 FSDP ranks loads into 1 process, into
+DDP, or into 8 ranks (DCP reshards from the saved global shapes and offsets). The state dicts come from
+``torch.distributed.checkpoint.state_dict`` (wrapper-free names: no ``module.`` / ``_orig_mod.`` prefixes).
+
+Atomicity: every rank writes into ``.tmp-step_<N>/``; once DCP's ``.metadata`` is written (the coordinator writes it
+after every rank's data is on disk) rank 0 writes ``state.json`` and renames the folder into place; ``latest`` is
+replaced atomically after the rename. A folder without ``state.json`` and ``.metadata`` is never trusted, and stale
+temp folders are swept at the next start. With ``async_save`` (``train.async_checkpoint``) the state is copied to CPU
+memory and written by a background thread while training goes on; the checkpoint becomes valid (state.json, rename)
+only when the write has finished, checked at the next save and at the end (``Checkpointer.wait``). A kill at any
+moment leaves the previous checkpoint or the new one, never a half one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
 import re
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -36,10 +47,11 @@ from torch.distributed.checkpoint.state_dict import (
 
 from cpt.io import atomic_open, read_json, write_json
 
-log = logging.getLogger("cpt.stages.train")
+log = logging.getLogger("cpt.train")
 
 LATEST = "latest"
 STATE = "state.json"
+METADATA = ".metadata"  # DCP's index, written once every rank's data is on disk
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -79,12 +91,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _options(rank0_loaded: bool = False) -> StateDictOptions:
-    if _distributed():
-        return StateDictOptions(full_state_dict=True, cpu_offload=True, broadcast_from_rank0=rank0_loaded)
-    return StateDictOptions(full_state_dict=True)
-
-
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -100,46 +106,108 @@ def _save_file(obj: Any, path: Path) -> None:
         os.fsync(fh.fileno())
 
 
+@contextlib.contextmanager
+def quiet_single_process():
+    """DCP warns on every single-process save and load (``no_dist``), which is cpt's normal one-GPU case."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?unavailable or uninitialized")
+        yield
+
+
+def sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    """{"model": ..., "optim": ...} as each rank holds it (DTensor shards under FSDP2): what DCP saves and loads."""
+    from cpt.training.distributed import reshard
+
+    reshard(model)
+    state: dict[str, Any] = {"model": get_model_state_dict(model)}
+    if optimizer is not None:
+        state["optim"] = get_optimizer_state_dict(model, optimizer)
+    return state
+
+
+class Checkpointer:
+    """Saves ``step_<N>`` checkpoints into ``folder``; collective (every rank calls every method).
+
+    One save is in flight at a time: with ``async_save`` a save first waits for the previous one to be complete."""
+
+    def __init__(self, folder: Path, keep: int = 2, async_save: bool = False):
+        self.folder = Path(folder)
+        self.keep = keep
+        self.async_save = async_save
+        self._pending: tuple[Any, Path, int, dict] | None = None
+        self._group = None
+        if async_save and _distributed():
+            # the background writer's collectives must not interleave with training's on the default group
+            self._group = dist.new_group(backend="gloo")
+
+    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> Path | None:
+        """Write ``step_<N>``; returns its path on rank 0 once complete (None on other ranks, or while an async
+        save is still being written)."""
+        self.wait()
+        rank = _rank()
+        tmp = self.folder / f".tmp-step_{step:07d}"
+        if rank == 0:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        _barrier()
+        _save_file(rng_state(), tmp / f"rng_{rank}.pt")
+        sd = sharded_state(model, optimizer)
+        if self.async_save:
+            with quiet_single_process():
+                future = dcp.async_save(sd, checkpoint_id=str(tmp), process_group=self._group,
+                                        no_dist=not _distributed())
+            self._pending = (future, tmp, step, state)
+            return None
+        with quiet_single_process():
+            dcp.save(sd, checkpoint_id=str(tmp), no_dist=not _distributed())
+        final = self._finish(tmp, step, state)
+        _barrier()
+        return final
+
+    def poll(self) -> Path | None:
+        """Make the in-flight async save a valid checkpoint if its write has finished (called every step, so a kill
+        after the write loses nothing); never blocks."""
+        if self._pending is not None and self._pending[0].done():
+            return self.wait()
+        return None
+
+    def wait(self) -> Path | None:
+        """Block until the in-flight async save is written, then make it a valid checkpoint."""
+        if self._pending is None:
+            return None
+        future, tmp, step, state = self._pending
+        self._pending = None
+        future.result()
+        return self._finish(tmp, step, state)
+
+    def _finish(self, tmp: Path, step: int, state: dict) -> Path | None:
+        if _rank() != 0:
+            return None
+        write_json(tmp / STATE, {**state, "step": step})  # last: with .metadata, it marks a complete checkpoint
+        _fsync_dir(tmp)
+        final = step_dir(self.folder, step)
+        if final.exists():  # re-saving a step after a resume: move the old one aside first
+            trash = self.folder / f".trash-{final.name}"
+            shutil.rmtree(trash, ignore_errors=True)
+            os.replace(final, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        os.replace(tmp, final)
+        _fsync_dir(self.folder)
+        with atomic_open(self.folder / LATEST) as fh:
+            fh.write(final.name + "\n")
+        prune(self.folder, self.keep)
+        return final
+
+
 def save(folder: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict,
          keep: int = 2) -> Path | None:
-    """Collective: every rank calls it. Rank 0 writes ``step_<N>``; returns its path (None on other ranks)."""
-    folder = Path(folder)
-    # Every rank takes part in gathering the full state dicts (FSDP all-gathers the shards).
-    model_sd = get_model_state_dict(model, options=_options())
-    optim_sd = get_optimizer_state_dict(model, optimizer, options=_options())
-    rank = _rank()
-    tmp = folder / f".tmp-step_{step:07d}"
-    if rank == 0:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    _barrier()
-    _save_file(rng_state(), tmp / f"rng_{rank}.pt")
-    _barrier()
-    if rank != 0:
-        _barrier()
-        return None
-    _save_file(model_sd, tmp / "model.pt")
-    _save_file(optim_sd, tmp / "optimizer.pt")
-    write_json(tmp / STATE, {**state, "step": step})  # last: its presence marks a complete checkpoint
-    _fsync_dir(tmp)
-    final = step_dir(folder, step)
-    if final.exists():  # re-saving a step after a resume: move the old one aside first
-        trash = folder / f".trash-{final.name}"
-        shutil.rmtree(trash, ignore_errors=True)
-        os.replace(final, trash)
-        shutil.rmtree(trash, ignore_errors=True)
-    os.replace(tmp, final)
-    _fsync_dir(folder)
-    with atomic_open(folder / LATEST) as fh:
-        fh.write(final.name + "\n")
-    prune(folder, keep)
-    _barrier()
-    return final
+    """Collective, synchronous: every rank writes its shards of ``step_<N>``; returns its path on rank 0."""
+    return Checkpointer(folder, keep).save(step, model, optimizer, state)
 
 
 def complete(path: Path) -> bool:
-    return (path / STATE).exists() and (path / "model.pt").exists() and (path / "optimizer.pt").exists()
+    return (path / STATE).exists() and (path / METADATA).exists()
 
 
 def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
@@ -166,27 +234,23 @@ def read_state(path: Path) -> dict:
 
 
 def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
-    """Collective: load ``path`` into ``model`` / ``optimizer`` (and this rank's RNG). Returns ``state.json``."""
+    """Collective: load ``path`` into ``model`` / ``optimizer`` in their current layout (any world size or parallel
+    mode: DCP reads each rank's slices), and this rank's RNG if the checkpoint has it. Returns ``state.json``."""
     path = Path(path)
-    distributed = _distributed()
-    rank = _rank()
-    # With several ranks only rank 0 reads the files; set_*_state_dict broadcasts (and shards, under FSDP).
-    model_sd = torch.load(path / "model.pt", map_location="cpu", weights_only=True) if rank == 0 or not distributed else {}
-    set_model_state_dict(model, model_sd, options=_options(rank0_loaded=distributed))
+    sd = sharded_state(model, optimizer)
+    with quiet_single_process():
+        dcp.load(sd, checkpoint_id=str(path), no_dist=not _distributed())
+    set_model_state_dict(model, sd["model"])
     if optimizer is not None:
-        optim_sd = (
-            torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-            if rank == 0 or not distributed else {}
-        )
-        set_optimizer_state_dict(model, optimizer, optim_sd, options=_options(rank0_loaded=distributed))
-    rng_file = path / f"rng_{rank}.pt"
+        set_optimizer_state_dict(model, optimizer, sd["optim"])
+    rng_file = path / f"rng_{_rank()}.pt"
     if rng_file.exists():
         set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))  # our own file: RNG tuples
     return read_state(path)
 
 
 def prune(folder: Path, keep: int) -> None:
-    """Keep the newest ``keep`` complete checkpoints; delete older ones and stray temp folders."""
+    """Keep the newest ``keep`` complete checkpoints; delete older ones."""
     found = list_checkpoints(folder)
     for _, p in found[: max(0, len(found) - max(1, keep))]:
         shutil.rmtree(p, ignore_errors=True)

@@ -43,7 +43,7 @@ def is_tied(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def _init_rows(weight: torch.Tensor, old: torch.Tensor, base_rows: int, added: list[dict], init: str,
+def init_rows(weight: torch.Tensor, old: torch.Tensor, base_rows: int, added: list[dict], init: str,
                gen: torch.Generator) -> int:
     """Fill rows ``base_rows..`` of ``weight`` from ``old`` (the pre-resize rows); returns fallback count."""
     real = old[:base_rows].float()
@@ -67,20 +67,28 @@ def _init_rows(weight: torch.Tensor, old: torch.Tensor, base_rows: int, added: l
     return fallback
 
 
-def extend_embeddings(model: nn.Module, new_tokens: dict, init: str = "subtoken_mean", seed: int = 0) -> dict:
-    """Resize ``model`` to ``new_tokens['vocab']`` padded to 64 and initialise the new rows. Returns a report."""
+def check_new_tokens(new_tokens: dict, old_rows: int, init: str) -> list[dict]:
+    """Validate ``new_tokens.json`` against the base's ``old_rows`` embedding rows; returns its ``added`` list."""
     if init not in INITS:
         raise ConfigError(f"train.embed_init={init!r}: expected one of {INITS}")
     vocab = int(new_tokens["vocab"])
     base_vocab = int(new_tokens["base_vocab"])
     added = list(new_tokens.get("added", []))
-    emb = model.get_input_embeddings()
-    old_rows = emb.weight.shape[0]
     if base_vocab > old_rows:
         raise DataError(f"new_tokens.json: base_vocab {base_vocab} > the base model's {old_rows} embedding rows")
     for tok in added:
         if not base_vocab <= int(tok["id"]) < vocab:
             raise DataError(f"new_tokens.json: added id {tok['id']} outside [base_vocab {base_vocab}, vocab {vocab})")
+    return added
+
+
+def extend_embeddings(model: nn.Module, new_tokens: dict, init: str = "subtoken_mean", seed: int = 0) -> dict:
+    """Resize ``model`` to ``new_tokens['vocab']`` padded to 64 and initialise the new rows. Returns a report."""
+    vocab = int(new_tokens["vocab"])
+    base_vocab = int(new_tokens["base_vocab"])
+    emb = model.get_input_embeddings()
+    old_rows = emb.weight.shape[0]
+    added = check_new_tokens(new_tokens, old_rows, init)
     tied = is_tied(model)
     head = None if tied else model.get_output_embeddings()
     old_in = emb.weight.detach().clone()
@@ -108,9 +116,9 @@ def extend_embeddings(model: nn.Module, new_tokens: dict, init: str = "subtoken_
                 restored = True
 
     # Seeded per matrix so `random` is deterministic and the two matrices differ.
-    fallback = _init_rows(emb.weight, old_in, base_vocab, added, init, torch.Generator().manual_seed(seed))
+    fallback = init_rows(emb.weight, old_in, base_vocab, added, init, torch.Generator().manual_seed(seed))
     if head is not None:
-        _init_rows(head.weight, old_out, base_vocab, added, init, torch.Generator().manual_seed(seed + 1))
+        init_rows(head.weight, old_out, base_vocab, added, init, torch.Generator().manual_seed(seed + 1))
     if fallback:
         log.warning("%d new tokens had no usable base_ids; they got the all-rows mean", fallback)
     return {

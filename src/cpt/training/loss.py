@@ -9,7 +9,8 @@ Backward then only scales the stored gradients. Hand-written because it is measu
 materialising logits (bench/bench_train_gpu.py).
 
 ``CausalLMLoss`` wraps any HF ``*ForCausalLM`` so that ``forward(input_ids, targets)`` returns the summed token loss
-and the per-token losses. It is the module that DDP / FSDP / torch.compile wrap, so one forward = one graph.
+and the per-token losses (``vocab_limit``: score over the first rows of the head only, i.e. as the base model before
+the vocabulary extension). It is the module that DDP / FSDP / torch.compile wrap, so one forward = one graph.
 
 Targets equal to ``IGNORE_INDEX`` (-100, torch's convention) add no loss and no gradient: the sft stage trains on
 assistant tokens only. ``position_ids`` (optional) reach the model: sft packs several conversations into one row
@@ -110,6 +111,12 @@ class CausalLMLoss(nn.Module):
         softcap = getattr(model.config, "final_logit_softcapping", None)
         self.fused = fused and isinstance(head, nn.Linear) and head.bias is None and not softcap
         self.logit_scale = logit_scale(model.config)
+        self.vocab_limit: int | None = None
+
+    def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The final hidden states (B, T, d), for the new-row calibration (cpt.training.sharded registers it as an
+        FSDP forward method, so every layer gathers its shards as in ``forward``)."""
+        return self.model.base_model(input_ids=input_ids, use_cache=False)[0]
 
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor,
@@ -117,13 +124,16 @@ class CausalLMLoss(nn.Module):
         if self.fused:
             hidden = self.model.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False)[0]
             head = self.model.get_output_embeddings()
+            weight = head.weight if self.vocab_limit is None else head.weight[: self.vocab_limit]
             if self.logit_scale != 1.0:  # (s * h) @ W.T = s * logits: the scale rides on the hidden states
                 hidden = hidden * self.logit_scale
             total, losses = linear_cross_entropy(
-                hidden.flatten(0, 1), head.weight, targets.flatten(), chunk_size=self.chunk_size
+                hidden.flatten(0, 1), weight, targets.flatten(), chunk_size=self.chunk_size
             )
         else:
             logits = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+            if self.vocab_limit is not None:
+                logits = logits[..., : self.vocab_limit]
             losses = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none",
                                      ignore_index=IGNORE_INDEX)
             total = losses.sum()

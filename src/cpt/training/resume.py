@@ -22,8 +22,10 @@ RESUME_SAFE = {"steps", "lr", "min_lr", "warmup", "schedule", "decay_fraction", 
                "weight_decay", "betas", "grad_clip"}
 
 
-# Keys that never affect the trajectory.
-NOT_TRAJECTORY = {"eval_interval", "eval_blocks", "ckpt_interval", "keep_checkpoints", "resume", "parallel", "device",
+# Keys that never affect the trajectory. micro_batch and grad_accum are not in the fingerprint, the global batch is:
+# a run continues on another number of ranks with the grad_accum that keeps it (distributed.batch_for_world).
+NOT_TRAJECTORY = {"micro_batch", "grad_accum", "async_checkpoint",
+                  "eval_interval", "eval_blocks", "ckpt_interval", "keep_checkpoints", "resume", "parallel", "device",
                   "compile", "activation_checkpointing", "loss_chunk", "peak_tflops", "log_interval",
                   "trust_remote_code", "dtype", "threads"}
 

@@ -25,10 +25,9 @@ from cpt.io import read_json
 from cpt.layout import Layout
 from cpt.ops import tracking
 from cpt.progress import progress
-from cpt.training import checkpoint, distributed, flops
+from cpt.training import checkpoint, distributed, flops, sharded
 from cpt.training.curve import truncate_step_log, write_curve
 from cpt.training.data import ReplaySampler, ShardSplit, open_shards
-from cpt.training.embeddings import calibrate_new_logits, extend_embeddings
 from cpt.training.export import config_dtype, export_model
 from cpt.training.loss import CausalLMLoss
 from cpt.training.measure import (
@@ -43,7 +42,7 @@ from cpt.training.measure import (
     to_xy,
 )
 from cpt.training.optim import apply_hparams, build_optimizer, set_lr
-from cpt.training.resume import changed_items, check_forceable, describe_changes, fingerprint_items
+from cpt.training.resume import RESUME_SAFE, changed_items, check_forceable, describe_changes, fingerprint_items
 from cpt.training.schedule import lr_for
 from cpt.training.step import NonFiniteLoss, train_step
 
@@ -133,6 +132,23 @@ def resume_point(cfg: dict, fp: dict[str, Any], ckdir: Path, info: distributed.D
     return None if start_over else newest
 
 
+def world_size_grad_accum(cfg: dict, fp: dict[str, Any], ckdir: Path, info: distributed.DistInfo) -> int:
+    """train.grad_accum, or the one that keeps the global batch of the checkpoint being continued on another
+    number of ranks (distributed.batch_for_world; refused when no whole grad_accum does). A checkpoint of another
+    run (other params besides the batch) is left to ``resume_point``."""
+    newest = checkpoint.latest(ckdir) if cfg["resume"] else None
+    if newest is None:
+        return cfg["grad_accum"]
+    saved = checkpoint.read_state(newest)
+    other = set(changed_items(saved.get("fingerprint", {}), fp)) - {"global_batch"}
+    if other - (RESUME_SAFE if cfg["resume"] == "force" else set()):
+        return cfg["grad_accum"]
+    grad_accum, note = distributed.batch_for_world(saved, cfg["micro_batch"], cfg["grad_accum"], info.world_size)
+    if note and info.main:
+        log.warning("%s", note)
+    return grad_accum
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -143,37 +159,44 @@ def seed_everything(seed: int) -> None:
 
 
 def build_model(cfg: dict, layout: Layout, inputs: Inputs, device: torch.device, amp_dtype, seed: int,
-                fresh: bool) -> tuple[Any, CausalLMLoss, RunState]:
-    """The base model resized to the extended vocab. A fresh run also calibrates the new rows and measures the
-    old-domain loss before and after the resize (a resumed run gets its weights from the checkpoint)."""
-    from transformers import AutoModelForCausalLM
-
-    hf_model = AutoModelForCausalLM.from_pretrained(layout.base, dtype=torch.float32,
-                                                    trust_remote_code=bool(cfg["trust_remote_code"]))
-    rows_before = hf_model.get_input_embeddings().weight.shape[0]
-    core = CausalLMLoss(hf_model, chunk_size=cfg["loss_chunk"]).to(device)
-    old_rows = resize_probe_rows(inputs.val["old"], cfg["eval_blocks"], rows_before)
-    if fresh:
-        old_before = mean_loss(core, inputs.val["old"], old_rows, cfg["micro_batch"], device, amp_dtype)
-    embed_report = extend_embeddings(hf_model, inputs.new_tokens, cfg["embed_init"], seed)
-    core.to(device)
+                fresh: bool, info: distributed.DistInfo | None = None) -> tuple[Any, CausalLMLoss, RunState]:
+    """The base model with the extended vocab, built on the meta device and sharded first under FSDP, so no rank
+    holds the whole fp32 model (cpt.training.sharded). A fresh run loads the base (each rank its slices),
+    initialises and calibrates the new rows and measures the old-domain loss before and after the extension; a
+    resumed run gets every weight from its checkpoint and reads nothing here."""
+    rows_before = sharded.base_rows(layout.base)
+    hf_model = sharded.build_on_meta(layout.base, sharded.vocab_rows(inputs.new_tokens, rows_before),
+                                     trust_remote_code=bool(cfg["trust_remote_code"]))
+    core = CausalLMLoss(hf_model, chunk_size=cfg["loss_chunk"])
+    if cfg["parallel"] == "fsdp" and info is not None and info.enabled:
+        distributed.shard(core, hf_model, amp_dtype)
+    sharded.materialize(hf_model, device)
     if not fresh:
         return hf_model, core, RunState()
+    base_vocab = sharded.load_base(hf_model, layout.base)
+    embed_report = sharded.init_vocab_rows(hf_model, base_vocab, inputs.new_tokens, cfg["embed_init"], seed)
+    del base_vocab
+    old_rows = resize_probe_rows(inputs.val["old"], cfg["eval_blocks"], rows_before)
+    core.vocab_limit = rows_before  # scored as the base model: the new rows are not in the softmax
+    old_before = mean_loss(core, inputs.val["old"], old_rows, cfg["micro_batch"], device, amp_dtype)
+    core.vocab_limit = None
     if cfg["new_token_mass"]:
-        embed_report.update(calibrate_new_logits(
-            hf_model, calibration_blocks(inputs.train_old).to(device),
+        embed_report.update(sharded.calibrate(
+            core, hf_model, calibration_blocks(inputs.train_old).to(device),
             int(inputs.new_tokens["base_vocab"]), float(cfg["new_token_mass"])))
     old_after = mean_loss(core, inputs.val["old"], old_rows, cfg["micro_batch"], device, amp_dtype)
     change = (old_after - old_before) / old_before if old_before and math.isfinite(old_before) else float("nan")
     log.info("old-domain val loss before resize %.4f, after %.4f (%+.2f%%, %d blocks; init %s)",
              old_before, old_after, 100 * change, len(old_rows), cfg["embed_init"])
+    distributed.reshard(core)  # the optimizer must see the sharded parameters
     return hf_model, core, RunState(resize={**embed_report, "old_loss_before": old_before,
                                             "old_loss_after": old_after, "old_loss_change": change,
                                             "probe_blocks": len(old_rows)})
 
 
 def parallelize(cfg: dict, core: CausalLMLoss, hf_model, info: distributed.DistInfo, device: torch.device, amp_dtype):
-    """Activation checkpointing, torch.compile, then DDP / FSDP2 (or nothing, single process)."""
+    """Per-layer activation checkpointing, torch.compile (per layer under FSDP2), then DDP / FSDP2 (FSDP2 was
+    applied on the meta device by ``build_model``; or nothing, single process)."""
     if cfg["activation_checkpointing"]:
         hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg["compile"]:
@@ -211,6 +234,7 @@ def evaluate_val(model, core, inputs: Inputs, eval_sets: dict[str, dict[str, np.
             if lang != "all":
                 row[f"bpb_{d}_{lang}"] = p["bpb"]
     core.train()
+    distributed.reshard(core)
     return row
 
 
@@ -221,15 +245,17 @@ def train(cfg: dict, seed: int, layout: Layout, info: distributed.DistInfo, devi
           given: set[str] = frozenset()) -> dict:
     inputs = setup(layout)
     amp_dtype = autocast_dtype(device, cfg["dtype"])
-    global_batch = cfg["micro_batch"] * cfg["grad_accum"] * info.world_size
-    tokens_per_step = global_batch * (inputs.block - 1)
-
     ckdir = layout.checkpoints
     fp = fingerprint_items(cfg, seed, inputs.shards.meta, layout.base, layout.tokenizer, info.world_size)
+    cfg = {**cfg, "grad_accum": world_size_grad_accum(cfg, fp, ckdir, info)}
+    fp = {**fp, "global_batch": cfg["micro_batch"] * cfg["grad_accum"] * info.world_size}  # the hashes stay
+    global_batch = cfg["micro_batch"] * cfg["grad_accum"] * info.world_size
+    tokens_per_step = global_batch * (inputs.block - 1)
     resume_from = resume_point(cfg, fp, ckdir, info)
     seed_everything(seed)
 
-    hf_model, core, state = build_model(cfg, layout, inputs, device, amp_dtype, seed, fresh=resume_from is None)
+    hf_model, core, state = build_model(cfg, layout, inputs, device, amp_dtype, seed, fresh=resume_from is None,
+                                        info=info)
     save_dtype = config_dtype(inputs.base_config)
     n_params = flops.count_params(hf_model)
     layers, width = flops.model_shape(hf_model.config)
@@ -273,11 +299,15 @@ def train(cfg: dict, seed: int, layout: Layout, info: distributed.DistInfo, devi
         return {"step": step, "tokens": state.tokens, "lr": lr, "train_loss": train_loss,
                 **evaluate_val(model, core, inputs, eval_sets, cfg, info, device, amp_dtype)}
 
+    saver = checkpoint.Checkpointer(ckdir, keep=int(cfg["keep_checkpoints"]),
+                                    async_save=bool(cfg["async_checkpoint"]))
+
     def save_checkpoint(step: int, finished: bool, metrics: dict | None = None) -> None:
         payload = {"samples": state.samples, "tokens": state.tokens, "train_seconds": state.train_seconds,
                    "curve": state.curve, "finished": finished, "resize": state.resize, "fingerprint": fp,
-                   "world_size": info.world_size, "metrics": metrics}
-        checkpoint.save(ckdir, step, core, optimizer, payload, keep=int(cfg["keep_checkpoints"]))
+                   "world_size": info.world_size, "micro_batch": cfg["micro_batch"],
+                   "grad_accum": cfg["grad_accum"], "metrics": metrics}
+        saver.save(step, core, optimizer, payload)
 
     if not state.curve:  # the resized model, before any update: where both curves start
         state.curve.append(val_row(0, 0.0, None))
@@ -337,6 +367,7 @@ def train(cfg: dict, seed: int, layout: Layout, info: distributed.DistInfo, devi
                 val |= {f"bpb/{k[4:7]}/{k[8:]}": v for k, v in row.items() if k[:8] in ("bpb_new_", "bpb_old_")}
                 tracker.log_metrics({k: v for k, v in val.items() if math.isfinite(v)}, step=step + 1)
                 write_curve(layout.metrics / "train_curve.csv", state.curve)
+        saver.poll()
         if (step + 1) % cfg["ckpt_interval"] == 0 and not done:
             save_checkpoint(step + 1, finished=False)
             last_good = checkpoint.step_dir(ckdir, step + 1)
@@ -346,6 +377,7 @@ def train(cfg: dict, seed: int, layout: Layout, info: distributed.DistInfo, devi
     if info.main:
         write_curve(layout.metrics / "train_curve.csv", state.curve)
     save_checkpoint(cfg["steps"], finished=True, metrics=metrics)
+    saver.wait()  # the final checkpoint is complete before the model is exported
     export_model(core, hf_model, layout.tokenizer, layout.model, save_dtype, info)
     return metrics
 
