@@ -15,6 +15,9 @@ from test_flows_support import mlflow_db
 EVAL = {"base": {"vi_x": {"bpb": 10.0, "bytes": 100}, "en_x": {"bpb": 3.0, "bytes": 100}},
         "cpt": {"vi_x": {"bpb": 2.2, "bytes": 100}, "en_x": {"bpb": 3.045, "bytes": 100}},
         "gain": {"vi": 7.8}, "forgetting": {"en": 0.045}}
+# what the gate decides on (issue 9): the bootstrap intervals per language and per source
+GATED = {**EVAL, "gain_ci95": {"vi": [7.6, 8.0]}, "forgetting_ci95": {"en": [0.03, 0.048]},
+         "sources": {"vi_x": {"lang": "vi", "gain_ci95": [7.6, 8.0]}, "en_x": {"lang": "en", "forgetting_ci95": [0.03, 0.048]}}}
 
 
 def test_timings_leave_the_results_file_and_a_rerun_rewrites_it_identically(tmp_path):
@@ -94,9 +97,9 @@ def test_mlflow_shows_the_answer_first(project):
     headline.loss_chart(layout, tr)
     tr.close("FINISHED", {"loss": 5.8})
     # eval + gate + headline
-    layout.metrics_file("eval").write_text(json.dumps(EVAL))
+    layout.metrics_file("eval").write_text(json.dumps(GATED))
     ev = tracking.for_stage("eval", params, layout)
-    decision = gate.run(params, layout, EVAL, ev)
+    decision = gate.run(params, layout, GATED, ev)
     headline.publish(layout, ev, decision)
     ev.close("FINISHED", EVAL)
 

@@ -260,7 +260,10 @@ def test_gate_promotes_a_model_under_its_own_registered_name(project, tmp_path):
     m = {"base": {"sft_heldout_vi": {"bpb": 2.0, "bytes": 100, "domain": "new"},
                   "en_x": {"bpb": 1.0, "bytes": 100, "domain": "old"}},
          "cpt": {"sft_heldout_vi": {"bpb": 1.5, "bytes": 100, "domain": "new"},
-                 "en_x": {"bpb": 1.01, "bytes": 100, "domain": "old"}}}
+                 "en_x": {"bpb": 1.01, "bytes": 100, "domain": "old"}},
+         # the gate decides on intervals (cpt.evaluation.uncertainty; the sft stage computes them the same way)
+         "sources": {"sft_heldout_vi": {"lang": "vi", "gain_ci95": [0.4, 0.6]},
+                     "en_x": {"lang": "en", "forgetting_ci95": [0.0, 0.02]}}}
     name = f"s-{tmp_path.name[:30]}"
     tr = tracking.for_stage("sft", params, layout)
     d = gate.promote({**params, "gate": {"min_gain": 0.1, "max_forgetting": 0.05}}, m, tr, folder, name)

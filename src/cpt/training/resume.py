@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from cpt.errors import ConfigError
+from cpt.training import checkpoint, distributed
 
 log = logging.getLogger("cpt.stages.train")
 
@@ -76,3 +77,20 @@ def check_forceable(path: Path, changed: dict[str, tuple[Any, Any]]) -> None:
                           f"{describe_changes(unsafe)}: that would mix two runs. Use train.resume=true to start over")
     log.warning("train.resume=force: continuing %s with changed params (%s); the result is not an uninterrupted "
                 "run's", path, describe_changes(changed))
+
+
+def world_size_grad_accum(cfg: dict, fp: dict[str, Any], ckdir: Path, info: distributed.DistInfo) -> int:
+    """train.grad_accum, or the one that keeps the global batch of the checkpoint being continued on another
+    number of ranks (distributed.batch_for_world; refused when no whole grad_accum does). A checkpoint of another
+    run (other params besides the batch) is left to ``resume_point``."""
+    newest = checkpoint.latest(ckdir) if cfg["resume"] else None
+    if newest is None:
+        return cfg["grad_accum"]
+    saved = checkpoint.read_state(newest)
+    other = set(changed_items(saved.get("fingerprint", {}), fp)) - {"global_batch"}
+    if other - (RESUME_SAFE if cfg["resume"] == "force" else set()):
+        return cfg["grad_accum"]
+    grad_accum, note = distributed.batch_for_world(saved, cfg["micro_batch"], cfg["grad_accum"], info.world_size)
+    if note and info.main:
+        log.warning("%s", note)
+    return grad_accum

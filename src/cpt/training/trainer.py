@@ -42,7 +42,13 @@ from cpt.training.measure import (
     to_xy,
 )
 from cpt.training.optim import apply_hparams, build_optimizer, set_lr
-from cpt.training.resume import RESUME_SAFE, changed_items, check_forceable, describe_changes, fingerprint_items
+from cpt.training.resume import (
+    changed_items,
+    check_forceable,
+    describe_changes,
+    fingerprint_items,
+    world_size_grad_accum,
+)
 from cpt.training.schedule import lr_for
 from cpt.training.step import NonFiniteLoss, train_step
 
@@ -130,23 +136,6 @@ def resume_point(cfg: dict, fp: dict[str, Any], ckdir: Path, info: distributed.D
     if info.enabled:
         torch.distributed.barrier()
     return None if start_over else newest
-
-
-def world_size_grad_accum(cfg: dict, fp: dict[str, Any], ckdir: Path, info: distributed.DistInfo) -> int:
-    """train.grad_accum, or the one that keeps the global batch of the checkpoint being continued on another
-    number of ranks (distributed.batch_for_world; refused when no whole grad_accum does). A checkpoint of another
-    run (other params besides the batch) is left to ``resume_point``."""
-    newest = checkpoint.latest(ckdir) if cfg["resume"] else None
-    if newest is None:
-        return cfg["grad_accum"]
-    saved = checkpoint.read_state(newest)
-    other = set(changed_items(saved.get("fingerprint", {}), fp)) - {"global_batch"}
-    if other - (RESUME_SAFE if cfg["resume"] == "force" else set()):
-        return cfg["grad_accum"]
-    grad_accum, note = distributed.batch_for_world(saved, cfg["micro_batch"], cfg["grad_accum"], info.world_size)
-    if note and info.main:
-        log.warning("%s", note)
-    return grad_accum
 
 
 def seed_everything(seed: int) -> None:
