@@ -30,25 +30,11 @@ from cpt.training.curve import truncate_step_log, write_curve
 from cpt.training.data import ReplaySampler, ShardSplit, open_shards
 from cpt.training.export import config_dtype, export_model
 from cpt.training.loss import CausalLMLoss
-from cpt.training.measure import (
-    LN2,
-    bpb,
-    calibration_blocks,
-    domain_losses,
-    lang_rows,
-    mean_loss,
-    resize_probe_rows,
-    split_bpb,
-    to_xy,
-)
+from cpt.training.measure import (LN2, bpb, calibration_blocks, domain_losses, lang_rows, mean_loss,
+    resize_probe_rows, split_bpb, to_xy)
 from cpt.training.optim import apply_hparams, build_optimizer, set_lr
-from cpt.training.resume import (
-    changed_items,
-    check_forceable,
-    describe_changes,
-    fingerprint_items,
-    world_size_grad_accum,
-)
+from cpt.training.resume import (changed_items, check_forceable, describe_changes, fingerprint_items,
+    world_size_grad_accum)
 from cpt.training.schedule import lr_for
 from cpt.training.step import NonFiniteLoss, train_step
 
