@@ -33,6 +33,7 @@ setup: $(STAMP)
 
 demo: setup
 	$(BIN)/dvc repro
+	$(BIN)/python scripts/readme_results.py   # the README results table, from the outputs just written
 	@echo
 	@echo "Done. Results:"
 	@echo "  metrics/summary.json      the headline: gain / forgetting per language, the gate's decision (dvc metrics show)"
