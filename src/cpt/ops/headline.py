@@ -39,7 +39,7 @@ def publish(layout: Any, tracker: Any, decision: dict[str, Any]) -> dict[str, An
     tracker.set_parent_tags({"mlflow.note.content": text, "cpt.gate.decision": summary["decision"],
                              "cpt.gate.promoted": decision.get("promoted"),
                              "cpt.gate.reason": str(decision.get("reason", ""))[:5000],
-                             "cpt.headline": summary_mod.headline(summary)})
+                             "cpt.headline": summary_mod.headline(summary, decision)})
     forgetting = sorted(summary.get("forgetting", {}))
     primary = f"summary/forgetting/{forgetting[0]}" if forgetting else "summary/passed"
     from cpt.ops.mlflow_views import EXPERIMENT_TAGS
@@ -47,7 +47,7 @@ def publish(layout: Any, tracker: Any, decision: dict[str, Any]) -> dict[str, An
     tracker.set_experiment_tags({**EXPERIMENT_TAGS, "mlflow.experiment.primaryMetric.name": primary})
     if decision.get("version"):
         try:
-            tracker.describe_version(str(decision["version"]), summary_mod.headline(summary))
+            tracker.describe_version(str(decision["version"]), summary_mod.headline(summary, decision))
         except Exception as exc:  # noqa: BLE001 - a description must never fail eval
             log.warning("could not describe model version %s: %s", decision["version"], exc)
     return summary

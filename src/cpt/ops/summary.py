@@ -100,12 +100,32 @@ def _digits(x: Any) -> int:
     return 1 if v >= 1 else 2 if v >= 0.1 else 3
 
 
-def headline(summary: dict[str, Any]) -> str:
-    """One line, e.g. ``vi +7.8 bpb, zh +13.2 bpb, en +0.045 bpb forgotten, gate passed``."""
+def deciding(gate: dict[str, Any] | None) -> str:
+    """What held the gate back, short: ``heldout_en forgetting +0.082 > 0.05`` (the first source or language whose
+    verdict is not promote; per-source verdicts first, as the gate judges them), or "" when nothing did."""
+    for key in ("per_source", "per_lang"):
+        for name, v in sorted(((gate or {}).get(key) or {}).items()):
+            if isinstance(v, dict) and v.get("decision") not in (None, "promote"):
+                value, ci, budget = _num(v.get("value")), v.get("ci95"), v.get("budget")
+                bound = (ci[1] if v.get("metric") == "forgetting" else ci[0]) if isinstance(ci, list) and len(ci) == 2 else None
+                if value is None:
+                    return name
+                op = ">" if v.get("metric") == "forgetting" else "<"
+                shown = f"{v.get('metric')} {_signed(value, 3)}" + (f" (95% bound {_signed(bound, 3)})" if bound is not None else "")
+                if v.get("decision") == "refuse":
+                    return f"{name} {shown} {op} {budget}"
+                return f"{name} {shown}: " + ("no interval (too little eval text)" if bound is None else "interval too wide")
+    return ""
+
+
+def headline(summary: dict[str, Any], gate: dict[str, Any] | None = None) -> str:
+    """One line, e.g. ``vi +7.8 bpb, zh +13.2 bpb, en +0.045 bpb forgotten, gate passed``; a refusal names what
+    decided it (the worst source, not the pooled figure: ``gate refused: heldout_en forgetting +0.082 ...``)."""
     parts = [f"{lang} {_signed(v, _digits(v))} bpb" for lang, v in summary.get("gain", {}).items()]
     parts += [f"{lang} {_signed(v, _digits(v))} bpb forgotten" for lang, v in summary.get("forgetting", {}).items()]
     verdict = {"promote": "gate passed", "refuse": "gate refused", "undecided": "gate undecided"}
-    parts.append(verdict.get(summary.get("decision"), "no gate decision"))
+    why = deciding(gate) if summary.get("decision") != "promote" else ""
+    parts.append(verdict.get(summary.get("decision"), "no gate decision") + (f": {why}" if why else ""))
     return ", ".join(parts)
 
 
@@ -119,12 +139,13 @@ def markdown(summary: dict[str, Any], gate: dict[str, Any] | None = None, run_li
         for lang, v in summary.get(key, {}).items():
             ci = cis.get(lang)
             rows.append(f"| {lang} | {_signed(v, 3)} | {f'[{ci[0]:+.3f}, {ci[1]:+.3f}]' if ci else 'n/a'} | {means} |")
-    lines = [f"**{headline(summary)}**", "", *rows, ""]
-    vs = gate.get("vs_base") if isinstance(gate.get("vs_base"), dict) else {}
-    if vs.get("min_gain") is not None:
-        lines.append(f"Gate: **{summary.get('decision')}**: new-language gain >= {vs['min_gain']} bpb and "
-                     f"old-language forgetting <= {vs.get('max_forgetting')} bpb (byte-weighted, vs the base"
-                     f"{' and the champion' if (gate.get('vs_champion') or {}).get('checked') else ''}).")
+    lines = [f"**{headline(summary, gate)}**", "", *rows, ""]
+    th = gate.get("thresholds") if isinstance(gate.get("thresholds"), dict) else {}
+    if th.get("min_gain") is not None:
+        lines.append(f"Gate: **{summary.get('decision')}**: on the 95% interval bounds, every new-language source and "
+                     f"language gains >= {th['min_gain']} bpb and every old-language one forgets <= "
+                     f"{th.get('max_forgetting')} bpb; the worst decides (the pooled figure is information only)"
+                     f"{'; checked against the champion too' if (gate.get('vs_champion') or {}).get('checked') else ''}.")
     if gate.get("reason"):
         lines.append(f"Reason: {gate['reason']}.")
     if gate.get("version"):
