@@ -104,15 +104,20 @@ def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
     return n
 
 
+def parse_jsonl(lines: Iterable[str | bytes], path: str | Path) -> Iterator[dict[str, Any]]:
+    """One JSON object per non-blank line; a bad line is an error naming ``path`` and its line number."""
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{lineno}: not valid JSON: {exc.msg}") from exc
+
+
 def read_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
     with open_text(path) as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: not valid JSON: {exc.msg}") from exc
+        yield from parse_jsonl(fh, path)
 
 
 def write_metrics(path: str | Path, metrics: dict[str, Any]) -> None:

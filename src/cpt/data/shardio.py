@@ -17,6 +17,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
+from cpt.io import parse_jsonl
+
 SUFFIX = ".jsonl.zst"
 DEFAULT_SHARD_BYTES = 32 * 1024 * 1024  # uncompressed JSONL per shard: ~10 shards per 0.3 GB, ~100 MB RSS per worker
 
@@ -109,13 +111,7 @@ def read_lines(path: str | Path) -> Iterator[bytes]:
 
 
 def read_records(path: str | Path) -> Iterator[dict[str, Any]]:
-    for lineno, line in enumerate(read_lines(path), 1):
-        if not line.strip():
-            continue
-        try:
-            yield json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{lineno}: not valid JSON: {exc.msg}") from exc
+    return parse_jsonl(read_lines(path), path)
 
 
 def read_bytes(path: str | Path) -> bytes:
@@ -130,13 +126,7 @@ def read_bytes(path: str | Path) -> bytes:
 
 
 def records_of(data: bytes, path: str | Path) -> Iterator[dict[str, Any]]:
-    for lineno, line in enumerate(data.split(b"\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            yield json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{lineno}: not valid JSON: {exc.msg}") from exc
+    return parse_jsonl(data.split(b"\n"), path)
 
 
 def iter_prefetched(paths: list[Path], ahead: int) -> Iterator[dict[str, Any]]:

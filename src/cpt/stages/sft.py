@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 
 from cpt.errors import ConfigError
 from cpt.layout import Layout
@@ -94,15 +93,5 @@ def run(params: dict, layout: Layout) -> dict:
 
     cfg = config(params)
     seed = int(params.get("seed", 0))
-    info, device = distributed.setup(cfg["device"])
-    deterministic_before, threads_before = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
-    if device.type == "cpu":
-        torch.use_deterministic_algorithms(True)  # CPU runs are bit-reproducible (exact resume is tested there)
-    if cfg["threads"]:
-        torch.set_num_threads(int(cfg["threads"]))
-    try:
+    with distributed.session(cfg["device"], cfg["threads"]) as (info, device):
         return pipeline.run(cfg, seed, layout, params, info, device, given=set(section(params, "sft")))
-    finally:
-        torch.use_deterministic_algorithms(deterministic_before)
-        torch.set_num_threads(threads_before)
-        distributed.teardown(info)

@@ -12,8 +12,10 @@ then the root, which holds embeddings, final norm and lm_head; so a tied head st
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -59,6 +61,24 @@ def setup(device_request: str = "auto") -> tuple[DistInfo, torch.device]:
 def teardown(info: DistInfo) -> None:
     if info.owns_group and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def session(device_request: str = "auto", threads: int | None = None) -> Iterator[tuple[DistInfo, torch.device]]:
+    """One training process (train, sft): torchrun's process group if any, the device, deterministic algorithms on
+    CPU (bit-reproducible runs: exact resume is tested there) and the thread count; all restored on exit."""
+    info, device = setup(device_request)
+    deterministic_before, threads_before = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True)
+    if threads:
+        torch.set_num_threads(int(threads))
+    try:
+        yield info, device
+    finally:
+        torch.use_deterministic_algorithms(deterministic_before)
+        torch.set_num_threads(threads_before)
+        teardown(info)
 
 
 def block_classes(model: nn.Module) -> tuple[type, ...]:
