@@ -147,6 +147,6 @@ def run(cfg: dict, seed: int, layout: Layout, params: dict, info: distributed.Di
         # per language, with paired bootstrap 95% intervals: assistant-token gain, plain-text forgetting
         **{k: summary[k] for k in ("gain", "gain_ci95", "forgetting_ci95", "sources", "bootstrap")},
         "gate": decision, "train": {k: v for k, v in trained.items() if k != "curve"}, "curve": trained["curve"],
-        "seconds_prep": prep_seconds, "seconds_eval": eval_seconds, "samples": len(samples),
+        "prep_seconds": prep_seconds, "eval_seconds": eval_seconds, "samples": len(samples),
         "device": device.type,
     }
