@@ -149,7 +149,7 @@ def projection(rows: list[dict], gb_target: float = 100.0) -> dict:
     big = max(r["gb"] for r in rows)
     w = max(r["workers"] for r in rows if r["gb"] == big)
     cl = next(r for r in rows if r["gb"] == big and r["workers"] == w and r["stage"] == "clean")
-    m = cl.get("metrics", {}).get("timings", {})
+    m = cl.get("metrics", {}).get("timings") or {}
     serial = m.get("exact_dedup", 0) + m.get("lsh", 0)  # corpus-wide steps, counted as if on one node
     parallel_cpu = cl["cpu_seconds"] - serial  # core-seconds of the per-shard passes (CPU time: load-independent)
     scale = gb_target / big
@@ -189,8 +189,10 @@ def main() -> None:
                 params = write_params(root, corpus, tok)
                 for stage in args.stages:
                     r = run_stage(root, params, stage, w)
-                    mfile = root / "metrics" / f"{stage}.json"
-                    metrics = json.loads(mfile.read_text()) if mfile.exists() else {}
+                    # results in metrics/<stage>.json, this run's timings and engine CPU in metrics/timings/ (cpt.ops.timings)
+                    metrics = {}
+                    for mfile in (root / "metrics" / f"{stage}.json", root / "metrics" / "timings" / f"{stage}.json"):
+                        metrics.update(json.loads(mfile.read_text()) if mfile.exists() else {})
                     row = {"gb": gb, "stage": stage, "workers": w, **r,
                            "input_mb": round(sum(f.stat().st_size for f in corpus.glob("*.jsonl")) / 1e6)}
                     if "engine" in metrics:  # CPU accounting of the stage's engine (see cpt.data.engine.Engine)
