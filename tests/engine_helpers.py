@@ -15,6 +15,14 @@ def square(x: int) -> int:
     return x * x
 
 
+STARTED: list[int] = []  # in-process runs (workers: 1) record the order tasks start in
+
+
+def record_start(x: int) -> int:
+    STARTED.append(x)
+    return x
+
+
 def kill_self(x: int) -> int:
     """A worker killed mid-task (as the OOM killer or a lost node would)."""
     if x == 1:

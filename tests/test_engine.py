@@ -103,6 +103,13 @@ def test_a_killed_worker_fails_the_stage_and_keeps_the_previous_output(one_worke
 def test_engine_map_keeps_task_order_and_checks_its_params():
     with Engine(EngineConfig(workers=2)) as eng:
         assert eng.map(engine_helpers.square, [(i,) for i in range(7)]) == [i * i for i in range(7)]
+    with Engine(EngineConfig(workers=2)) as eng:  # largest first, results still in task order
+        assert eng.map(engine_helpers.square, [(i,) for i in range(7)], cost=[1, 9, 3, 3, 0, 7, 2]) == \
+            [i * i for i in range(7)]
+    engine_helpers.STARTED.clear()
+    with Engine(EngineConfig(workers=1)) as eng:
+        assert eng.map(engine_helpers.record_start, [(i,) for i in range(5)], cost=[2, 5, 2, 0, 9]) == list(range(5))
+    assert engine_helpers.STARTED == [4, 1, 0, 2, 3]  # descending cost, ties in task order
     with Engine(EngineConfig(workers=2)) as eng, pytest.raises(EngineError, match="worker process died"):
         eng.map(engine_helpers.kill_self, [(0,), (1,), (2,)])
     with pytest.raises(ConfigError, match="unknown"):

@@ -265,6 +265,33 @@ def test_block_writer_drops_and_counts_the_tail(tokenizer_dir):
     assert st.docs == len(docs)
 
 
+def test_block_info_streamed_to_disk_is_what_memory_held(tokenizer_dir, tmp_path):
+    """The shards stage streams block_info rows to a file (memory flat in corpus size) and writes the .npy from
+    it: the same rows as the in-memory writer, and the same bytes as ``np.save``."""
+    from cpt.data.shard_writer import _npy_from_raw
+
+    tok = packing.load_tokenizer(tokenizer_dir)
+    specials = packing.Specials(bos_id=1, eos_id=2)
+    texts = [f"Xin chào thế giới {i} " * (i % 7 + 1) for i in range(60)]
+    encs = tok.encode_batch(texts, add_special_tokens=False)
+    raw = tmp_path / "info.raw"
+    with open(raw, "wb") as info_fh:
+        streamed = packing.BlockWriter(io.BytesIO(), 16, np.uint16, specials, flush_tokens=16, info_fh=info_fh)
+        held = packing.BlockWriter(io.BytesIO(), 16, np.uint16, specials, flush_tokens=16)
+        for t, e in zip(texts, encs):
+            streamed.add(e.ids, t, "vi", e.offsets)
+            held.add(e.ids, t, "vi", e.offsets)
+        a, b = streamed.finish(), held.finish()
+    assert a.blocks == b.blocks > 10 and a.block_info.size == 0
+    _npy_from_raw(raw, tmp_path / "x.blocks.npy", a.blocks)
+    expected = io.BytesIO()
+    np.save(expected, b.block_info.astype("<i8"))
+    assert (tmp_path / "x.blocks.npy").read_bytes() == expected.getvalue() and not raw.exists()
+    with pytest.raises(DataError, match="block info"):
+        raw.write_bytes(b"\0" * 17)
+        _npy_from_raw(raw, tmp_path / "y.npy", 1)
+
+
 def test_special_ids_follow_the_tokenizers_convention(tokenizer_dir, tmp_path):
     tok = packing.load_tokenizer(tokenizer_dir)
     assert packing.special_ids(tok, tokenizer_dir) == packing.Specials(bos_id=1, eos_id=2)

@@ -55,7 +55,8 @@ def _tasks(layout: Layout, sources: list[SourceInfo], work: Path, cfg: dict[str,
                 raise DataError(f"{path}: listed in {layout.raw / 'manifest.json'} but missing; rerun ingest")
             tasks.append({"raw": str(path), "source": src.name, "lang": src.lang, "role": src.role,
                           "key": f"{src.name}/{k:05d}", "part": k, "g0": g, "work": str(work), "cfg": cfg,
-                          "seed": seed, "parts": parts, "bands": bands, "rows": rows, "eval_index": None})
+                          "seed": seed, "parts": parts, "bands": bands, "rows": rows, "eval_index": None,
+                          "bytes": int(info.get("bytes") or path.stat().st_size)})
             if src.role == "train":
                 g += int(info["docs"])
     return tasks
@@ -131,7 +132,8 @@ def clean_corpus(cfg: dict[str, Any], seed: int, layout: Layout, engine: EngineC
         index_path, eval_ngrams = _eval_index(work, ev_res, ev, cfg)
         for t in tr:
             t["eval_index"] = index_path if cfg["decontam"]["enabled"] else None
-        tr_res = eng.map(prepare_shard, [(t,) for t in tr], name="clean: training shards")
+        tr_res = eng.map(prepare_shard, [(t,) for t in tr], name="clean: training shards",
+                         cost=[t["bytes"] for t in tr])
         timings["prepare"] = time.perf_counter() - t0
         worker: Counter[str] = Counter()
         for r in ev_res + tr_res:
@@ -181,7 +183,8 @@ def clean_corpus(cfg: dict[str, Any], seed: int, layout: Layout, engine: EngineC
                 task["near"] = [(int(near["dup"][i]), ref[int(near["root"][i])], float(near["jaccard"][i]))
                                 for i in nr_split[s]]
             fin_tasks.append((task,))
-        fin = dict(zip([t["key"] for t in ev + tr], eng.map(finish_shard, fin_tasks, name="clean: write")))
+        fin = dict(zip([t["key"] for t in ev + tr], eng.map(finish_shard, fin_tasks, name="clean: write",
+                                                                      cost=[t["bytes"] for t in ev + tr])))
     metrics = _assemble(layout, sources, tasks, ev_res + tr_res, fin, work, tmp)
     timings["write"] = time.perf_counter() - t3
     replace_dir(tmp, layout.clean)

@@ -118,22 +118,34 @@ class Engine:
     def workers(self) -> int:
         return self.cfg.workers
 
-    def map(self, fn: Callable[..., Any], tasks: Sequence[tuple], name: str = "task") -> list[Any]:
-        """``[fn(*t) for t in tasks]``, run on the engine, results in task order."""
-        tasks = [(fn, *t) for t in tasks]
-        if not tasks:
+    def map(self, fn: Callable[..., Any], tasks: Sequence[tuple], name: str = "task",
+            cost: Sequence[float] | None = None) -> list[Any]:
+        """``[fn(*t) for t in tasks]``, run on the engine, results in task order.
+
+        ``cost`` (e.g. each shard's bytes) sets the order tasks are handed out: largest first (LPT scheduling),
+        so the shards' short tails fill the gaps at the end instead of a big shard starting last on an otherwise
+        idle pool. It changes when a task runs, never what it computes or where its result goes."""
+        n = len(tasks)
+        order = sorted(range(n), key=lambda i: -float(cost[i])) if cost is not None else list(range(n))
+        if cost is not None and len(cost) != n:
+            raise ValueError(f"{name}: {len(cost)} costs for {n} tasks")
+        run = [(fn, *tasks[i]) for i in order]
+        if not run:
             return []
         if self.cfg.kind == "ray":
-            timed = self._map_ray(_timed, tasks, name)
-        elif self.cfg.workers == 1 or len(tasks) == 1:
-            timed = [_timed(*t) for t in tasks]
+            timed = self._map_ray(_timed, run, name)
+        elif self.cfg.workers == 1 or n == 1:
+            timed = [_timed(*t) for t in run]
             self._inproc_cpu += sum(c for _, c in timed)
         else:
-            timed = self._map_local(_timed, tasks, name)
+            timed = self._map_local(_timed, run, name)
         cpu = [c for _, c in timed]
-        self._maps.append({"name": name, "tasks": len(cpu), "task_cpu_s": round(sum(cpu), 2),
+        self._maps.append({"name": name, "tasks": n, "task_cpu_s": round(sum(cpu), 2),
                            "makespan_s": round(makespan(cpu, self.cfg.workers), 2)})
-        return [r for r, _ in timed]
+        out: list[Any] = [None] * n
+        for i, (r, _) in zip(order, timed):
+            out[i] = r
+        return out
 
     # -- local process pool
     def _map_local(self, fn: Callable[..., Any], tasks: list[tuple], name: str) -> list[Any]:

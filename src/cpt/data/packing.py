@@ -181,7 +181,7 @@ class BlockWriter:
     the file, exactly: the bytes are summed over the written tokens, not corrected afterwards."""
 
     def __init__(self, fh: BinaryIO, block_size: int, dtype: np.dtype, specials: Specials,
-                 flush_tokens: int = 1 << 20):
+                 flush_tokens: int = 1 << 20, info_fh: BinaryIO | None = None):
         if block_size < 2:
             raise ValueError("block_size must be >= 2")
         self.fh, self.block_size, self.specials = fh, block_size, specials
@@ -193,6 +193,9 @@ class BlockWriter:
         self._written = 0  # tokens written so far
         self._starts: deque[int] = deque()  # stream offsets of documents that may still lie wholly in the tail
         self._info: list[np.ndarray] = []
+        # with ``info_fh``, the block_info rows (16 bytes per block: 2.4 GB for 100 GB of text) go to that file as
+        # raw little-endian int64 instead of memory, and ``finish`` leaves ``stats.block_info`` empty
+        self.info_fh = info_fh
 
     def add(self, ids: Sequence[int], text: str, lang: str, offsets: Sequence[tuple[int, int]] | None = None) -> None:
         """``offsets``: the tokenizer's character spans of ``ids`` (exact bytes per token); without them (tests of
@@ -236,7 +239,11 @@ class BlockWriter:
             for k, c in enumerate(counts):
                 if c:
                     st.langs[st.lang_index[k]] = st.langs.get(st.lang_index[k], 0) + int(c)
-            self._info.append(block_info(nbytes[:full], langs[:full], self.block_size))
+            rows = block_info(nbytes[:full], langs[:full], self.block_size)
+            if self.info_fh is not None:
+                self.info_fh.write(np.ascontiguousarray(rows, dtype="<i8").tobytes())
+            else:
+                self._info.append(rows)
             self._written += full
             while self._starts and self._starts[0] < self._written:
                 self._starts.popleft()

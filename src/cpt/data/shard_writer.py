@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -36,15 +37,27 @@ def _batches(docs: Iterator[dict[str, Any]], batch_chars: int) -> Iterator[list[
         yield batch
 
 
+def _npy_from_raw(raw: Path, dest: Path, blocks: int) -> None:
+    """``np.save`` of an int64 ``(blocks, 2)`` array whose rows were streamed to ``raw``: the same bytes, written
+    in chunks, so the stage's memory does not grow with the number of blocks."""
+    if raw.stat().st_size != blocks * 16:
+        raise DataError(f"{raw}: {raw.stat().st_size} bytes of block info for {blocks} blocks")
+    with atomic_open(dest, "wb", encoding=None) as fh, open(raw, "rb") as src:
+        np.lib.format.write_array_header_1_0(fh, {"descr": "<i8", "fortran_order": False, "shape": (blocks, 2)})
+        shutil.copyfileobj(src, fh, 16 << 20)
+    raw.unlink()
+
+
 def pack_domain(domain: str, layout: Layout, out: Path, tok, specials, dtype, cfg, seed, heldout_fh,
                  bar) -> dict[str, dict[str, Any]]:
     block = int(cfg["block_size"])
     splitter = StreamSplit(seed, float(cfg["val_fraction"]))
     stats: dict[str, dict[str, Any]] = {}
     with contextlib.ExitStack() as stack:
+        raw_info = {split: out / domain / f".{split}.blocks.raw" for split in SPLITS}
         writers = {
             split: BlockWriter(stack.enter_context(atomic_open(out / domain / f"{split}.bin", "wb")), block, dtype,
-                               specials)
+                               specials, info_fh=stack.enter_context(open(raw_info[split], "wb")))
             for split in SPLITS
         }
 
@@ -64,9 +77,9 @@ def pack_domain(domain: str, layout: Layout, out: Path, tok, specials, dtype, cf
         for split in SPLITS:
             st = writers[split].finish()
             stats[split] = st.to_dict()
-            # bytes and language behind every block (cpt.data.block_bytes): exact bits per byte on any subset
-            with atomic_open(out / domain / f"{split}.blocks.npy", "wb", encoding=None) as fh:
-                np.save(fh, st.block_info.astype("<i8"))
+    for split in SPLITS:
+        # bytes and language behind every block (cpt.data.block_bytes): exact bits per byte on any subset
+        _npy_from_raw(raw_info[split], out / domain / f"{split}.blocks.npy", stats[split]["blocks"])
     for split in SPLITS:
         st = stats[split]
         if st["docs"] == 0 and st["tail_tokens"] > 0:

@@ -19,7 +19,7 @@ from typing import Any
 from cpt.errors import ConfigError
 from cpt.layout import Layout
 from cpt.params import section, stage_config, with_defaults
-from cpt.training.schedule import SCHEDULES
+from cpt.training.loop_config import check_loop
 
 DEFAULTS: dict[str, Any] = {
     "model": "data/models/cpt",  # the CPT model to tune (HF folder + tokenizer)
@@ -70,19 +70,10 @@ def config(params: dict) -> dict[str, Any]:
     cfg = stage_config(params, "sft", DEFAULTS)
     for sub in ("decontam", "plain_eval", "samples", "gate"):
         cfg[sub] = with_defaults(f"sft.{sub}", cfg[sub], DEFAULTS[sub])
-    for key in ("steps", "micro_batch", "grad_accum", "eval_interval", "ckpt_interval", "log_interval", "loss_chunk",
-                "max_length", "bootstrap_resamples"):
-        if not isinstance(cfg[key], int) or cfg[key] < 1:
-            raise ConfigError(f"params.yaml: sft.{key}={cfg[key]!r} must be an integer >= 1")
+    check_loop("sft", cfg, ints=("max_length", "bootstrap_resamples"))
     for key, lo, hi in (("replay_ratio", 0.0, 1.0), ("eval_fraction", 0.0, 0.9), ("warmup", 0.0, 0.99)):
         if not lo <= float(cfg[key]) <= hi:
             raise ConfigError(f"params.yaml: sft.{key}={cfg[key]} must be in [{lo}, {hi}]")
-    if cfg["schedule"] not in SCHEDULES:
-        raise ConfigError(f"params.yaml: sft.schedule={cfg['schedule']!r}: expected one of {SCHEDULES}")
-    if float(cfg["min_lr"]) > float(cfg["lr"]):
-        raise ConfigError(f"params.yaml: sft.min_lr={cfg['min_lr']} > sft.lr={cfg['lr']}")
-    if cfg["resume"] not in (True, False, "force"):
-        raise ConfigError(f"params.yaml: sft.resume={cfg['resume']!r}: expected true, false or force")
     cfg["embed_only_steps"] = 0  # train's schedule function reads it; sft has no embeddings-only phase
     return cfg
 

@@ -45,7 +45,7 @@ from cpt.errors import ConfigError
 from cpt.layout import Layout
 from cpt.params import section, stage_config
 from cpt.training import distributed
-from cpt.training.schedule import SCHEDULES
+from cpt.training.loop_config import check_loop
 from cpt.training.trainer import TrainingDiverged, train
 
 __all__ = ["DEFAULTS", "TrainingDiverged", "config", "run"]  # TrainingDiverged: the error the loop raises
@@ -90,19 +90,11 @@ DEFAULTS: dict[str, Any] = {
 
 def config(params: dict) -> dict[str, Any]:
     cfg = stage_config(params, "train", DEFAULTS)
-    for key in ("steps", "micro_batch", "grad_accum", "eval_interval", "ckpt_interval", "log_interval", "loss_chunk"):
-        if not isinstance(cfg[key], int) or cfg[key] < 1:
-            raise ConfigError(f"params.yaml: train.{key}={cfg[key]!r} must be an integer >= 1")
+    check_loop("train", cfg)
     if not 0.0 <= float(cfg["replay_ratio"]) <= 1.0:
         raise ConfigError(f"params.yaml: train.replay_ratio={cfg['replay_ratio']} must be in [0, 1]")
     if not 0.0 <= float(cfg["warmup"]) < 1.0:
         raise ConfigError(f"params.yaml: train.warmup={cfg['warmup']} is a fraction of steps, in [0, 1)")
-    if cfg["schedule"] not in SCHEDULES:
-        raise ConfigError(f"params.yaml: train.schedule={cfg['schedule']!r}: expected one of {SCHEDULES}")
-    if float(cfg["min_lr"]) > float(cfg["lr"]):
-        raise ConfigError(f"params.yaml: train.min_lr={cfg['min_lr']} > train.lr={cfg['lr']}")
-    if cfg["resume"] not in (True, False, "force"):
-        raise ConfigError(f"params.yaml: train.resume={cfg['resume']!r}: expected true, false or force")
     if cfg["dtype"] in ("fp16", "float16"):
         # fp16 gradients underflow without a loss scaler (torch.amp.GradScaler), which this loop does not run: bf16
         # has fp32's range and needs none, and every GPU cpt targets (A100, H100) has it.

@@ -65,7 +65,8 @@ def run(params: dict[str, Any], layout: Layout) -> dict[str, Any]:
     tasks = [(str(path), s.name, s.lang, str(work / f"{i:06d}.parquet"))
              for i, (s, path) in enumerate((s, p) for s in sources for p in s.paths(layout.clean))]
     with Engine(engine.config(params)) as eng:
-        counts = eng.map(shard_stats, tasks, name="validate: shard statistics")
+        counts = eng.map(shard_stats, tasks, name="validate: shard statistics",
+                         cost=[os.path.getsize(t[0]) for t in tasks])
     files = [t[3] for t in tasks]
     flags = corpus_flags(files)
 
