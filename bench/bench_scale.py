@@ -20,9 +20,10 @@ sentences as an eval source for decontamination. Each stage runs as ``python -m 
 
     python bench/bench_scale.py --sizes 0.3 1 --workers 1 2 --out bench/results/scale.json
 
-The projection to 100 GB uses the largest size's per-stage throughput: the per-shard passes are divided among
-all cores of N nodes; the corpus-wide steps (exact partitions, LSH band tasks, verification) are counted at their
-measured seconds scaled linearly in size and run on one node (the conservative reading).
+The projection to 100 GB fits clean's measured curve over the sizes (``projection``): the per-shard passes are
+divided among all cores of N nodes; the corpus-wide steps (exact partitions, LSH band tasks, verification) are
+counted at their measured seconds, linear in size, on one node (the conservative reading). ``maps`` gives each
+engine map's [tasks, task CPU seconds, makespan on ``workers`` cores].
 """
 
 from __future__ import annotations
@@ -122,6 +123,8 @@ def run_stage(root: Path, params: Path, stage: str, workers: int) -> dict:
 
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "CPT_TRACKING": "0", "CPT_PROGRESS": "0",
            "OMP_WAIT_POLICY": "PASSIVE"}
+    if stage == "shards":  # one tokenizer thread per worker: with workers=1 the stage would otherwise tokenise on
+        env["RAYON_NUM_THREADS"] = "1"  # every core in its own process, and 1 vs 2 workers would not be 1 vs 2 cores
     cmd = [sys.executable, "-c", _WRAP, sys.executable, "-m", "cpt.cli", stage, "-p", str(params), "--root",
            str(root), "-S", f"engine.workers={workers}"]
     t0 = time.perf_counter()
@@ -144,21 +147,37 @@ def run_stage(root: Path, params: Path, stage: str, workers: int) -> dict:
             "peak_tree_mb": round(peak_tree / 2**20), "load_avg_1m": round(os.getloadavg()[0], 1)}
 
 
+def _slope(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least-squares ``y = a + b x`` (one point: through the origin)."""
+    if len(xs) < 2:
+        return 0.0, ys[0] / xs[0]
+    b, a = np.polyfit(np.asarray(xs), np.asarray(ys), 1)
+    return float(a), float(b)
+
+
 def projection(rows: list[dict], gb_target: float = 100.0) -> dict:
-    """Hours to clean ``gb_target`` GB on N nodes of C cores, from the largest measured size with most workers."""
-    big = max(r["gb"] for r in rows)
-    w = max(r["workers"] for r in rows if r["gb"] == big)
-    cl = next(r for r in rows if r["gb"] == big and r["workers"] == w and r["stage"] == "clean")
-    m = cl.get("metrics", {}).get("timings") or {}
-    serial = m.get("exact_dedup", 0) + m.get("lsh", 0)  # corpus-wide steps, counted as if on one node
-    parallel_cpu = cl["cpu_seconds"] - serial  # core-seconds of the per-shard passes (CPU time: load-independent)
-    scale = gb_target / big
+    """Hours to clean ``gb_target`` GB on N nodes of C cores, from the measured curve of the clean stage.
+
+    Fitted over every measured size (least squares, 1-worker rows: no pool overhead in the CPU figures):
+    ``core_seconds_per_gb``, the CPU of the per-shard passes, divided among all cores of all nodes; and
+    ``corpus_wide_seconds_per_gb``, the wall of the corpus-wide steps (exact partitions, LSH bands, verification and
+    components), counted as if they ran on one node at their measured speed (the conservative reading: the band
+    and partition tasks do spread over nodes)."""
+    cl = sorted((r for r in rows if r["stage"] == "clean" and r["workers"] == min(x["workers"] for x in rows)),
+                key=lambda r: r["gb"])
+    if not cl:
+        return {}
+    gbs = [r["gb"] for r in cl]
+    serial = [sum((r.get("metrics", {}).get("timings") or {}).get(k, 0) for k in ("exact_dedup", "lsh")) for r in cl]
+    par = [r["cpu_seconds"] - s for r, s in zip(cl, serial)]
+    a_p, b_p = _slope(gbs, par)
+    a_s, b_s = _slope(gbs, serial)
     out = {}
     for nodes, cores in ((1, 2), (1, 16), (4, 16), (16, 16), (64, 16)):
-        sec = parallel_cpu * scale / (nodes * cores) + serial * scale
+        sec = (a_p + b_p * gb_target) / (nodes * cores) + max(0.0, a_s + b_s * gb_target)
         out[f"{nodes}x{cores}"] = round(sec / 3600, 2)
-    return {"gb": gb_target, "from_gb": big, "from_workers": w, "hours_by_nodes_x_cores": out,
-            "core_seconds_per_gb": round(parallel_cpu / big), "corpus_wide_seconds_per_gb": round(serial / big, 1)}
+    return {"gb": gb_target, "fitted_on_gb": gbs, "hours_by_nodes_x_cores": out,
+            "core_seconds_per_gb": round(b_p, 1), "corpus_wide_seconds_per_gb": round(b_s, 2)}
 
 
 def main() -> None:
@@ -198,7 +217,8 @@ def main() -> None:
                     if "engine" in metrics:  # CPU accounting of the stage's engine (see cpt.data.engine.Engine)
                         e = metrics["engine"]
                         row.update(task_cpu_s=e["task_cpu_s"], driver_cpu_s=e["driver_cpu_s"],
-                                   ideal_wall_s=e["ideal_wall_s"])
+                                   ideal_wall_s=e["ideal_wall_s"],
+                                   maps={m["name"]: [m["tasks"], m["task_cpu_s"], m["makespan_s"]] for m in e["maps"]})
                     if stage == "clean":
                         row["metrics"] = {k: metrics.get(k) for k in ("docs_in", "docs_out", "exact_duplicates",
                                                                         "near_duplicates", "timings")}
@@ -218,11 +238,16 @@ def main() -> None:
                 speedups[f"{gb}GB/{stage}"] = round(sel[1]["seconds"] / sel[2]["seconds"], 2)
                 if "ideal_wall_s" in sel[2]:
                     ideal[f"{gb}GB/{stage}"] = round(sel[1]["ideal_wall_s"] / sel[2]["ideal_wall_s"], 2)
-    result = {"rows": rows, "speedup_2_vs_1": speedups, "ideal_speedup_2_vs_1": ideal, "projection": projection(rows) if rows else {},
+    peak = {stage: {f"{gb}GB": max(r["peak_rss_mb"] for r in rows if r["stage"] == stage and r["gb"] == gb)
+                    for gb in args.sizes if any(r["stage"] == stage and r["gb"] == gb for r in rows)}
+            for stage in args.stages}
+    result = {"rows": rows, "speedup_2_vs_1": speedups, "ideal_speedup_2_vs_1": ideal,
+              "peak_rss_mb_per_process": peak, "projection": projection(rows) if rows else {},
               "machine": {"cores": os.cpu_count(), "load_avg_at_end": os.getloadavg()}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps({k: result[k] for k in ("speedup_2_vs_1", "ideal_speedup_2_vs_1", "projection")}, indent=1))
+    print(json.dumps({k: result[k] for k in ("speedup_2_vs_1", "ideal_speedup_2_vs_1", "peak_rss_mb_per_process",
+                                             "projection")}, indent=1))
 
 
 if __name__ == "__main__":

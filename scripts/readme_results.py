@@ -1,7 +1,8 @@
-"""The README's results table, generated from the committed demo outputs (metrics/*.json), never typed by hand.
+"""The README's results table, generated from the committed demo outputs (metrics/*.json), never typed by hand;
+and the data stages' scaling tables (README and docs/scaling.md), from bench/results/scale.json.
 
-    python scripts/readme_results.py          # rewrite the block between the README's results markers
-    python scripts/readme_results.py --check  # exit 1 if the README's block differs (tests/test_readme.py runs it)
+    python scripts/readme_results.py          # rewrite the blocks between the markers
+    python scripts/readme_results.py --check  # exit 1 if a block differs (tests/test_readme.py runs it)
 
 One sign convention, as in the eval report: gain = bpb(base) - bpb(cpt) > 0 is learned; forgetting =
 bpb(cpt) - bpb(base) > 0 is forgotten. Every gain and forgetting figure carries its 95% bootstrap interval.
@@ -17,6 +18,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- results:begin (scripts/readme_results.py) -->", "<!-- results:end -->"
+SCALE_BEGIN, SCALE_END = "<!-- scaling:begin (scripts/readme_results.py) -->", "<!-- scaling:end -->"
+SCALE_FULL_BEGIN, SCALE_FULL_END = "<!-- scaling-full:begin (scripts/readme_results.py) -->", "<!-- scaling-full:end -->"
+SCALE_JSON = Path("bench") / "results" / "scale.json"
 
 
 def _read(root: Path, name: str) -> dict[str, Any]:
@@ -77,9 +81,66 @@ def block(root: Path) -> str:
     return "\n".join(lines + [END])
 
 
+def _scale(root: Path) -> dict[str, Any]:
+    path = root / SCALE_JSON
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {"rows": []}
+
+
+def _by(rows: list[dict], gb: float, stage: str, workers: int) -> dict[str, Any] | None:
+    return next((r for r in rows if r["gb"] == gb and r["stage"] == stage and r["workers"] == workers), None)
+
+
+def scale_block(root: Path) -> str:
+    """Per stage: peak RSS of one process at each size, and wall time 1 -> 2 workers at the largest size."""
+    res = _scale(root)
+    rows = res["rows"]
+    sizes = sorted({r["gb"] for r in rows})
+    stages = list(dict.fromkeys(r["stage"] for r in rows))
+    big = sizes[-1] if sizes else 0
+    lines = [SCALE_BEGIN, f"| stage | peak RSS per process, MB ({' / '.join(f'{g:g}' for g in sizes)} GB) | "
+             f"wall s at {big:g} GB, 1 / 2 workers | speed-up |", "|---|---:|---:|---:|"]
+    for st in stages:
+        rss = " / ".join(str(max(r["peak_rss_mb"] for r in rows if r["gb"] == g and r["stage"] == st)) for g in sizes
+                         if any(r["gb"] == g and r["stage"] == st for r in rows))
+        one, two = _by(rows, big, st, 1), _by(rows, big, st, 2)
+        wall = f"{one['seconds']:g} / {two['seconds']:g}" if one and two else "–"
+        speed = f"{one['seconds'] / two['seconds']:.2f}x" if one and two else "–"
+        lines.append(f"| {st} | {rss} | {wall} | {speed} |")
+    proj = res.get("projection") or {}
+    if proj.get("hours_by_nodes_x_cores"):
+        h = proj["hours_by_nodes_x_cores"]
+        lines.append("")
+        lines.append(f"Projected `clean` of {proj['gb']:g} GB (fitted on {', '.join(f'{g:g}' for g in proj['fitted_on_gb'])} "
+                     f"GB): " + ", ".join(f"{k.replace('x', ' node x ', 1)} cores {v:g} h" for k, v in h.items()) + ".")
+    return "\n".join(lines + [SCALE_END])
+
+
+def scale_full_block(root: Path) -> str:
+    rows = _scale(root)["rows"]
+    lines = [SCALE_FULL_BEGIN, "| GB | stage | wall s, 1 / 2 workers | speed-up | CPU s, 1 / 2 | "
+             "peak RSS per process MB, 1 / 2 | peak RSS all processes MB, 1 / 2 |", "|---|---|---:|---:|---:|---:|---:|"]
+    for gb in sorted({r["gb"] for r in rows}):
+        for st in dict.fromkeys(r["stage"] for r in rows):
+            one, two = _by(rows, gb, st, 1), _by(rows, gb, st, 2)
+            if not (one and two):
+                continue
+            pair = lambda k: f"{one[k]:g} / {two[k]:g}"  # noqa: E731
+            lines.append(f"| {gb:g} | {st} | {pair('seconds')} | {one['seconds'] / two['seconds']:.2f}x | "
+                         f"{pair('cpu_seconds')} | {pair('peak_rss_mb')} | {pair('peak_tree_mb')} |")
+    return "\n".join(lines + [SCALE_FULL_END])
+
+
+BLOCKS = ((BEGIN, END, block), (SCALE_BEGIN, SCALE_END, scale_block), (SCALE_FULL_BEGIN, SCALE_FULL_END, scale_full_block))
+
+
 def render(readme: str, root: Path) -> str:
-    start, end = readme.index(BEGIN), readme.index(END) + len(END)
-    return readme[:start] + block(root) + readme[end:]
+    """Every generated block the text holds, regenerated (README.md: results + scaling; docs/scaling.md: the full
+    scaling table)."""
+    for begin, end_marker, make in BLOCKS:
+        if begin in readme:
+            start, end = readme.index(begin), readme.index(end_marker) + len(end_marker)
+            readme = readme[:start] + make(root) + readme[end:]
+    return readme
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,16 +148,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="exit 1 if README.md's results block is stale")
     parser.add_argument("--root", type=Path, default=ROOT)
     args = parser.parse_args(argv)
-    readme_path = args.root / "README.md"
-    readme = readme_path.read_text(encoding="utf-8")
-    new = render(readme, args.root)
-    if args.check:
-        if new != readme:
-            print("README.md's results block differs from metrics/: run python scripts/readme_results.py", file=sys.stderr)
-            return 1
-        return 0
-    readme_path.write_text(new, encoding="utf-8")
-    return 0
+    stale = 0
+    for readme_path in (args.root / "README.md", args.root / "docs" / "scaling.md"):
+        if not readme_path.exists():
+            continue
+        readme = readme_path.read_text(encoding="utf-8")
+        new = render(readme, args.root)
+        if args.check:
+            if new != readme:
+                print(f"{readme_path.name}'s generated blocks differ from metrics/ or {SCALE_JSON}: run python "
+                      f"scripts/readme_results.py", file=sys.stderr)
+                stale = 1
+            continue
+        readme_path.write_text(new, encoding="utf-8")
+    return stale
 
 
 if __name__ == "__main__":

@@ -198,6 +198,26 @@ def test_deterministic_and_independent_of_batching(tmp_path, texts, tokenizer_di
     m0 = json.loads((layout0.shards / "meta.json").read_text())
     m1 = json.loads((layout.shards / "meta.json").read_text())
     assert m0["splits"] == m1["splits"]
+    # the encode tasks on a pool of 2 processes (engine): the same bytes, meta included
+    shards.run({**_params(tokenizer_dir), "engine": {"workers": 2}}, layout)
+    assert digest(layout) == digest(layout0)
+    assert (layout.shards / "meta.json").read_bytes() == (layout0.shards / "meta.json").read_bytes()
+
+
+def test_a_document_held_out_by_rank_reaches_heldout_jsonl(tmp_path, texts, tokenizer_dir):
+    """With a val fraction no score falls under, each domain's lowest-scoring document becomes val (``val_ids``): its
+    record is read back from data/clean for heldout.jsonl, with 1 worker and with 2."""
+    layout = _make_clean(tmp_path, texts)
+    for workers in (1, 2):
+        shards.run({**_params(tokenizer_dir, val_fraction=1e-9), "engine": {"workers": workers}}, layout)
+        held = [json.loads(x) for x in (layout.shards / "heldout.jsonl").read_text().splitlines()]
+        expected = set()
+        for domain in ("new", "old"):
+            docs = _docs(layout, domain)
+            expected |= packing.val_ids([str(d["id"]) for d in docs], 7, 1e-9)
+        assert {d["id"] for d in held} == expected and len(held) == 2
+        by_id = {d["id"]: d for dom in ("new", "old") for d in _docs(layout, dom)}
+        assert all(d == by_id[d["id"]] for d in held)
 
 
 def test_a_split_too_small_for_one_block_is_an_error(tmp_path, texts, tokenizer_dir):

@@ -83,12 +83,14 @@ class StreamSplit:
         self._low: tuple[float, Any] | None = None  # lowest-scoring train candidate
         self._high: tuple[float, Any] | None = None  # highest-scoring val candidate
 
-    def route(self, doc_id: str, item: Any) -> list[tuple[str, Any]]:
+    def route(self, doc_id: str | None, item: Any, score: float | None = None) -> list[tuple[str, Any]]:
+        """``score``: ``val_score(doc_id, seed)`` when the caller computed it already (the shards stage's tasks do)."""
         self.n_seen += 1
         if self.val_fraction <= 0:
             self.n_train += 1
             return [("train", item)]
-        score = val_score(doc_id, self.seed)
+        if score is None:
+            score = val_score(str(doc_id), self.seed)
         out: list[tuple[str, Any]] = []
         if score < self.val_fraction:
             if self._high is None or score > self._high[0]:
@@ -172,6 +174,26 @@ class SplitStats:
         }
 
 
+def frame(ids: Sequence[int], text: str, offsets: Sequence[tuple[int, int]] | None, specials: Specials,
+          dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """A document as the blocks hold it, ``[BOS] ids EOS``, and the UTF-8 bytes behind each of those tokens."""
+    pre = [specials.bos_id] if specials.bos_id is not None else []
+    n = len(pre) + len(ids) + 1
+    arr = np.empty(n, dtype=dtype)
+    if pre:
+        arr[0] = pre[0]
+    arr[len(pre):-1] = ids
+    arr[-1] = specials.eos_id
+    nbytes = np.zeros(n, dtype=np.int64)
+    if offsets is not None:
+        nbytes[len(pre):-1] = token_bytes(text, offsets)
+    elif len(ids):
+        total = len(text.encode("utf-8"))
+        nbytes[len(pre):-1] = total // len(ids)
+        nbytes[len(pre)] += total - (total // len(ids)) * len(ids)
+    return arr, nbytes
+
+
 class BlockWriter:
     """Packs documents into one stream of ``block_size``-token blocks written to ``fh`` (a binary file).
 
@@ -200,25 +222,17 @@ class BlockWriter:
     def add(self, ids: Sequence[int], text: str, lang: str, offsets: Sequence[tuple[int, int]] | None = None) -> None:
         """``offsets``: the tokenizer's character spans of ``ids`` (exact bytes per token); without them (tests of
         the writer alone) the document's bytes are spread evenly over its tokens, still summing to the text's."""
-        pre = [self.specials.bos_id] if self.specials.bos_id is not None else []
-        n = len(pre) + len(ids) + 1
-        arr = np.empty(n, dtype=self.dtype)
-        if pre:
-            arr[0] = pre[0]
-        arr[len(pre):-1] = ids
-        arr[-1] = self.specials.eos_id
-        nbytes = np.zeros(n, dtype=np.int64)
-        if offsets is not None:
-            nbytes[len(pre):-1] = token_bytes(text, offsets)
-        elif len(ids):
-            total = len(text.encode("utf-8"))
-            nbytes[len(pre):-1] = total // len(ids)
-            nbytes[len(pre)] += total - (total // len(ids)) * len(ids)
+        self.add_framed(*frame(ids, text, offsets, self.specials, self.dtype), lang)
+
+    def add_framed(self, arr: np.ndarray, nbytes: np.ndarray, lang: str) -> None:
+        """One document already framed by ``frame`` (``[BOS] ids EOS`` and the bytes behind each token): the shards
+        stage frames documents in engine tasks and packs them here, in corpus order."""
+        n = len(arr)
         if lang not in self.stats.lang_index:
             self.stats.lang_index.append(lang)
         langs = np.full(n, self.stats.lang_index.index(lang), dtype=np.int16)
         self._starts.append(self._written + self._buffered)
-        self._parts.append((arr, nbytes, langs))
+        self._parts.append((np.asarray(arr, dtype=self.dtype), np.asarray(nbytes, dtype=np.int64), langs))
         self._buffered += n
         self.stats.docs += 1
         if self._buffered >= self.flush_tokens:

@@ -1,10 +1,12 @@
 """Stage `shards`: tokenise the cleaned ``role: train`` text into packed, memory-mappable token blocks.
 
-For each domain (``new``, then ``old``) the documents stream from ``data/clean`` (``cpt.data.records.iter_docs``, so eval
-sources never get here), are split train/val by a hash of their id and the seed (``cpt.data.packing.StreamSplit``), are
-tokenised with the extended tokenizer's fast backend in parallel batches, and are packed as ``[BOS] text EOS`` into
-``block_size``-token blocks (``cpt.data.packing.BlockWriter``; BOS only when the tokenizer's convention has one, e.g.
-Llama's ``<s>``; the last partial block of each split is dropped and counted). Outputs (docs/architecture.md):
+Each clean shard of each domain (``new``, then ``old``; ``role: eval`` sources never get here) is an engine task
+(``engine``: local processes or Ray, as for clean; ``cpt.data.shard_writer.encode_shard``): its documents are encoded
+with the extended tokenizer's fast backend and framed as ``[BOS] text EOS`` (BOS only when the tokenizer's convention
+has one, e.g. Llama's ``<s>``). The driver then takes the documents in corpus order, splits them train/val by a hash
+of their id and the seed (``cpt.data.packing.StreamSplit``) and packs them into ``block_size``-token blocks
+(``cpt.data.packing.BlockWriter``; the last partial block of each split is dropped and counted). So the files are the
+same bytes with 1 or N workers, local or Ray. Outputs (docs/architecture.md):
 
     data/shards/{new,old}/{train,val}.bin   flat little-endian uint16/uint32 ids, blocks back to back
     data/shards/meta.json                   dtype, block_size, vocab_size, eos_id, bos_id, per-split counts
@@ -16,13 +18,16 @@ Read a split with ``numpy.memmap(path, dtype=meta["dtype"], mode="r").reshape(-1
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from typing import Any
 
+from cpt.data import engine
+from cpt.data.engine import Engine
 from cpt.data.packing import token_dtype, tokenizers_parallelism
-from cpt.data.records import DOMAINS, select_sources
-from cpt.data.shard_writer import pack_domain
+from cpt.data.records import DOMAINS, select_sources, shard_paths
+from cpt.data.shard_writer import encode_shard, pack_domain
 from cpt.errors import ConfigError, DataError
 from cpt.io import atomic_open, replace_dir, write_json
 from cpt.layout import Layout
@@ -61,8 +66,8 @@ def run(params: dict[str, Any], layout: Layout) -> dict[str, Any]:
     tok_dir = layout.resolve(cfg["tokenizer"])
     # cpt's one text -> ids rule (cpt.tok.codec), the same eval, the overlap check and the tiny base use
     codec = TextCodec.from_folder(tok_dir, eos_token=str(cfg["eos_token"]), add_bos=cfg["add_bos"])
-    tok, specials = codec.tok, codec.specials
-    vocab_size = tok.get_vocab_size(with_added_tokens=True)
+    specials = codec.specials
+    vocab_size = codec.tok.get_vocab_size(with_added_tokens=True)
     dtype = token_dtype(vocab_size)
     try:
         n_docs = sum(s.docs for s in select_sources(layout.clean, role="train"))
@@ -78,12 +83,32 @@ def run(params: dict[str, Any], layout: Layout) -> dict[str, Any]:
     tmp.mkdir(parents=True)
     started = time.perf_counter()
     splits: dict[str, dict[str, Any]] = {}
-    with tokenizers_parallelism(True), atomic_open(tmp / "heldout.jsonl") as heldout_fh, \
+    work = out.with_name(f".{out.name}.work")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    eng_cfg = engine.config(params)
+    # the tokenizer's rayon threads per task: every core in this process (workers: 1), the cores shared out among a
+    # local pool's workers, one per task on Ray (a task holds one CPU there)
+    threads = None if eng_cfg.kind == "local" and eng_cfg.workers == 1 else \
+        max(1, (os.cpu_count() or 1) // eng_cfg.workers) if eng_cfg.kind == "local" else 1
+    task = {"tokenizer": str(tok_dir), "eos_token": str(cfg["eos_token"]), "add_bos": cfg["add_bos"],
+            "dtype": dtype.name, "seed": seed, "val_fraction": float(cfg["val_fraction"]),
+            "batch_chars": int(cfg["batch_chars"]), "threads": threads}
+    with tokenizers_parallelism(True), Engine(eng_cfg) as eng, atomic_open(tmp / "heldout.jsonl") as heldout_fh, \
             progress(desc="shards", unit="char", unit_scale=True) as bar:
+        paths = {d: shard_paths(layout.clean, role="train", domain=d) for d in DOMAINS}
+        tasks = [({**task, "path": str(p), "work": str(work / f"{d}-{k:06d}"), "driver_pid": os.getpid()},)
+                 for d in DOMAINS for k, p in enumerate(paths[d])]  # both domains in one map: one balanced pool
+        results = eng.map(encode_shard, tasks, name="shards: encode", cost=[os.path.getsize(t[0]["path"]) for t in tasks])
+        bar.update(sum(r["chars"] for r in results))
+        done = 0
         for domain in DOMAINS:
-            for split, st in pack_domain(domain, layout, tmp, tok, specials, dtype, cfg, seed, heldout_fh,
-                                          bar).items():
+            encoded = [(t[0]["work"], r) for t, r in zip(tasks[done:done + len(paths[domain])], results[done:])]
+            done += len(paths[domain])
+            for split, st in pack_domain(domain, paths[domain], encoded, tmp, specials, dtype, cfg, seed,
+                                         heldout_fh).items():
                 splits[f"{domain}/{split}"] = st
+    shutil.rmtree(work, ignore_errors=True)
     seconds = time.perf_counter() - started
 
     meta = {
