@@ -90,6 +90,11 @@ def _by(rows: list[dict], gb: float, stage: str, workers: int) -> dict[str, Any]
     return next((r for r in rows if r["gb"] == gb and r["stage"] == stage and r["workers"] == workers), None)
 
 
+def _nodes(key: str) -> str:
+    n, c = key.split("x")
+    return f"{n} node{'s' if int(n) > 1 else ''} x {c} cores"
+
+
 def scale_block(root: Path) -> str:
     """Per stage: peak RSS of one process at each size, and wall time 1 -> 2 workers at the largest size."""
     res = _scale(root)
@@ -111,7 +116,7 @@ def scale_block(root: Path) -> str:
         h = proj["hours_by_nodes_x_cores"]
         lines.append("")
         lines.append(f"Projected `clean` of {proj['gb']:g} GB (fitted on {', '.join(f'{g:g}' for g in proj['fitted_on_gb'])} "
-                     f"GB): " + ", ".join(f"{k.replace('x', ' node x ', 1)} cores {v:g} h" for k, v in h.items()) + ".")
+                     f"GB): " + ", ".join(f"{_nodes(k)} {v:g} h" for k, v in h.items()) + ".")
     return "\n".join(lines + [SCALE_END])
 
 

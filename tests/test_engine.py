@@ -20,7 +20,7 @@ from cpt.data.engine import Engine, EngineConfig, EngineError, config
 from cpt.data.records import iter_docs, read_manifest
 from cpt.errors import ConfigError
 from cpt.layout import Layout
-from cpt.stages import clean, ingest, validate
+from cpt.stages import clean, ingest, shards, validate
 
 sys.path.insert(0, str(Path(__file__).parent))
 import engine_helpers  # noqa: E402
@@ -156,9 +156,25 @@ DRIVER = textwrap.dedent('''
     clean.run(params, layout)
     cleaning.finish_shard = engine_helpers.finish_or_die  # a worker dies once in the write pass: Ray retries it
     m = clean.run(params, layout)
+    from cpt.stages import shards, validate
+    print("VALID", validate.run(params, layout)["success"])
+    shards.run(params, layout)  # one encode task per clean shard, on the cluster
     print("NODES", len([n for n in ray.nodes() if n["Alive"]]))
     print("DOCS", m["docs_out"])
 ''')
+
+
+def _tokenizer(folder: Path, corpora: Path) -> Path:
+    """A small SentencePiece tokenizer folder for the shards stage (a few seconds)."""
+    import gzip
+
+    from cpt.training import tiny
+
+    with gzip.open(corpora / "viwiki" / "viwiki.jsonl.gz", "rt", encoding="utf-8") as fh:
+        lines = [ln for _, row in zip(range(60), fh) for ln in json.loads(row)["text"].split("\n") if ln.strip()]
+    tiny.train_tokenizer(lines, folder / "tokenizer.model", vocab_size=512, seed=0)
+    tiny.write_hf_tokenizer(folder / "tokenizer.model", folder)
+    return folder
 
 
 @pytest.mark.slow
@@ -169,7 +185,8 @@ def test_two_node_ray_cluster_on_loopback_matches_local(one_worker, tmp_path, co
         pytest.skip("cannot make a network namespace here (unshare -n)")
     layout1, m1 = one_worker
     root = tmp_path / "ray"
-    params = _params(corpora, kind="ray", address="127.0.0.1:6390")
+    shards_cfg = {"tokenizer": str(_tokenizer(tmp_path / "tok", corpora)), "block_size": 64}
+    params = {**_params(corpora, kind="ray", address="127.0.0.1:6390"), "shards": shards_cfg}
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER.format(tests=str(Path(__file__).parent), params=json.dumps(params), root=str(root)))
     ray_bin = str(Path(sys.executable).parent / "ray")
@@ -190,6 +207,9 @@ def test_two_node_ray_cluster_on_loopback_matches_local(one_worker, tmp_path, co
     assert _digest(Layout(root).clean) == _digest(layout1.clean)
     assert _digest(Layout(root).raw) == _digest(layout1.raw)
     assert (Layout(root).data / "killed-once").exists()  # the worker did die, and the retried task finished
+    assert "VALID True" in out.stdout
+    shards.run({**_params(corpora, workers=1), "shards": shards_cfg}, layout1)  # the same stage in one process
+    assert _digest(Layout(root).shards) == _digest(layout1.shards)
 
 
 def test_staged_near_dedup_equals_the_one_process_union_find(tmp_path):
