@@ -21,12 +21,13 @@ import heapq
 import logging
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from cpt.errors import ConfigError, CptError
+from cpt.progress import progress
 
 log = logging.getLogger("cpt.engine")
 
@@ -132,13 +133,17 @@ class Engine:
         run = [(fn, *tasks[i]) for i in order]
         if not run:
             return []
-        if self.cfg.kind == "ray":
-            timed = self._map_ray(_timed, run, name)
-        elif self.cfg.workers == 1 or n == 1:
-            timed = [_timed(*t) for t in run]
-            self._inproc_cpu += sum(c for _, c in timed)
-        else:
-            timed = self._map_local(_timed, run, name)
+        with progress(total=n, desc=name, unit=" tasks", leave=False) as bar:  # tasks done, in any order
+            if self.cfg.kind == "ray":
+                timed = self._map_ray(_timed, run, name, bar)
+            elif self.cfg.workers == 1 or n == 1:
+                timed = []
+                for t in run:
+                    timed.append(_timed(*t))
+                    bar.update(1)
+                self._inproc_cpu += sum(c for _, c in timed)
+            else:
+                timed = self._map_local(_timed, run, name, bar)
         cpu = [c for _, c in timed]
         self._maps.append({"name": name, "tasks": n, "task_cpu_s": round(sum(cpu), 2),
                            "makespan_s": round(makespan(cpu, self.cfg.workers), 2)})
@@ -148,16 +153,19 @@ class Engine:
         return out
 
     # -- local process pool
-    def _map_local(self, fn: Callable[..., Any], tasks: list[tuple], name: str) -> list[Any]:
+    def _map_local(self, fn: Callable[..., Any], tasks: list[tuple], name: str, bar: Any) -> list[Any]:
         import multiprocessing as mp
 
         if self._pool is None:
             self._pool = ProcessPoolExecutor(max_workers=self.cfg.workers, mp_context=mp.get_context("spawn"))
         futures = [self._pool.submit(fn, *t) for t in tasks]
-        out = []
-        for i, fut in enumerate(futures):
+        index = {fut: i for i, fut in enumerate(futures)}
+        out: list[Any] = [None] * len(futures)
+        for fut in as_completed(futures):
+            i = index[fut]
             try:
-                out.append(fut.result())
+                out[i] = fut.result()
+                bar.update(1)
             except BrokenProcessPool as exc:
                 self._pool.shutdown(wait=False, cancel_futures=True)
                 self._pool = None
@@ -169,11 +177,15 @@ class Engine:
         return out
 
     # -- ray
-    def _map_ray(self, fn: Callable[..., Any], tasks: list[tuple], name: str) -> list[Any]:
+    def _map_ray(self, fn: Callable[..., Any], tasks: list[tuple], name: str, bar: Any) -> list[Any]:
         ray = self._ray_init()
         remote = ray.remote(max_retries=self.cfg.max_retries, retry_exceptions=False)(fn)
         refs = [remote.remote(*t) for t in tasks]
         try:
+            pending = list(refs)
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1)
+                bar.update(len(ready))
             return ray.get(refs)
         except ray.exceptions.RayError as exc:
             raise EngineError(f"{name}: a Ray task failed after {self.cfg.max_retries} retries: {exc}") from exc

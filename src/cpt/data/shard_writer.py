@@ -138,7 +138,7 @@ def _npy_from_raw(raw: Path, dest: Path, blocks: int) -> None:
 
 
 def pack_domain(domain: str, paths: list[Path], encoded: list[tuple[str, dict[str, Any]]], out: Path, specials,
-                dtype, cfg, seed, heldout_fh) -> dict[str, dict[str, Any]]:
+                dtype, cfg, seed, heldout_fh, bar: Any = None) -> dict[str, dict[str, Any]]:
     """The driver's step: ``encoded`` (per clean shard of the domain, in corpus order: the task's work prefix and
     result) packed into ``out/<domain>/{train,val}.bin`` + ``.blocks.npy``; returns each split's counts."""
     block = int(cfg["block_size"])
@@ -166,6 +166,8 @@ def pack_domain(domain: str, paths: list[Path], encoded: list[tuple[str, dict[st
             shard = _Shard(str(path), prefix, info, dtype)
             for i in range(info["docs"]):
                 emit(splitter.route(None, (shard, i), score=float(shard.score[i])))
+            if bar is not None:
+                bar.update(info["docs"])
         emit(splitter.finish())
         for split in SPLITS:
             stats[split] = writers[split].finish().to_dict()

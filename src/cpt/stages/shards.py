@@ -94,21 +94,23 @@ def run(params: dict[str, Any], layout: Layout) -> dict[str, Any]:
     task = {"tokenizer": str(tok_dir), "eos_token": str(cfg["eos_token"]), "add_bos": cfg["add_bos"],
             "dtype": dtype.name, "seed": seed, "val_fraction": float(cfg["val_fraction"]),
             "batch_chars": int(cfg["batch_chars"]), "threads": threads}
-    with tokenizers_parallelism(True), Engine(eng_cfg) as eng, atomic_open(tmp / "heldout.jsonl") as heldout_fh, \
-            progress(desc="shards", unit="char", unit_scale=True) as bar:
-        paths = {d: shard_paths(layout.clean, role="train", domain=d) for d in DOMAINS}
-        tasks = [({**task, "path": str(p), "work": str(work / f"{d}-{k:06d}"), "driver_pid": os.getpid()},)
-                 for d in DOMAINS for k, p in enumerate(paths[d])]  # both domains in one map: one balanced pool
-        results = eng.map(encode_shard, tasks, name="shards: encode", cost=[os.path.getsize(t[0]["path"]) for t in tasks])
-        bar.update(sum(r["chars"] for r in results))
-        done = 0
-        for domain in DOMAINS:
-            encoded = [(t[0]["work"], r) for t, r in zip(tasks[done:done + len(paths[domain])], results[done:])]
-            done += len(paths[domain])
-            for split, st in pack_domain(domain, paths[domain], encoded, tmp, specials, dtype, cfg, seed,
-                                         heldout_fh).items():
-                splits[f"{domain}/{split}"] = st
-    shutil.rmtree(work, ignore_errors=True)
+    try:
+        with tokenizers_parallelism(True), Engine(eng_cfg) as eng, atomic_open(tmp / "heldout.jsonl") as heldout_fh:
+            paths = {d: shard_paths(layout.clean, role="train", domain=d) for d in DOMAINS}
+            tasks = [({**task, "path": str(p), "work": str(work / f"{d}-{k:06d}"), "driver_pid": os.getpid()},)
+                     for d in DOMAINS for k, p in enumerate(paths[d])]  # both domains in one map: one balanced pool
+            results = eng.map(encode_shard, tasks, name="shards: encode",
+                              cost=[os.path.getsize(t[0]["path"]) for t in tasks])
+            done = 0
+            with progress(total=sum(r["docs"] for r in results), desc="shards: pack", unit=" docs") as bar:
+                for domain in DOMAINS:
+                    encoded = [(t[0]["work"], r) for t, r in zip(tasks[done:done + len(paths[domain])], results[done:])]
+                    done += len(paths[domain])
+                    for split, st in pack_domain(domain, paths[domain], encoded, tmp, specials, dtype, cfg, seed,
+                                                 heldout_fh, bar).items():
+                        splits[f"{domain}/{split}"] = st
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     seconds = time.perf_counter() - started
 
     meta = {
