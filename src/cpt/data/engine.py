@@ -127,9 +127,9 @@ class Engine:
         so the shards' short tails fill the gaps at the end instead of a big shard starting last on an otherwise
         idle pool. It changes when a task runs, never what it computes or where its result goes."""
         n = len(tasks)
-        order = sorted(range(n), key=lambda i: -float(cost[i])) if cost is not None else list(range(n))
         if cost is not None and len(cost) != n:
             raise ValueError(f"{name}: {len(cost)} costs for {n} tasks")
+        order = sorted(range(n), key=lambda i: -float(cost[i])) if cost is not None else list(range(n))
         run = [(fn, *tasks[i]) for i in order]
         if not run:
             return []

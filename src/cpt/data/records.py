@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from cpt.data.shardio import iter_prefetched, read_records
+from cpt.data.shardio import read_records
 from cpt.io import read_json, write_json
 
 FIELDS = ("id", "source", "lang", "domain", "role", "text")
@@ -94,15 +94,9 @@ def iter_docs(
     domain: str | None = None,
     lang: str | None = None,
     name: str | None = None,
-    prefetch: int = 0,
 ) -> Iterator[dict[str, Any]]:
-    """Documents of the matching sources, in manifest order then shard and line order (deterministic).
-
-    ``prefetch`` > 0 reads and decompresses that many shards ahead in threads (the order does not change)."""
+    """Documents of the matching sources, in manifest order then shard and line order (deterministic)."""
     paths = shard_paths(folder, role=role, domain=domain, lang=lang, name=name)
-    if prefetch > 0 and len(paths) > 1:
-        yield from iter_prefetched(paths, prefetch)
-        return
     for path in paths:
         yield from read_records(path)
 

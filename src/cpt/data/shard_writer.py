@@ -76,7 +76,7 @@ def encode_shard(t: dict[str, Any]) -> dict[str, Any]:
     chars = 0
     with open(files["tokens"], "wb") as tok_fh, open(files["nbytes"], "wb") as nb_fh, \
             open(files["val.jsonl"], "w", encoding="utf-8") as val_fh:
-        batches = _batches(read_records(t["path"]), int(t["batch_chars"]), f"{t['path']}")
+        batches = _batches(read_records(t["path"]), int(t["batch_chars"]), t["path"])
         for batch, encodings in encode_pipelined(codec.tok, batches, offsets=True):
             for doc, enc in zip(batch, encodings):
                 arr, nbytes = frame(enc.ids, doc["text"], enc.offsets, codec.specials, dtype)

@@ -112,36 +112,3 @@ def read_lines(path: str | Path) -> Iterator[bytes]:
 
 def read_records(path: str | Path) -> Iterator[dict[str, Any]]:
     return parse_jsonl(read_lines(path), path)
-
-
-def read_bytes(path: str | Path) -> bytes:
-    """A whole shard, decompressed (zstd and file reads release the GIL: a reader thread overlaps the parsing)."""
-    import pyarrow as pa
-
-    path = Path(path)
-    if path.name.endswith(".zst"):
-        with pa.input_stream(str(path), compression="zstd") as raw:
-            return raw.read()
-    return path.read_bytes()
-
-
-def records_of(data: bytes, path: str | Path) -> Iterator[dict[str, Any]]:
-    return parse_jsonl(data.split(b"\n"), path)
-
-
-def iter_prefetched(paths: list[Path], ahead: int) -> Iterator[dict[str, Any]]:
-    """The records of ``paths`` in order, with up to ``ahead`` shards read and decompressed by threads while the
-    caller works on the current one (memory: ``ahead`` decompressed shards)."""
-    from collections import deque
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=ahead, thread_name_prefix="cpt-read") as pool:
-        pending = deque((p, pool.submit(read_bytes, p)) for p in paths[:ahead])
-        nxt = len(pending)
-        while pending:
-            path, fut = pending.popleft()
-            data = fut.result()
-            if nxt < len(paths):
-                pending.append((paths[nxt], pool.submit(read_bytes, paths[nxt])))
-                nxt += 1
-            yield from records_of(data, path)
