@@ -103,14 +103,16 @@ def scale_block(root: Path) -> str:
     stages = list(dict.fromkeys(r["stage"] for r in rows))
     big = sizes[-1] if sizes else 0
     lines = [SCALE_BEGIN, f"| stage | peak RSS per process, MB ({' / '.join(f'{g:g}' for g in sizes)} GB) | "
-             f"wall s at {big:g} GB, 1 / 2 workers | speed-up |", "|---|---:|---:|---:|"]
+             f"wall s at {big:g} GB, 1 / 2 workers | speed-up | cores busy (CPU s / wall s), 1 / 2 |",
+             "|---|---:|---:|---:|---:|"]
     for st in stages:
         rss = " / ".join(str(max(r["peak_rss_mb"] for r in rows if r["gb"] == g and r["stage"] == st)) for g in sizes
                          if any(r["gb"] == g and r["stage"] == st for r in rows))
         one, two = _by(rows, big, st, 1), _by(rows, big, st, 2)
         wall = f"{one['seconds']:g} / {two['seconds']:g}" if one and two else "–"
         speed = f"{one['seconds'] / two['seconds']:.2f}x" if one and two else "–"
-        lines.append(f"| {st} | {rss} | {wall} | {speed} |")
+        busy = f"{one['cpu_seconds'] / one['seconds']:.2f} / {two['cpu_seconds'] / two['seconds']:.2f}" if one and two else "–"
+        lines.append(f"| {st} | {rss} | {wall} | {speed} | {busy} |")
     proj = res.get("projection") or {}
     if proj.get("hours_by_nodes_x_cores"):
         h = proj["hours_by_nodes_x_cores"]
