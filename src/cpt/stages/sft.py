@@ -19,7 +19,7 @@ from typing import Any
 from cpt.errors import ConfigError
 from cpt.layout import Layout
 from cpt.params import section, stage_config, with_defaults
-from cpt.training.loop_config import check_loop
+from cpt.training.loop_config import LOOP_DEFAULTS, check_loop
 
 DEFAULTS: dict[str, Any] = {
     "model": "data/models/cpt",  # the CPT model to tune (HF folder + tokenizer)
@@ -45,17 +45,6 @@ DEFAULTS: dict[str, Any] = {
     "betas": [0.9, 0.95],
     "grad_clip": 1.0,
     "eval_interval": 10,
-    "ckpt_interval": 20,
-    "keep_checkpoints": 2,
-    "resume": True,
-    "parallel": "ddp",
-    "device": "auto",
-    "dtype": "auto",
-    "compile": False,
-    "activation_checkpointing": False,
-    "loss_chunk": 4096,
-    "log_interval": 10,
-    "threads": None,
     "plain_eval": {"sources": None, "max_docs": 50, "max_bytes": 10000, "heldout": "data/shards/heldout.jsonl",
                    "max_bytes_old": None, "unit_bytes": 4096, "max_length": 1024, "stride": 768, "batch_size": 8},
     "bootstrap_resamples": 1000,  # paired bootstrap draws of the gate's 95% intervals (cpt.sft.intervals)
@@ -63,6 +52,7 @@ DEFAULTS: dict[str, Any] = {
                 "prompts": {"vi": ["Hà Nội là thủ đô của nước nào?"], "en": ["Give three tips for staying healthy."]}},
     "gate": {"min_gain": 0.02, "max_forgetting": 0.05, "champion_min_gain": None, "champion_max_forgetting": None,
              "alias": "champion"},
+    **LOOP_DEFAULTS,
 }
 
 

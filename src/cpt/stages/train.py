@@ -45,7 +45,7 @@ from cpt.errors import ConfigError
 from cpt.layout import Layout
 from cpt.params import section, stage_config
 from cpt.training import distributed
-from cpt.training.loop_config import check_loop
+from cpt.training.loop_config import LOOP_DEFAULTS, check_loop
 from cpt.training.trainer import TrainingDiverged, train
 
 __all__ = ["DEFAULTS", "TrainingDiverged", "config", "run"]  # TrainingDiverged: the error the loop raises
@@ -71,20 +71,10 @@ DEFAULTS: dict[str, Any] = {
     "new_token_mass": 0.01,
     "eval_interval": 20,
     "eval_blocks": 32,
-    "ckpt_interval": 20,
-    "keep_checkpoints": 2,
-    "resume": True,  # true | force | false
     "async_checkpoint": False,
-    "parallel": "ddp",
-    "device": "auto",
-    "dtype": "auto",
-    "compile": False,
-    "activation_checkpointing": False,
-    "loss_chunk": 4096,
     "peak_tflops": None,
-    "log_interval": 10,
     "trust_remote_code": False,
-    "threads": None,
+    **LOOP_DEFAULTS,
 }
 
 

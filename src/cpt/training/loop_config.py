@@ -9,6 +9,20 @@ from typing import Any, Iterable
 from cpt.errors import ConfigError
 from cpt.training.schedule import SCHEDULES
 
+# defaults every training loop shares (train and sft): checkpointing, resume, parallelism, numerics, logging
+LOOP_DEFAULTS: dict[str, Any] = {
+    "ckpt_interval": 20,
+    "keep_checkpoints": 2,
+    "resume": True,  # true | force | false
+    "parallel": "ddp",
+    "device": "auto",
+    "dtype": "auto",
+    "compile": False,
+    "activation_checkpointing": False,
+    "loss_chunk": 4096,
+    "log_interval": 10,
+    "threads": None,
+}
 LOOP_INTS = ("steps", "micro_batch", "grad_accum", "eval_interval", "ckpt_interval", "log_interval", "loss_chunk")
 RESUME = (True, False, "force")
 
