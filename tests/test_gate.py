@@ -4,9 +4,12 @@ Sign convention of eval.json: gain = bpb(base) - bpb(cpt) (new domain), forgetti
 domain), each with a bootstrap 95% interval (``gain_ci95`` / ``forgetting_ci95``)."""
 
 import json
+import math
 
 import pytest
 
+from cpt.evaluation import record
+from cpt.io import write_json
 from cpt.layout import Layout
 from cpt.ops import gate, tracking
 
@@ -27,9 +30,9 @@ def score(bpb, nbytes=1000):
     return {"loss": bpb * 2, "ppl": 10.0, "bpb": bpb, "bytes": nbytes, "tokens": 300}
 
 
-def eval_metrics(new_base=2.0, new_cpt=1.5, old_base=1.2, old_cpt=1.22, half=0.01, sources=None):
-    """An eval.json: ntrex_vi + heldout_vi (new), en_wikitext2 (old); every interval +-``half`` around its value.
-    ``sources``: {name: (base_bpb, cpt_bpb, nbytes)} overrides/extends."""
+def eval_metrics(new_base=2.0, new_cpt=1.5, old_base=1.2, old_cpt=1.22, half=0.01, sources=None, documents=10):
+    """An eval.json: ntrex_vi + heldout_vi (new), en_wikitext2 (old); every interval +-``half`` around its value,
+    resampled over ``documents`` documents per source. ``sources``: {name: (base_bpb, cpt_bpb, nbytes)}."""
     table = {"ntrex_vi": (new_base, new_cpt, 1000), "heldout_vi": (new_base, new_cpt, 500),
              "en_wikitext2": (old_base, old_cpt, 1000), **(sources or {})}
     m = {"base": {}, "cpt": {}, "sources": {}, "gain": {}, "forgetting": {}, "gain_ci95": {}, "forgetting_ci95": {}}
@@ -38,7 +41,7 @@ def eval_metrics(new_base=2.0, new_cpt=1.5, old_base=1.2, old_cpt=1.22, half=0.0
         m["base"][name], m["cpt"][name] = score(b, n), score(c, n)
         kind, value = ("gain", b - c) if new else ("forgetting", c - b)
         m["sources"][name] = {"lang": LANG[name], "domain": "new" if new else "old", kind: value,
-                              f"{kind}_ci95": [value - half, value + half]}
+                              f"{kind}_ci95": [value - half, value + half], "documents": documents}
     for kind, domain in (("gain", "new"), ("forgetting", "old")):
         rows = [(m["base"][n]["bpb"], m["cpt"][n]["bpb"], m["base"][n]["bytes"]) for n, s in m["sources"].items()
                 if s["domain"] == domain]
@@ -57,7 +60,8 @@ def test_promotes_when_every_source_and_language_is_within_budget():
     assert all(v["decision"] == "promote" for v in [*d["per_source"].values(), *d["per_lang"].values()])
     assert d["per_source"]["en_wikitext2"]["value"] == pytest.approx(0.02)
     assert d["vs_base"]["gain"] == pytest.approx(0.5)  # the pooled figure is kept, as information
-    assert d["vs_champion"] == {"checked": False, "passed": True, "reasons": ["no champion yet"]}
+    assert d["vs_champion"] == {"checked": False, "passed": True, "decision": "promote", "reasons": ["no champion yet"]}
+    assert [c["decision"] for c in d["checks"]] == ["promote"] * 5  # 3 sources + 2 languages, one list of checks
 
 
 def test_the_worst_source_decides_not_the_pooled_figure():
@@ -68,25 +72,29 @@ def test_the_worst_source_decides_not_the_pooled_figure():
     assert d["decision"] == "refuse" and not d["passed"]
     assert d["per_source"]["en_wikitext2"]["decision"] == "refuse"
     assert d["per_source"]["xquad_en"]["decision"] == "promote"
-    assert "en_wikitext2: forgetting +0.1360: upper bound +0.1460 > max_forgetting 0.05" in d["reason"]
+    assert ("vs base: source en_wikitext2: forgetting +0.1360, 95% interval [+0.1260, +0.1460]: wholly above "
+            "max_forgetting 0.05") in d["reason"]
 
 
 def test_the_gate_decides_on_the_interval_bounds():
-    # forgetting 0.04 is within 0.05, but its upper bound 0.07 is not, and the interval is narrower than the budget
+    # forgetting 0.04 is within 0.05, but its interval [0.02, 0.06] straddles it: undecided, never a pass
     d = gate.decide(eval_metrics(old_cpt=1.24, half=0.02), PARAMS)
-    assert d["per_source"]["en_wikitext2"]["decision"] == "refuse" and d["decision"] == "refuse"
-    # gain 0.12 >= 0.1, but its lower bound 0.10 - 0.03 is not: the interval is wider than min_gain -> undecided
+    assert d["per_source"]["en_wikitext2"]["decision"] == "undecided" and d["decision"] == "undecided"
+    assert "straddles max_forgetting 0.05" in d["per_source"]["en_wikitext2"]["reason"]
+    # gain 0.12 >= 0.1, but its lower bound 0.06 is not: undecided
     d = gate.decide(eval_metrics(new_cpt=1.88, half=0.06), {**PARAMS, "gate": {"min_gain": 0.1, "max_forgetting": 1}})
     assert d["per_lang"]["vi"]["decision"] == "undecided" and d["decision"] == "undecided"
-    assert "undecided: too little eval text" in d["per_lang"]["vi"]["reason"]
+    # the whole interval above the budget: refused, however wide it is
+    d = gate.decide(eval_metrics(old_cpt=1.60, half=0.1), PARAMS)
+    assert d["per_source"]["en_wikitext2"]["decision"] == "refuse" and d["decision"] == "refuse"
 
 
-def test_too_little_eval_text_is_undecided_never_a_pass():
-    d = gate.decide(eval_metrics(old_cpt=1.23, half=0.08), PARAMS)  # 0.03 +- 0.08: wider than the 0.05 budget
+def test_an_interval_that_straddles_its_budget_is_undecided_never_a_pass():
+    d = gate.decide(eval_metrics(old_cpt=1.23, half=0.08), PARAMS)  # 0.03 +- 0.08 straddles the 0.05 budget
     v = d["per_source"]["en_wikitext2"]
     assert v["decision"] == "undecided" and v["ci95"] == pytest.approx([-0.05, 0.11])
     assert d["decision"] == "undecided" and not d["passed"]
-    assert "undecided: too little eval text" in d["reason"]
+    assert "undecided: forgetting +0.0300, 95% interval [-0.0500, +0.1100] straddles max_forgetting 0.05" in d["reason"]
 
 
 def test_numbers_without_an_interval_are_undecided():
@@ -96,32 +104,65 @@ def test_numbers_without_an_interval_are_undecided():
     assert d["decision"] == "undecided" and "no interval" in d["reason"]
 
 
-def test_champion_must_be_beaten_too():
+CFG = {"scorer": 2, "max_length": 1024, "stride": 768, "batch_size": 8, "unit_bytes": 4096, "device": "cpu",
+       "dtype": "fp32"}
+
+
+def records(shift=None, config=CFG, units=20):
+    """Per-unit records (cpt.evaluation.record) of the sources of ``eval_metrics``: ``units`` units of 100 bytes, two
+    per document, bpb = the source's cpt bpb + a little per-unit spread + ``shift[name]``."""
+    table = {"ntrex_vi": ("new", "vi", 1.5), "heldout_vi": ("new", "vi", 1.5), "en_wikitext2": ("old", "en", 1.22)}
+    out = {}
+    for name, (domain, lang, bpb) in table.items():
+        unit_bpb = [bpb + 0.01 * ((i * 7) % 5 - 2) + (shift or {}).get(name, 0.0) for i in range(units)]
+        out[name] = record.entry(name, lang, domain, [f"{name} text {i}" for i in range(units)],
+                                 [i // 2 for i in range(units)], [b * math.log(2) * 100 for b in unit_bpb],
+                                 [100] * units, config)
+    return out
+
+
+def test_champion_must_be_beaten_too_source_by_source():
     m = eval_metrics(new_cpt=1.5)
-    champ = {"version": "3", "sources": {
-        "ntrex_vi": {"domain": "new", "bytes": 1000, "bpb": 1.45},
-        "heldout_vi": {"domain": "new", "bytes": 500, "bpb": 1.45},
-        "en_wikitext2": {"domain": "old", "bytes": 1000, "bpb": 1.22},
-    }}
-    d = gate.decide(m, PARAMS, champion=champ)
+    champ = {"version": "3", "sources": records({"ntrex_vi": -0.05, "heldout_vi": -0.05})}  # the champion: 0.05 better
+    d = gate.decide(m, PARAMS, champion=champ, candidate=records())
     assert d["per_source"]["ntrex_vi"]["decision"] == "promote" and d["decision"] == "refuse"
-    assert d["vs_champion"]["checked"] and d["vs_champion"]["version"] == "3"
-    assert d["vs_champion"]["gain"] == pytest.approx(-0.05)
+    c = d["vs_champion"]
+    assert c["checked"] and c["version"] == "3" and c["how"].startswith("its stored per-unit scores")
+    assert c["gain"] == pytest.approx(-0.05) and c["per_source"]["ntrex_vi"]["value"] == pytest.approx(-0.05)
+    assert c["per_source"]["ntrex_vi"]["decision"] == "refuse" and c["per_source"]["ntrex_vi"]["documents"] == 10
+    assert c["per_lang"]["vi"]["ci95"] == pytest.approx([-0.05, -0.05])  # paired: the shared spread cancels
+    assert "vs champion v3: source ntrex_vi: gain -0.0500" in d["reason"]
     loose = {**PARAMS, "gate": {**PARAMS["gate"], "champion_min_gain": -0.1}}
-    assert gate.decide(m, loose, champion=champ)["decision"] == "promote"
+    assert gate.decide(m, loose, champion=champ, candidate=records())["decision"] == "promote"
 
 
 def test_a_champion_scored_on_other_text_is_never_skipped():
-    champ = {"version": "1", "sources": {"ntrex_vi": {"domain": "new", "bytes": 999, "bpb": 0.1}}}
-    d = gate.decide(eval_metrics(), PARAMS, champion=champ)
+    legacy = {"version": "1", "sources": {"ntrex_vi": {"domain": "new", "bytes": 2000, "bpb": 0.1}}}
+    d = gate.decide(eval_metrics(), PARAMS, champion=legacy, candidate=records())
     assert d["decision"] == "refuse" and not d["passed"] and not d["vs_champion"]["checked"]
     assert "refusing to promote unchecked" in d["reason"]
-    # re-scored on the candidate's eval set, it compares
-    rescored = {n: {"domain": s["domain"], "bytes": s["bytes"], "bpb": s["cpt_bpb"] + 0.2}
-                for n, s in d["sources"].items()}
-    d = gate.decide(eval_metrics(), PARAMS, champion=champ, champion_scores=rescored)
+    # re-scored on the candidate's units, it compares
+    rescored = records({n: 0.2 for n in ("ntrex_vi", "heldout_vi")})
+    d = gate.decide(eval_metrics(), PARAMS, champion=legacy, champion_scores=rescored, candidate=records())
     assert d["vs_champion"]["checked"] and d["vs_champion"]["how"] == "re-scored on this eval set"
     assert d["decision"] == "promote"
+
+
+def test_stored_champion_scores_count_only_under_the_same_content_hash_not_the_same_bytes():
+    # same sources, same byte counts; another window (max_length/stride) or other text of the same length: the
+    # stored numbers are another measurement (the old gate compared byte counts only and reused them)
+    for other in (records(config={**CFG, "max_length": 512, "stride": 256}), records(config={**CFG, "dtype": "bf16"})):
+        assert all(other[n]["bytes"] == records()[n]["bytes"] for n in other)
+        ok, why = record.matches(records(), other)
+        assert not ok and "content hash differs" in why
+        d = gate.decide(eval_metrics(), PARAMS, champion={"version": "2", "sources": other}, candidate=records())
+        assert not d["vs_champion"]["checked"] and d["decision"] == "refuse"
+    swapped = records()
+    swapped["en_wikitext2"] = record.entry("en_wikitext2", "en", "old", [f"other text {i:2d}" for i in range(20)],
+                                           [i // 2 for i in range(20)], swapped["en_wikitext2"]["units"]["nll"],
+                                           [100] * 20, CFG)
+    assert not record.matches(records(), swapped)[0]
+    assert record.matches(records(), records())[0]
 
 
 class _Registry(tracking.Tracker):
@@ -139,6 +180,8 @@ class _Registry(tracking.Tracker):
     def download_model(self, champion):
         if self.folder is None:
             raise tracking.TrackingUnavailable("artifact store unreachable")
+        self.folder.mkdir(parents=True)  # a fresh copy, as MlflowTracker.download_model makes one
+        (self.folder / "model.safetensors").write_bytes(b"\0" * 1024)
         return self.folder
 
     def register_model(self, path, tags=None, **kwargs):
@@ -148,26 +191,31 @@ class _Registry(tracking.Tracker):
         self.aliases.append((alias, version))
 
 
-def test_run_rescores_a_champion_it_cannot_compare(tmp_path):
+def test_run_rescores_a_champion_it_cannot_compare_and_deletes_the_copy(tmp_path):
     seen = []
 
     def rescore(folder):
-        seen.append(folder)
-        return {n: {"domain": d, "bytes": b, "bpb": bpb + 0.3} for n, d, b, bpb in
-                [("ntrex_vi", "new", 1000, 1.5), ("heldout_vi", "new", 500, 1.5), ("en_wikitext2", "old", 1000, 1.22)]}
+        seen.append((folder, folder.exists()))
+        return records({n: 0.3 for n in ("ntrex_vi", "heldout_vi")})
 
-    registry = _Registry(tmp_path / "champion")
-    d = gate.run(PARAMS, Layout(tmp_path), eval_metrics(), registry, rescore=rescore)
-    assert seen == [tmp_path / "champion"]
+    layout = Layout(tmp_path)
+    write_json(gate.sources_path(layout), records())  # what the eval stage writes
+    registry = _Registry(tmp_path / "cpt-champion-v4-x" / "model")
+    d = gate.run(PARAMS, layout, eval_metrics(), registry, rescore=rescore)
+    assert seen == [(tmp_path / "cpt-champion-v4-x" / "model", True)]
+    assert not (tmp_path / "cpt-champion-v4-x").exists()  # the downloaded champion is deleted after use
     assert d["vs_champion"]["checked"] and d["promoted"] and registry.aliases == [("champion", "5")]
-    on_disk = json.loads(Layout(tmp_path).metrics_file("gate").read_text())
+    on_disk = json.loads(layout.metrics_file("gate").read_text())
     assert on_disk["decision"] == "promote" and on_disk["vs_champion"]["checked"]
     assert set(on_disk["per_source"]) == {"ntrex_vi", "heldout_vi", "en_wikitext2"}
+    assert set(on_disk["vs_champion"]["per_source"]) == {"ntrex_vi", "heldout_vi", "en_wikitext2"}
 
 
 def test_run_refuses_when_the_champion_cannot_be_rescored(tmp_path):
+    layout = Layout(tmp_path)
+    write_json(gate.sources_path(layout), records())
     registry = _Registry(None)
-    d = gate.run(PARAMS, Layout(tmp_path), eval_metrics(), registry, rescore=lambda folder: {})
+    d = gate.run(PARAMS, layout, eval_metrics(), registry, rescore=lambda folder: {})
     assert d["decision"] == "refuse" and not d["promoted"] and registry.aliases == []
     assert not d["vs_champion"]["checked"]
     assert "artifact store unreachable" in d["reason"] and "refusing to promote unchecked" in d["reason"]
@@ -227,7 +275,7 @@ def test_gate_section_of_the_report_is_rewritten_in_place(tmp_path):
     assert verdict.write_into(report, d)
     text = report.read_text()
     assert "**Decision: refuse**" in text and "(pending)" not in text and text.endswith("after\n")
-    assert "| source | en_wikitext2 | old | -0.1000 | [-0.1100, -0.0900] | >= -0.05 | refuse |" in text
+    assert "| source | en_wikitext2 | old | -0.1000 | [-0.1100, -0.0900] | 10 | >= -0.05 | refuse |" in text
 
 
 def test_params_yaml_documents_the_code_defaults(repo_root):

@@ -1,12 +1,13 @@
 """What eval scores: every ``role: eval`` source and the held-out training-distribution documents per language
 (``heldout_<lang>``), each cut into units of at most ``eval.unit_bytes`` and sampled (seeded, spread over the whole
-source) up to ``eval.max_bytes``. The units are what the bootstrap resamples."""
+source) up to ``eval.max_bytes``. Units are what the models score; each remembers its document, and whole
+documents are what the bootstrap resamples (``cpt.evaluation.uncertainty``)."""
 
 from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -25,6 +26,17 @@ class EvalSource:
     texts: list[str]  # the units scored (documents cut at line ends into <= eval.unit_bytes pieces, sampled)
     available: int  # units before the budget
     truncated: int = 0  # kept for the report's columns: units are never cut (always 0)
+    docs: list[int] = field(default_factory=list)  # per unit: index of its document in the source (bootstrap cluster)
+
+    def __post_init__(self) -> None:
+        if not self.docs:
+            self.docs = list(range(len(self.texts)))  # no document labels given: every unit is its own document
+        if len(self.docs) != len(self.texts):
+            raise ValueError(f"{self.name}: {len(self.docs)} document labels for {len(self.texts)} units")
+
+    @property
+    def documents(self) -> int:
+        return len(set(self.docs))
 
 
 def units(text: str, unit_bytes: int | None) -> list[str]:
@@ -52,7 +64,9 @@ def _pieces(text: str, unit_bytes: int):
     for line in text.splitlines(keepends=True):
         while len(line.encode("utf-8")) > unit_bytes:
             head = line.encode("utf-8")[:unit_bytes].decode("utf-8", errors="ignore")
-            cut = head.rfind(" ") + 1 or len(head)
+            # at least one character: a budget smaller than one character (unit_bytes 1-3 before a 4-byte
+            # character) used to cut nothing and loop forever
+            cut = head.rfind(" ") + 1 or len(head) or 1
             yield line[:cut]
             line = line[cut:]
         if line:
@@ -61,16 +75,24 @@ def _pieces(text: str, unit_bytes: int):
 
 def budget(texts: list[str], max_docs: int | None, max_bytes: int | None, *, unit_bytes: int | None = None,
            seed: int = 0, name: str = "") -> tuple[list[str], int]:
+    """``budget_units`` without the document labels: (texts, units available)."""
+    chosen, _, pool = budget_units(texts, max_docs, max_bytes, unit_bytes=unit_bytes, seed=seed, name=name)
+    return chosen, pool
+
+
+def budget_units(texts: list[str], max_docs: int | None, max_bytes: int | None, *, unit_bytes: int | None = None,
+                 seed: int = 0, name: str = "") -> tuple[list[str], list[int], int]:
     """A seeded uniform sample of units (``units``) within ``max_docs`` units and ``max_bytes`` bytes, in corpus
-    order; returns (texts, units available). Spread over the whole source instead of its first documents, so the
-    budget measures the source (heldout_en used to be a 19.5 KB prefix of one book) and the bootstrap resamples
-    units that are representative of it. Deterministic for a fixed seed and source name."""
-    pool = [u for t in texts for u in units(t, unit_bytes) if u.strip()]
+    order; returns (texts, the index in ``texts`` of each one's document, units available). Spread over the whole
+    source instead of its first documents, so the budget measures the source (heldout_en used to be a 19.5 KB prefix
+    of one book) and the bootstrap resamples documents that are representative of it. Deterministic for a fixed
+    seed and source name."""
+    pool = [(u, d) for d, t in enumerate(texts) for u in units(t, unit_bytes) if u.strip()]
     key = int.from_bytes(hashlib.blake2b(name.encode("utf-8"), digest_size=8).digest(), "little")
     order = np.random.default_rng([int(seed), key]).permutation(len(pool))
     chosen, total = [], 0
     for i in order:
-        size = len(pool[i].encode("utf-8"))
+        size = len(pool[i][0].encode("utf-8"))
         if max_docs is not None and len(chosen) >= max_docs:
             break
         if max_bytes is not None and total + size > max_bytes:
@@ -79,7 +101,8 @@ def budget(texts: list[str], max_docs: int | None, max_bytes: int | None, *, uni
             continue  # a first unit bigger than the whole budget: try the next one
         chosen.append(int(i))
         total += size
-    return [pool[i] for i in sorted(chosen)], len(pool)
+    chosen.sort()
+    return [pool[i][0] for i in chosen], [pool[i][1] for i in chosen], len(pool)
 
 
 def _max_bytes(cfg: dict, domain: str) -> int | None:
@@ -105,13 +128,13 @@ def collect_sources(layout: Layout, cfg: dict, seed: int = 0) -> list[EvalSource
     out = []
     for info in infos:
         texts = [d["text"] for d in iter_docs(layout.clean, role="eval", name=info.name) if d["text"].strip()]
-        chosen, pool = budget(texts, cfg["max_docs"], _max_bytes(cfg, info.domain), unit_bytes=cfg["unit_bytes"],
-                              seed=seed, name=info.name)
-        out.append(EvalSource(info.name, info.lang, info.domain, "eval", chosen, pool))
+        chosen, docs, pool = budget_units(texts, cfg["max_docs"], _max_bytes(cfg, info.domain),
+                                          unit_bytes=cfg["unit_bytes"], seed=seed, name=info.name)
+        out.append(EvalSource(info.name, info.lang, info.domain, "eval", chosen, pool, docs=docs))
     for name, (lang, domain, texts) in heldout_groups(layout, cfg).items():
-        chosen, pool = budget(texts, cfg["max_docs"], _max_bytes(cfg, domain), unit_bytes=cfg["unit_bytes"],
-                              seed=seed, name=name)
-        out.append(EvalSource(name, lang, domain, "heldout", chosen, pool))
+        chosen, docs, pool = budget_units(texts, cfg["max_docs"], _max_bytes(cfg, domain),
+                                          unit_bytes=cfg["unit_bytes"], seed=seed, name=name)
+        out.append(EvalSource(name, lang, domain, "heldout", chosen, pool, docs=docs))
     out = [s for s in out if s.texts]
     if not out:
         raise DataError(f"{layout.clean}: no role: eval documents and no held-out documents to evaluate")

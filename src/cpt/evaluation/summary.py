@@ -10,7 +10,7 @@ from typing import Any
 
 from cpt.evaluation.bpb import Score
 from cpt.evaluation.sources import EvalSource
-from cpt.evaluation.uncertainty import Paired, bootstrap, interval, negate
+from cpt.evaluation.uncertainty import compare, negate
 
 
 def pooled(scores: dict[str, Score], sources: list[EvalSource], *, domain: str | None = None) -> dict[str, Score]:
@@ -22,33 +22,49 @@ def pooled(scores: dict[str, Score], sources: list[EvalSource], *, domain: str |
     return out
 
 
+def unit_table(ref: dict[str, Score], cand: dict[str, Score], sources: list[EvalSource]) -> dict[str, list]:
+    """The per-unit inputs of ``uncertainty.compare`` for two models' scores on ``sources``: ref/cand NLL, bytes,
+    document label, source."""
+    out: dict[str, list] = {"ref": [], "cand": [], "bytes": [], "doc": [], "source": []}
+    for s in sources:
+        r, c = ref[s.name], cand[s.name]
+        if not len(r.doc_nll) == len(c.doc_nll) == len(s.docs):
+            raise ValueError(f"{s.name}: {len(r.doc_nll)} / {len(c.doc_nll)} scored units for {len(s.docs)} units")
+        out["ref"] += r.doc_nll
+        out["cand"] += c.doc_nll
+        out["bytes"] += r.doc_bytes
+        out["doc"] += s.docs
+        out["source"] += [s.name] * len(s.docs)
+    return out
+
+
 def intervals(scores: dict[str, dict[str, Score]], sources: list[EvalSource], *, resamples: int = 1000,
               seed: int = 0) -> dict[str, Any]:
-    """``sources`` (per source: delta, gain or forgetting, and its ``gain_ci95`` / ``forgetting_ci95``) and the
-    per-language ``gain_ci95`` / ``forgetting_ci95``: a paired bootstrap over the scored documents (units), stratified
-    by source, ``resamples`` draws, seeded."""
-    groups = {s.name: Paired(scores["base"][s.name].doc_nll, scores["cpt"][s.name].doc_nll,
-                             scores["base"][s.name].doc_bytes) for s in sources}
-    draws = bootstrap(groups, resamples=resamples, seed=seed)
+    """``sources`` (per source: delta, gain or forgetting, and its ``gain_ci95`` / ``forgetting_ci95``, the units
+    scored and the ``documents`` they come from) and the per-language ``gain_ci95`` / ``forgetting_ci95``: a paired
+    bootstrap over whole documents, stratified by source, ``resamples`` draws, seeded (``uncertainty.compare``)."""
+    t = unit_table(scores["base"], scores["cpt"], sources)
+    pools = {f"{'gain' if s.domain == 'new' else 'forgetting'}:{s.lang}": [] for s in sources}
+    for s in sources:
+        pools[f"{'gain' if s.domain == 'new' else 'forgetting'}:{s.lang}"].append(s.name)
+    cmp = compare(t["ref"], t["cand"], t["bytes"], t["doc"], t["source"], lang={s.name: s.lang for s in sources},
+                  pools=pools, resamples=resamples, seed=seed)
     out: dict[str, Any] = {"sources": {}, "gain_ci95": {}, "forgetting_ci95": {}}
     for s in sources:
-        base, cpt = scores["base"][s.name], scores["cpt"][s.name]
-        delta, ci = base.bpb - cpt.bpb, interval([draws[s.name]], units=base.docs)
+        base, cpt, row = scores["base"][s.name], scores["cpt"][s.name], cmp["sources"][s.name]
+        delta, ci = base.bpb - cpt.bpb, row["ci95"]
         kind = "gain" if s.domain == "new" else "forgetting"
         out["sources"][s.name] = {
-            "lang": s.lang, "domain": s.domain, "units": base.docs, "bytes": base.bytes,
-            "base_bpb": round(base.bpb, 6), "cpt_bpb": round(cpt.bpb, 6), "delta": round(delta, 6),
-            kind: round(delta if kind == "gain" else -delta, 6),
+            "lang": s.lang, "domain": s.domain, "units": base.docs, "documents": row["documents"],
+            "bytes": base.bytes, "base_bpb": round(base.bpb, 6), "cpt_bpb": round(cpt.bpb, 6),
+            "delta": round(delta, 6), kind: round(delta if kind == "gain" else -delta, 6),
             f"{kind}_ci95": ci if kind == "gain" else negate(ci),
         }
-    for kind, domain in (("gain", "new"), ("forgetting", "old")):
-        langs = sorted({s.lang for s in sources if s.domain == domain})
-        for lang in langs:
-            mine = [s for s in sources if s.domain == domain and s.lang == lang]
-            ci = interval([draws[s.name] for s in mine], units=sum(scores["base"][s.name].docs for s in mine))
-            out[f"{kind}_ci95"][lang] = ci if kind == "gain" else negate(ci)
-    out["bootstrap"] = {"resamples": resamples, "seed": seed, "level": 0.95, "paired": True,
-                        "strata": "source", "unit": "scored document (eval.unit_bytes pieces)"}
+    for name, row in sorted(cmp["pools"].items()):
+        kind, lang = name.split(":", 1)
+        out[f"{kind}_ci95"][lang] = row["ci95"] if kind == "gain" else negate(row["ci95"])
+    out["bootstrap"] = {**cmp["bootstrap"], "documents": "a role: eval record, or one held-out training document; "
+                        "its units (eval.unit_bytes pieces) are resampled together"}
     return out
 
 

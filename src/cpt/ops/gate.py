@@ -3,22 +3,26 @@
 Decision logic over ``metrics/eval.json`` (no mlflow import): bits per byte are tokenizer-independent, so the base
 (old tokenizer) and the continually pretrained model (extended tokenizer) are compared on the same bytes. Sign
 convention of eval.json: ``gain = bpb(base) - bpb(cpt)`` on new-domain text and ``forgetting = bpb(cpt) - bpb(base)``
-on old-domain text, each with its bootstrap 95% interval (``gain_ci95`` / ``forgetting_ci95``).
+on old-domain text, each with its bootstrap 95% interval (``gain_ci95`` / ``forgetting_ci95``: whole documents
+resampled, ``cpt.evaluation.uncertainty``) and the number of ``documents`` behind it.
 
-Vs the base, every source and every language gets a verdict (``cpt.ops.verdict``): forgetting's UPPER bound within
-``gate.max_forgetting`` for each old-domain source and language (the worst source decides: a big English set that
-improved can no longer hide a WikiText regression), gain's LOWER bound at least ``gate.min_gain`` for each new-domain
-source and language, "undecided: too little eval text" when an interval misses its budget and is wider than it.
-The byte-weighted pooled figures (``vs_base``) are kept as information.
+The decision is a list of checks (``checks`` in metrics/gate.json), each one verdict of ``cpt.ops.verdict.judge``
+(promote | refuse | undecided, with its reason); the worst decides. Today's checks:
 
-Vs the current champion: the two are compared on the same text or not at all. When the champion's stored scores are
-not on the candidate's eval set (other sources or bytes), ``run`` re-scores the champion (downloaded from the
-registry) on the candidate's eval set; when that is impossible the gate refuses, saying why. It never promotes
-unchecked: ``vs_champion.checked`` is true whenever a champion exists and the decision is "promote".
+- vs the base, every source and every language: forgetting (old domain) within ``gate.max_forgetting``, gain (new
+  domain) at least ``gate.min_gain``; fewer than ``gate.min_documents`` documents: "undecided: too few documents";
+- vs the current champion, the same per-source and per-language checks (``cpt.ops.champion``: paired on the same
+  units, the champion re-scored when its stored record is on other units or another eval configuration, by content
+  hash) with ``champion_min_gain`` / ``champion_max_forgetting``. A champion that cannot be compared is a refuse:
+  the gate never promotes unchecked.
 
-``decision``: "promote" | "refuse" | "undecided". ``run`` is the post-eval hook (``cpt.cli.run_stage`` calls it
-whenever the eval stage runs): champion lookup (and re-score) -> decision -> register -> alias -> metrics/gate.json.
-With tracking off it still decides vs the base and writes the file.
+A new rule (a downstream-task drop, ...) adds its verdicts to ``checks`` in ``decide``. The byte-weighted pooled
+figures (``vs_base``) are kept as information.
+
+``decision``: "promote" | "refuse" | "undecided"; ``reason`` names what decided it (every check that did not
+promote). ``run`` is the post-eval hook (``cpt.cli.run_stage`` calls it whenever the eval stage runs): champion
+lookup (and re-score) -> decision -> register -> alias -> metrics/gate.json. With tracking off it still decides vs
+the base and writes the file.
 """
 
 from __future__ import annotations
@@ -30,7 +34,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from cpt.io import write_json
+from cpt.errors import ConfigError
+from cpt.evaluation import record
+from cpt.io import read_json, write_json
+from cpt.ops import champion as champ_mod
 from cpt.ops import verdict
 from cpt.params import section, with_defaults
 
@@ -41,6 +48,7 @@ DEFAULTS: dict[str, Any] = {
     "max_forgetting": 0.05,  # bits per byte the old domain may get worse by
     "champion_min_gain": None,  # vs the current champion; null = min_gain
     "champion_max_forgetting": None,  # vs the current champion; null = max_forgetting
+    "min_documents": 5,  # fewer documents behind a gated number: "undecided: too few documents"
     "alias": "champion",
 }
 
@@ -55,6 +63,8 @@ def gate_params(params: dict[str, Any]) -> dict[str, Any]:
     cfg["champion_max_forgetting"] = float(
         cfg["max_forgetting"] if cfg["champion_max_forgetting"] is None else cfg["champion_max_forgetting"]
     )
+    if isinstance(cfg["min_documents"], bool) or not isinstance(cfg["min_documents"], int) or cfg["min_documents"] < 1:
+        raise ConfigError(f"gate.min_documents: expected a positive integer, got {cfg['min_documents']!r}")
     return cfg
 
 
@@ -139,19 +149,6 @@ def compare(candidate: dict[str, float | None], reference: dict[str, float | Non
     }
 
 
-def comparable_sources(candidate: dict[str, dict], champion: dict[str, dict]) -> set[str]:
-    """Sources both models were scored on, with the same domain and byte count (same text), so bpb compare."""
-    return {
-        n for n, s in candidate.items()
-        if n in champion and champion[n].get("domain") == s["domain"] and champion[n].get("bytes") == s["bytes"]
-    }
-
-
-def champion_comparable(candidate: dict[str, dict], scores: dict[str, dict] | None) -> bool:
-    """True when ``scores`` (a champion's) cover every candidate source on the same bytes."""
-    return bool(candidate) and comparable_sources(candidate, scores or {}) == set(candidate)
-
-
 def verdicts(eval_metrics: dict[str, Any], cpt: dict[str, dict], base: dict[str, dict],
              cfg: dict[str, Any]) -> tuple[dict[str, dict], dict[str, dict]]:
     """(per_source, per_lang) verdicts vs the base, on eval.json's intervals."""
@@ -163,42 +160,38 @@ def verdicts(eval_metrics: dict[str, Any], cpt: dict[str, dict], base: dict[str,
         value = base[name]["bpb"] - cpt[name]["bpb"] if kind == "gain" else cpt[name]["bpb"] - base[name]["bpb"]
         entry = info.get(name) or {}
         per_src[name] = {"domain": domain, "lang": entry.get("lang"), "bytes": cpt[name]["bytes"],
-                         **verdict.judge(kind, value, entry.get(f"{kind}_ci95"), budget)}
+                         **verdict.judge(kind, value, entry.get(f"{kind}_ci95"), budget,
+                                         documents=_documents(entry), min_documents=cfg["min_documents"])}
     per_lang: dict[str, dict] = {}
     for kind, domain, budget in (("gain", "new", cfg["min_gain"]), ("forgetting", "old", cfg["max_forgetting"])):
         values = eval_metrics.get(kind) if isinstance(eval_metrics.get(kind), dict) else {}
         cis = eval_metrics.get(f"{kind}_ci95") if isinstance(eval_metrics.get(f"{kind}_ci95"), dict) else {}
         for lang, value in sorted(values.items()):
             key = lang if lang not in per_lang else f"{lang}_{domain}"
-            per_lang[key] = {"domain": domain, **verdict.judge(kind, _number(value), cis.get(lang), budget)}
+            mine = [e for e in info.values() if isinstance(e, dict) and e.get("lang") == lang
+                    and e.get("domain", domain) == domain]
+            docs = [_documents(e) for e in mine]
+            n_docs = sum(docs) if mine and None not in docs else None  # type: ignore[arg-type]
+            per_lang[key] = {"domain": domain, **verdict.judge(kind, _number(value), cis.get(lang), budget,
+                                                               documents=n_docs, min_documents=cfg["min_documents"])}
     return per_src, per_lang
 
 
-def _vs_champion(candidate: dict[str, dict], champion: dict[str, Any] | None, note: str | None,
-                 rescored: dict[str, dict] | None, cfg: dict[str, Any]) -> dict[str, Any]:
-    if champion is None:
-        return {"checked": False, "passed": True, "reasons": [note or "no champion yet"]}
-    version = champion.get("version")
-    if champion_comparable(candidate, champion.get("sources")):
-        ref, how = champion["sources"], "its stored scores, on the same bytes"
-    elif champion_comparable(candidate, rescored):
-        ref, how = rescored, "re-scored on this eval set"
-    else:
-        why = note or "its stored scores are on other eval sources/bytes and it was not re-scored"
-        return {"checked": False, "passed": False, "version": version, "reasons": [
-            f"champion v{version} cannot be compared on this eval set ({why}); refusing to promote unchecked"]}
-    vs = compare(domain_bpb(candidate), domain_bpb(ref, set(candidate)), cfg["champion_min_gain"],
-                 cfg["champion_max_forgetting"])
-    return {"checked": True, "version": version, "how": how, "sources": sorted(candidate), **vs}
+def _documents(entry: dict[str, Any]) -> int | None:
+    """eval.json's ``sources.<name>.documents`` (None in an eval.json from before documents were counted)."""
+    n = entry.get("documents")
+    return n if isinstance(n, int) and not isinstance(n, bool) else None
 
 
 def decide(eval_metrics: dict[str, Any], params: dict[str, Any], champion: dict[str, Any] | None = None,
-           champion_note: str | None = None, champion_scores: dict[str, dict] | None = None) -> dict[str, Any]:
+           champion_note: str | None = None, champion_scores: dict[str, dict] | None = None,
+           candidate: dict[str, dict] | None = None) -> dict[str, Any]:
     """The whole decision as a JSON-able dict (written to metrics/gate.json and the MLflow run).
 
-    ``champion``: ``{"version": str, "sources": {name: {"domain", "bpb", "bytes"}}}`` of the current champion (its
-    stored scores), or None with ``champion_note`` saying why there is none. ``champion_scores``: the champion
-    re-scored on the candidate's eval set (same shape as its ``sources``), for when the stored scores do not compare.
+    ``champion``: ``{"version": str, "sources": its stored record}`` of the current champion, or None with
+    ``champion_note`` saying why there is none. ``candidate``: the candidate's record (``cpt.evaluation.record``:
+    per-unit NLL, content hashes); ``champion_scores``: the champion re-scored on the candidate's units (a record
+    too), for when the stored one does not match.
     """
     cfg = gate_params(params)
     domains = source_domains(params)
@@ -207,19 +200,26 @@ def decide(eval_metrics: dict[str, Any], params: dict[str, Any], champion: dict[
     common = set(base) & set(cpt)
     notes = notes_b + notes_c
     notes += [f"{n}: scored for only one of base/cpt; not used" for n in sorted(set(base) ^ set(cpt))]
-    candidate = {n: cpt[n] for n in common}
-    by_source, by_lang = verdicts(eval_metrics, candidate, base, cfg)
+    by_source, by_lang = verdicts(eval_metrics, {n: cpt[n] for n in common}, base, cfg)
     pooled = compare(domain_bpb(cpt, common), domain_bpb(base, common), cfg["min_gain"], cfg["max_forgetting"])
-    champ = _vs_champion(candidate, champion, champion_note, champion_scores, cfg)
-    items = {**{f"source {k}": v for k, v in by_source.items()}, **{f"lang {k}": v for k, v in by_lang.items()}}
-    decision = verdict.worst(items) if by_source else "refuse"
-    if not champ["passed"]:
-        decision = "refuse"
-    failed = [f"{n}: {v['reason']}" for n, v in items.items() if v["decision"] != "promote"]
+    boot = eval_metrics.get("bootstrap") if isinstance(eval_metrics.get("bootstrap"), dict) else {}
+    champ = champ_mod.vs_champion(candidate, champion, champion_note, champion_scores, cfg,
+                                  resamples=int(boot.get("resamples") or 1000),
+                                  seed=int(boot.get("seed") if boot.get("seed") is not None else params.get("seed", 0)))
+    notes += champ.get("notes", [])
+    checks = [{"check": f"vs base: source {k}", **v} for k, v in by_source.items()]
+    checks += [{"check": f"vs base: lang {k}", **v} for k, v in by_lang.items()]
+    checks += [{"check": f"vs champion v{champ.get('version')}: source {k}", **v}
+               for k, v in champ.get("per_source", {}).items()]
+    checks += [{"check": f"vs champion v{champ.get('version')}: lang {k}", **v}
+               for k, v in champ.get("per_lang", {}).items()]
     if not by_source:
-        failed.append("no source scored by both base and cpt")
-    if not champ["passed"]:
-        failed += [f"vs champion v{champ.get('version')}: {r}" if champ.get("checked") else r for r in champ["reasons"]]
+        checks.append({"check": "vs base", "decision": "refuse", "reason": "no source scored by both base and cpt"})
+    if champion is not None and not champ.get("checked"):
+        checks += [{"check": f"vs champion v{champ.get('version')}", "decision": "refuse", "reason": r}
+                   for r in champ["reasons"]]
+    decision = verdict.worst({str(i): c for i, c in enumerate(checks)})
+    failed = [f"{c['check']}: {c['reason']}" for c in checks if c["decision"] != "promote"]
     result: dict[str, Any] = {
         "decision": decision,
         "passed": decision == "promote",
@@ -228,12 +228,13 @@ def decide(eval_metrics: dict[str, Any], params: dict[str, Any], champion: dict[
         else f"{decision}: " + "; ".join(failed),
         "alias": cfg["alias"],
         "thresholds": {k: cfg[k] for k in ("min_gain", "max_forgetting", "champion_min_gain",
-                                           "champion_max_forgetting")},
+                                           "champion_max_forgetting", "min_documents")},
+        "checks": checks,
         "per_source": by_source,
         "per_lang": by_lang,
         "vs_base": {**pooled, "note": "pooled over sources, byte-weighted: information only (the per-source and "
                                       "per-language verdicts decide)"},
-        "vs_champion": champ,
+        "vs_champion": {k: v for k, v in champ.items() if k != "notes"},
         "sources": {n: {"domain": cpt[n]["domain"], "bytes": cpt[n]["bytes"], "base_bpb": base[n]["bpb"],
                         "cpt_bpb": cpt[n]["bpb"]} for n in sorted(common)},
         "notes": notes,
@@ -245,7 +246,8 @@ def decide(eval_metrics: dict[str, Any], params: dict[str, Any], champion: dict[
 
 
 def candidate_sources(decision: dict[str, Any]) -> dict[str, dict]:
-    """What the registry stores with a version so a later gate can compare against it."""
+    """Per-source bpb only (no units, no hash): what is registered when the caller has no record of the candidate;
+    a later gate cannot pair with it and re-scores."""
     return {n: {"domain": s["domain"], "bytes": s["bytes"], "bpb": s["cpt_bpb"]} for n, s in decision["sources"].items()}
 
 
@@ -262,36 +264,25 @@ def summary_metrics(decision: dict[str, Any]) -> dict[str, float]:
 
 
 def sources_path(layout: Any) -> Path:
-    """data/eval/sources.json: the candidate's per-source bpb (domain, bytes), as the registry keeps it."""
-    return Path(layout.data) / "eval" / "sources.json"
-
-
-def rescore_champion(champion: dict[str, Any], tracker: Any, rescore: Any) -> tuple[dict | None, str | None]:
-    """The champion's scores on the candidate's eval set, or (None, why not)."""
-    if rescore is None:
-        return None, "no re-scorer given"
-    try:
-        path = tracker.download_model(champion)
-        if path is None:
-            return None, "the registry holds no model files for it"
-        return rescore(path), None
-    except Exception as exc:  # noqa: BLE001 - a registry or scoring problem is a reason to refuse, not a crash
-        return None, f"re-scoring it failed ({type(exc).__name__}: {exc})"
+    """data/eval/sources.json: the candidate's record (``cpt.evaluation.record``), as the registry keeps it."""
+    return record.path(layout)
 
 
 def promote(params: dict[str, Any], eval_metrics: dict[str, Any], tracker: Any, model_dir: Any,
-            model_name: str | None = None, rescore: Any = None,
-            sources_file: Path | None = None) -> dict[str, Any]:
+            model_name: str | None = None, rescore: Any = None, sources_file: Path | None = None,
+            candidate: dict[str, dict] | None = None) -> dict[str, Any]:
     """Champion lookup (+ re-score) -> decision -> register ``model_dir`` as a new version of ``model_name``
     (default: the tracker's ``tracking.model_name``) -> alias. Tracking problems are recorded in the decision, never
     raised. The eval hook below uses it for the CPT model; the sft stage for its own model under its own name.
 
-    ``rescore(model_dir) -> {source: {"domain", "bytes", "bpb"}}`` scores a model folder on this eval's text (the
-    eval stage's ``rescore``); used when the champion's stored scores are on other text. ``sources_file``: where the
-    candidate's per-source numbers are kept (eval: data/eval/sources.json, a DVC output); they are registered with
-    the version as the artifact ``gate/sources.json``, which a later gate compares against."""
+    ``candidate``: the candidate's record (per-unit NLL, documents, content hashes; ``cpt.evaluation.record``).
+    ``rescore(model_dir) -> record`` scores a model folder on the candidate's units (eval: ``cpt.stages.eval.rescore``;
+    sft: ``cpt.sft.rescore``); used when the champion's stored record does not match, on a downloaded copy that is
+    deleted afterwards. ``sources_file``: where the candidate's record is kept (eval: data/eval/sources.json, a DVC
+    output); it is registered with the version as the artifact ``gate/sources.json``, which a later gate pairs with."""
     cfg = gate_params(params)
     champion, note, lookup_failed, rescored = None, None, False, None
+    candidate = candidate if record.is_record(candidate) else None
     if not getattr(tracker, "active", False):
         model_name = None
         note = "tracking off: champion comparison skipped, nothing registered"
@@ -304,20 +295,21 @@ def promote(params: dict[str, Any], eval_metrics: dict[str, Any], tracker: Any, 
             note = f"champion lookup failed ({type(exc).__name__}: {exc}); comparison skipped"
             lookup_failed = True
     if champion is not None:
-        cpt, _ = per_source(eval_metrics, "cpt", source_domains(params))
-        if not champion_comparable(cpt, champion.get("sources")):
-            rescored, note = rescore_champion(champion, tracker, rescore)
-            if rescored is not None:
-                log.info("gate: champion v%s re-scored on this eval set", champion.get("version"))
-    decision = decide(eval_metrics, params, champion, note, rescored)
+        same, why = record.matches(candidate or {}, champion.get("sources"))
+        if not same and candidate:
+            log.info("gate: champion v%s's stored scores do not pair (%s): re-scoring it", champion.get("version"), why)
+            rescored, note = champ_mod.rescore(champion, tracker, rescore)
+        elif not same:
+            note = "the candidate's per-unit scores are missing, so nothing can be paired"
+    decision = decide(eval_metrics, params, champion, note, rescored, candidate)
     decision["registered_model"] = model_name
     decision["version"] = None
-    # The per-source numbers a later gate compares against: an artifact of the registered version (a JSON tag
-    # would be ~1 KB of unreadable text in the registry UI). A caller without a file of its own gets a temporary one.
+    # The numbers a later gate pairs with: an artifact of the registered version (a JSON tag would be unreadable in
+    # the registry UI). A caller without a file of its own gets a temporary one.
     with contextlib.ExitStack() as stack:
         if sources_file is None:
             sources_file = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "sources.json"
-        write_json(sources_file, candidate_sources(decision), sort_keys=True)
+        write_json(sources_file, candidate or candidate_sources(decision), sort_keys=True)
         _register_and_alias(decision, cfg, tracker, model_dir, model_name, sources_file, lookup_failed)
     if getattr(tracker, "active", False):
         tracker.log_metrics(summary_metrics(decision))
@@ -356,9 +348,13 @@ def run(params: dict[str, Any], layout: Any, eval_metrics: dict[str, Any], track
         rescore: Any = None) -> dict[str, Any]:
     """Post-eval hook: ``promote`` the CPT model (data/models/cpt), then write ``metrics/gate.json`` and the
     decision into the eval report. The eval results are already safe on disk."""
-    # data/eval/sources.json is a DVC output of eval that is NOT in git: a fresh clone has no copy, so `dvc repro`
-    # runs eval (and this gate) for the model it just trained.
-    decision = promote(params, eval_metrics, tracker, layout.model, rescore=rescore, sources_file=sources_path(layout))
+    # data/eval/sources.json (the candidate's record, written by eval) is a DVC output of eval that is NOT in git: a
+    # fresh clone has no copy, so `dvc repro` runs eval (and this gate) for the model it just trained.
+    path = sources_path(layout)
+    candidate = read_json(path) if path.exists() else None
+    candidate = candidate if record.is_record(candidate) else None  # an older file: per-source bpb only
+    decision = promote(params, eval_metrics, tracker, layout.model, rescore=rescore, sources_file=path,
+                       candidate=candidate)
     write_json(layout.metrics_file("gate"), decision, sort_keys=True)
     tracker.log_artifact(layout.metrics_file("gate"))
     report = layout.reports / "eval" / "report.md"

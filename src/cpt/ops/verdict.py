@@ -1,14 +1,21 @@
-"""The gate's per-source and per-language verdicts on 95% intervals.
+"""The gate's verdicts on 95% intervals: three outcomes, one rule, for every check.
 
 Each number the gate acts on comes with the bootstrap interval the eval stage measured (``gain_ci95`` /
-``forgetting_ci95``, see ``cpt.evaluation.uncertainty``). Budgets:
+``forgetting_ci95``: a paired bootstrap over whole documents, ``cpt.evaluation.uncertainty``). Budgets:
+``min_gain`` (gain, new domain: more is better) and ``max_forgetting`` (forgetting, old domain: less is better).
 
-- forgetting (old domain, every source and every language): the UPPER bound must be <= ``max_forgetting``;
-- gain (new domain, every source and every language): the LOWER bound must be >= ``min_gain``;
-- an interval that misses its budget but is wider than the budget itself cannot tell a real regression from too
-  little text: "undecided: too little eval text" (score more text: ``eval.max_bytes``), never a silent pass.
+- **promote**: the bound that matters clears its budget (gain's LOWER bound >= min_gain; forgetting's UPPER bound
+  <= max_forgetting);
+- **refuse**: the whole interval lies on the wrong side (gain's UPPER bound < min_gain: even the best case gains too
+  little; forgetting's LOWER bound > max_forgetting: even the best case forgets too much);
+- **undecided**: the interval straddles the budget: more eval text (more documents) would decide;
+- **undecided: too few documents** when the measurement rests on fewer than ``gate.min_documents`` documents (its
+  interval, however narrow, would claim what a handful of documents cannot show), and "no interval" when there is
+  none. A missing number is a refuse.
 
-The worst verdict decides: any refuse -> refuse, else any undecided -> undecided, else promote.
+The interval's width no longer matters: a clear failure ([+0.3, +0.5] of forgetting against 0.05) is refused, not
+"too little eval text". ``worst``: any refuse -> refuse, else any undecided -> undecided, else promote. A check is
+any dict with ``decision`` and ``reason``, so new rules (a downstream-task drop, ...) join the same list.
 """
 
 from __future__ import annotations
@@ -18,26 +25,34 @@ from typing import Any
 ORDER = {"promote": 0, "undecided": 1, "refuse": 2}
 
 
-def judge(kind: str, value: float | None, ci: list[float] | None, budget: float) -> dict[str, Any]:
-    """One verdict. ``kind`` is "gain" (pass: lo >= budget) or "forgetting" (pass: hi <= budget)."""
+def judge(kind: str, value: float | None, ci: list[float] | None, budget: float, *,
+          documents: int | None = None, min_documents: int = 0) -> dict[str, Any]:
+    """One verdict. ``kind`` is "gain" (budget = the least acceptable value) or "forgetting" (the most acceptable).
+    ``documents``: how many documents the interval was resampled over (None: unknown, not checked)."""
     out: dict[str, Any] = {"metric": kind, "value": value, "ci95": ci, "budget": budget}
+    if documents is not None:
+        out["documents"] = documents
     if value is None:
         return {**out, "decision": "refuse", "reason": f"no {kind} measured"}
+    if documents is not None and documents < min_documents:
+        return {**out, "decision": "undecided",
+                "reason": f"undecided: too few documents ({kind} {value:+.4f} rests on {documents} document"
+                          f"{'s' if documents != 1 else ''}, fewer than gate.min_documents {min_documents})"}
     if ci is None:
         return {**out, "decision": "undecided", "reason": f"undecided: no interval for {kind} {value:+.4f}"}
     lo, hi = ci
-    width = hi - lo
+    shown = f"{kind} {value:+.4f}, 95% interval [{lo:+.4f}, {hi:+.4f}]"
     if kind == "gain":
-        ok, bound, cmp = lo >= budget, lo, f"lower bound {lo:+.4f} {'>=' if lo >= budget else '<'} min_gain {budget}"
-    else:
-        ok, bound, cmp = hi <= budget, hi, f"upper bound {hi:+.4f} {'<=' if hi <= budget else '>'} max_forgetting {budget}"
-    if ok:
-        return {**out, "decision": "promote", "reason": f"{kind} {value:+.4f}: {cmp}"}
-    if width > abs(budget):
-        return {**out, "decision": "undecided",
-                "reason": f"undecided: too little eval text ({kind} {value:+.4f}, 95% interval [{lo:+.4f}, {hi:+.4f}] "
-                          f"is {width:.4f} wide, wider than its budget {budget})"}
-    return {**out, "decision": "refuse", "reason": f"{kind} {value:+.4f}: {cmp}"}
+        if lo >= budget:
+            return {**out, "decision": "promote", "reason": f"{shown}: lower bound >= min_gain {budget}"}
+        if hi < budget:
+            return {**out, "decision": "refuse", "reason": f"{shown}: wholly below min_gain {budget}"}
+        return {**out, "decision": "undecided", "reason": f"undecided: {shown} straddles min_gain {budget}"}
+    if hi <= budget:
+        return {**out, "decision": "promote", "reason": f"{shown}: upper bound <= max_forgetting {budget}"}
+    if lo > budget:
+        return {**out, "decision": "refuse", "reason": f"{shown}: wholly above max_forgetting {budget}"}
+    return {**out, "decision": "undecided", "reason": f"undecided: {shown} straddles max_forgetting {budget}"}
 
 
 def worst(verdicts: dict[str, dict[str, Any]]) -> str:
@@ -59,27 +74,39 @@ def as_delta(v: dict[str, Any]) -> tuple[float | None, list[float] | None, str]:
     return (None if value is None else -value), (None if not ci else [-ci[1], -ci[0]]), f">= {-v['budget']:+g}"
 
 
+def _rows(level: str, verdicts: dict[str, dict[str, Any]]) -> list[str]:
+    out = []
+    for name, v in verdicts.items():
+        value, ci, budget = as_delta(v)
+        shown = "n/a" if value is None else f"{value:+.4f}"
+        docs = v.get("documents", "n/a")
+        out.append(f"| {level} | {name} | {v.get('domain')} | {shown} | {_ci(ci)} | {docs} | {budget} "
+                   f"| {v['decision']} |")
+    return out
+
+
 def markdown(decision: dict[str, Any]) -> str:
     """The gate's section of reports/eval/report.md (between START and END), in the report's sign convention."""
     th = decision.get("thresholds", {})
+    head = ["| | name | domain | delta (bpb) | 95% interval | documents | budget | decision |",
+            "|---|---|---|---:|---|---:|---|---|"]
     L = [START, "", f"**Decision: {decision['decision']}**" + (" (alias set)" if decision.get("promoted") else "")
          + f" - {decision['reason']}", "",
-         "delta = bpb(base) - bpb(cpt), positive = better, on every row. Budgets: on every old-domain source and "
-         f"language the LOWER 95% bound of delta must be >= -max_forgetting ({-th.get('max_forgetting', 0):+g}), i.e. "
-         "forgetting's upper bound within max_forgetting; on every new-domain source and language the lower bound "
-         f"must be >= min_gain ({th.get('min_gain', 0):+g}). An interval that misses its budget and is wider than "
-         "the budget says \"undecided: too little eval text\".", "",
-         "| | name | domain | delta (bpb) | 95% interval | budget | decision |", "|---|---|---|---:|---|---|---|"]
+         "delta = bpb(reference) - bpb(cpt), positive = better, on every row; intervals resample whole documents. "
+         "Budgets: on every old-domain source and language the 95% interval of delta must lie above "
+         f"-max_forgetting ({-th.get('max_forgetting', 0):+g}); on every new-domain source and language above "
+         f"min_gain ({th.get('min_gain', 0):+g}). Wholly on the wrong side: refuse; straddling the budget, or "
+         f"fewer than {th.get('min_documents', '?')} documents (gate.min_documents): undecided.", "",
+         "Vs the base:", "", *head]
     for level, key in (("source", "per_source"), ("language", "per_lang")):
-        for name, v in decision.get(key, {}).items():
-            value, ci, budget = as_delta(v)
-            shown = "n/a" if value is None else f"{value:+.4f}"
-            L.append(f"| {level} | {name} | {v.get('domain')} | {shown} | {_ci(ci)} | {budget} | {v['decision']} |")
+        L += _rows(level, decision.get(key, {}))
     champ = decision.get("vs_champion", {})
     if champ.get("checked"):
-        L += ["", f"Vs champion v{champ.get('version')} ({champ.get('how')}, pooled point estimates): new-domain "
-                  f"delta {champ.get('gain'):+.4f}, old-domain delta {-champ.get('forgetting'):+.4f} bpb -> "
-                  f"{'passed' if champ.get('passed') else 'failed'}."]
+        L += ["", f"Vs champion v{champ.get('version')} ({champ.get('how')}; budgets: min_gain "
+                  f"{champ.get('min_gain'):+g}, max_forgetting {champ.get('max_forgetting'):+g}) -> "
+                  f"{champ.get('decision')}:", "", *head]
+        for level, key in (("source", "per_source"), ("language", "per_lang")):
+            L += _rows(level, champ.get(key, {}))
     else:
         L += ["", "Vs champion: " + "; ".join(champ.get("reasons", ["not checked"])) + "."]
     pooled = decision.get("vs_base", {})

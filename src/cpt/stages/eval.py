@@ -23,13 +23,15 @@ from typing import Any
 import torch
 
 from cpt.errors import ConfigError
-from cpt.evaluation import report, xcopa
+from cpt.evaluation import record, report, xcopa
 from cpt.evaluation.bpb import BpbScorer
 from cpt.evaluation.models import load_model
 from cpt.evaluation.scoring import score_models
 from cpt.evaluation.overlap import check_overlap
 from cpt.evaluation.sources import collect_sources
 from cpt.evaluation.summary import assemble
+from cpt.device import autocast_dtype, pick_device
+from cpt.io import write_json
 from cpt.layout import Layout
 from cpt.ops import tracking
 from cpt.params import section, unknown_keys_message
@@ -129,6 +131,8 @@ def _run(params: dict, layout: Layout, cfg: dict) -> dict:
     paths = {"base": layout.resolve(cfg["base"]), "cpt": layout.resolve(cfg["model"])}
     scores, xacc, gens, info = score_models(paths, sources, xcopa_items, cfg, seed, layout)
     metrics = assemble(scores, sources, xacc, overlap_result, resamples=int(cfg["bootstrap_resamples"]), seed=seed)
+    # the candidate's per-unit scores: the gate pairs them with the champion's, and registers them with the version
+    write_json(record.path(layout), record.of_scores(sources, scores["cpt"], scoring_config(cfg)), sort_keys=True)
     out_dir = layout.reports / "eval"
     report.write_all(
         out_dir, metrics=metrics, sources=sources, scores=scores, xcopa_items=xcopa_items, samples=gens,
@@ -140,16 +144,20 @@ def _run(params: dict, layout: Layout, cfg: dict) -> dict:
     return metrics
 
 
+def scoring_config(cfg: dict) -> dict[str, Any]:
+    """``record.scoring_config`` with the device and autocast dtype resolved as ``load_model`` resolves them."""
+    dev = pick_device(cfg["device"])
+    amp = autocast_dtype(dev, cfg["dtype"])
+    return record.scoring_config(cfg, dev.type, None if amp is None else str(amp).removeprefix("torch."))
+
+
 def rescore(params: dict, layout: Layout, model_dir: Path) -> dict[str, dict[str, Any]]:
-    """Score another model folder (the registered champion) on exactly this eval's text: the same sources, units and
-    budget as ``run`` (seeded), so its bpb compares source by source. ``{source: {"domain", "bytes", "bpb"}}``, the
-    shape the gate stores with a registered version."""
+    """Score another model folder (the registered champion) on exactly this eval's units: the same sources, units and
+    budget as ``run`` (seeded), under the same scoring configuration, so it pairs with the candidate unit by unit.
+    Returns its record (``cpt.evaluation.record``: per-unit NLL, documents, content hash per source)."""
     cfg = config(params)
     sources = collect_sources(layout, cfg, int(params.get("seed", 0)))
     lm = load_model("champion", Path(model_dir), device=cfg["device"], dtype=cfg["dtype"])
     scorer = BpbScorer(lm, cfg["max_length"], cfg["stride"], cfg["batch_size"])
-    out = {}
-    for s in sources:
-        score = scorer.score(s.texts, desc=s.name)
-        out[s.name] = {"domain": s.domain, "bytes": score.bytes, "bpb": score.bpb}
-    return out
+    scores = {s.name: scorer.score(s.texts, desc=s.name) for s in sources}
+    return record.of_scores(sources, scores, scoring_config(cfg))
