@@ -335,6 +335,8 @@ def test_stage_reports_gain_forgetting_xcopa_and_samples(tmp_path, corpora):
         kind = "gain" if entry["domain"] == "new" else "forgetting"
         lo, hi = entry[f"{kind}_ci95"]
         assert lo <= entry[kind] <= hi and entry["units"] == m["base"][name]["docs"] > 1
+        assert 1 <= entry["documents"] <= entry["units"]  # whole documents are what the bootstrap resamples
+    assert m["bootstrap"]["unit"] == "document" and m["bootstrap"]["strata"] == "source"
     lo, hi = m["gain_ci95"]["vi"]
     assert lo <= m["gain"]["vi"] <= hi and hi - lo > 0
     lo, hi = m["forgetting_ci95"]["en"]
@@ -351,6 +353,17 @@ def test_stage_reports_gain_forgetting_xcopa_and_samples(tmp_path, corpora):
     assert samples.count("greedy:") == 4 and "Hà Nội là" in samples
     rows = (out / "bpb.csv").read_text().splitlines()
     assert rows[0] == "label,source,lang,domain,model,bpb" and len(rows) == 1 + 2 * len(sources)
+    # the candidate's per-unit record (what the registry keeps); re-scoring the same model reproduces it unit by unit
+    from cpt.evaluation import record
+    from cpt.stages.eval import rescore
+
+    cand = read_json(record.path(layout))
+    assert set(cand) == sources and cand["heldout_en"]["documents"] == m["sources"]["heldout_en"]["documents"]
+    again = rescore(params, layout, layout.model)
+    assert record.matches(cand, again) == (True, "")
+    assert again["ntrex_vi"]["units"]["nll"] == pytest.approx(cand["ntrex_vi"]["units"]["nll"], rel=1e-9)
+    other = rescore({**params, "eval": {**params["eval"], "stride": 16}}, layout, layout.model)
+    assert not record.matches(cand, other)[0]  # same text and bytes, another window: another measurement
 
 
 def test_unknown_eval_key_and_bad_stride_are_config_errors(tmp_path):
@@ -399,6 +412,38 @@ def test_one_unit_gets_no_interval_rather_than_a_zero_width_one():
     draws = bootstrap({"s": Paired([10.0, 30.0, 20.0], [9.0, 31.0, 15.0], [100, 120, 90])}, resamples=200, seed=0)
     lo, hi = interval(draws.values(), units=3)
     assert lo < hi and interval(draws.values(), units=3) == [lo, hi]  # seeded
+
+
+def test_a_unit_budget_below_one_character_still_terminates():
+    import signal
+
+    from cpt.evaluation.sources import units
+
+    def stuck(*_):
+        raise TimeoutError("units() did not finish: an endless loop")
+
+    old = signal.signal(signal.SIGALRM, stuck)
+    signal.alarm(5)
+    try:
+        for nbytes in (1, 2, 3):  # less than one 4-byte character: the old loop cut nothing, forever
+            text = "a😀b 😀😀\nxy"
+            pieces = units(text, nbytes)
+            assert "".join(pieces) == text and all(pieces)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_units_remember_their_documents():
+    from cpt.evaluation.sources import EvalSource, budget_units
+
+    docs = ["".join(f"line {i} of {d}\n" for i in range(100)) for d in ("a", "b", "c")]
+    texts, labels, pool = budget_units(docs, None, 3000, unit_bytes=300, seed=1, name="s")
+    assert len(texts) == len(labels) and set(labels) <= {0, 1, 2} and len(set(labels)) > 1
+    assert all(f"of {'abc'[d]}" in t for t, d in zip(texts, labels))  # each unit is labelled with its own document
+    src = EvalSource("s", "en", "old", "heldout", texts, pool, docs=labels)
+    assert src.documents == len(set(labels))
+    assert EvalSource("t", "en", "old", "eval", ["x", "y"], 2).docs == [0, 1]  # no labels: each unit its document
 
 
 def test_units_cut_long_documents_at_line_ends_and_the_budget_samples_them_spread_and_seeded():
