@@ -240,6 +240,66 @@ def test_stage_exports_a_chat_model(trained):
     assert eval_ids and not eval_ids & {r["id"] for r in train_rows}
 
 
+def test_sft_champion_is_rescored_on_the_candidates_conversations_and_its_copy_deleted(trained, tmp_path):
+    """Issue 24 point 5: the sft gate re-scores a champion judged on other units (it used to refuse every later
+    candidate forever): the re-scorer reproduces the candidate's own record unit by unit, and the gate pairs a
+    downloaded champion (here the CPT model) with the candidate, then deletes the copy."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from cpt.evaluation import record
+    from cpt.layout import Layout
+    from cpt.ops import tracking
+    from cpt.sft import evaluate as sft_eval
+    from cpt.sft import records
+    from cpt.sft.intervals import gate_inputs, summarize
+    from cpt.sft.packing import pack
+    from cpt.sft.template import encode
+    from cpt.stages.sft import config
+
+    root, _ = trained
+    p = params(root)
+    cfg, layout, out = config(p), Layout(root), root / "data" / "models" / "sft"
+    tok = AutoTokenizer.from_pretrained(out)
+    rows = [json.loads(line) for line in (root / "data" / "sft" / "eval.jsonl").read_text().splitlines()]
+    exs = [r for r in rows if r["lang"] == "vi"]
+    enc = encode(tok, [e["messages"] for e in exs])
+    exs, enc = zip(*[(x, e) for x, e in zip(exs, enc) if len(e.ids) - 1 <= cfg["max_length"]])
+    heldout = {"vi": (list(exs), list(enc))}
+    split = pack("eval/vi", list(enc), cfg["max_length"], tok.eos_token_id)
+    scored = sft_eval.score_models(layout, cfg["plain_eval"], out, out, "cpu", seed=7, eval_splits={"vi": split},
+                                   micro_batch=4)
+    cand = records.candidate(cfg, heldout, scored, {"vi": "new"})
+    assert set(cand) == {"sft_heldout_vi"} and cand["sft_heldout_vi"]["documents"] == len(exs)
+    again = records.rescorer(layout, cfg, 7, heldout, {"vi": "new"})(out)
+    assert record.matches(cand, again) == (True, "")
+    assert again["sft_heldout_vi"]["units"]["nll"] == pytest.approx(cand["sft_heldout_vi"]["units"]["nll"], rel=1e-6)
+
+    copy = tmp_path / "cpt-champion-v1-abc" / "model"
+
+    class Registry(tracking.Tracker):
+        active, model_name = True, "cpt"
+
+        def get_alias(self, name, alias):  # a champion judged on other conversations (an older record)
+            return {"version": "1", "run_id": "r", "sources": {"sft_heldout_vi": {"domain": "new", "bpb": 1.0}}}
+
+        def download_model(self, champion):
+            shutil.copytree(root / "data" / "models" / "cpt", copy)
+            return copy
+
+        def register_model(self, path, tags=None, **kwargs):
+            return "2"
+
+    strata = sft_eval.groups(scored, {"vi": split}, {"vi": "new"})
+    d = sft_eval.apply_gate(p, cfg["gate"], gate_inputs(summarize(strata, resamples=200, seed=7), strata), Registry(),
+                            out, "cpt-sft", candidate=cand, rescore=records.rescorer(layout, cfg, 7, heldout, {"vi": "new"}))
+    c = d["vs_champion"]
+    assert c["checked"] and c["how"] == "re-scored on this eval set", d["reason"]
+    assert set(c["per_source"]) == {"sft_heldout_vi"} and c["per_source"]["sft_heldout_vi"]["documents"] == len(exs)
+    assert not copy.parent.exists()  # the downloaded champion is deleted after use
+
+
 def test_resume_is_exact(trained, tmp_path, monkeypatch):
     """A run killed after its step-4 checkpoint and resumed ends with the uninterrupted run's weights and curve,
     bit for bit (CPU); a finished run is re-exported, not retrained."""

@@ -71,7 +71,8 @@ def groups(scored: dict[str, Any], eval_splits: dict[str, PackedSplit], domains:
                          Paired(scored["units"]["cpt"][lang], scored["units"]["sft"][lang], split.spans[:, 3])))
     for src in scored["sources"]:
         ref, cand = scored["scores"]["cpt"][src.name], scored["scores"]["sft"][src.name]
-        out.append(Group(src.name, src.lang, src.domain, "plain", Paired(ref.doc_nll, cand.doc_nll, ref.doc_bytes)))
+        out.append(Group(src.name, src.lang, src.domain, "plain", Paired(ref.doc_nll, cand.doc_nll, ref.doc_bytes),
+                         docs=list(src.docs)))
     return out
 
 
@@ -125,6 +126,9 @@ def write_samples(path: Path, rows: list[dict[str, str]], cfg: dict, template_or
         fh.write("\n".join(lines))
 
 
-def apply_gate(params: dict, gate_cfg: dict, eval_like: dict, tracker, model_dir: Path, model_name: str) -> dict:
-    """``cpt.ops.gate``'s decision and registry steps under the SFT model's own registered name."""
-    return gate.promote({**params, "gate": gate_cfg}, eval_like, tracker, model_dir, model_name)
+def apply_gate(params: dict, gate_cfg: dict, eval_like: dict, tracker, model_dir: Path, model_name: str, *,
+               candidate: dict | None = None, rescore: Any = None) -> dict:
+    """``cpt.ops.gate``'s decision and registry steps under the SFT model's own registered name; ``candidate`` and
+    ``rescore`` (``cpt.sft.records``) let it judge the current ``cpt-sft`` champion unit by unit."""
+    return gate.promote({**params, "gate": gate_cfg}, eval_like, tracker, model_dir, model_name, rescore=rescore,
+                        candidate=candidate)

@@ -5,8 +5,8 @@ it reads must come with the interval ``cpt.evaluation.uncertainty`` draws. The u
 
 * assistant-token bits per byte: one held-out conversation (all its assistant tokens, the UTF-8 bytes behind them);
   ``PackedSplit.spans`` says where each conversation sits in the packed rows;
-* plain-text bits per byte: one scored unit of eval's sources (a document cut into ``unit_bytes`` pieces), exactly
-  as the eval stage scores and resamples them (``Score.doc_nll`` / ``doc_bytes``).
+* plain-text bits per byte: one document of eval's sources (the sum of its scored ``unit_bytes`` pieces), exactly
+  as the eval stage scores and resamples them (``Score.doc_nll`` / ``doc_bytes``, ``EvalSource.docs``).
 
 Paired (the same draws for both models), stratified by group (one held-out language's conversations, or one plain
 source), seeded by the run's seed: the same run gives the same intervals. Sign as eval.json:
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from cpt.device import autocast
-from cpt.evaluation.uncertainty import LN2, Paired, bootstrap, interval, negate
+from cpt.evaluation.uncertainty import LN2, Paired, bootstrap, by_document, interval, negate
 from cpt.sft.packing import PackedSplit, to_device
 from cpt.training.loss import CausalLMLoss
 
@@ -55,6 +55,12 @@ class Group:
     domain: str  # "new" | "old"
     kind: str  # "assistant" | "plain"
     paired: Paired  # ref = the CPT model, cand = the SFT model
+    docs: list | None = None  # per unit: its document (plain text); None: every unit is its own (conversations)
+
+    @property
+    def resampled(self) -> Paired:
+        """What the bootstrap draws: whole documents."""
+        return self.paired if self.docs is None else by_document(self.paired, self.docs)
 
     def bpb(self, side: str) -> float:
         nll = self.paired.ref if side == "ref" else self.paired.cand
@@ -70,7 +76,7 @@ def _pooled(groups: list[Group], draws: dict[str, np.ndarray], metric: str) -> t
     if not nbytes:
         return None, None
     delta = (ref - cand) / (LN2 * nbytes)
-    ci = interval([draws[g.name] for g in groups], units=sum(len(g.paired.ref) for g in groups))
+    ci = interval([draws[g.name] for g in groups], units=sum(len(g.resampled.ref) for g in groups))
     return (round(delta, 6), ci) if metric == "gain" else (round(-delta, 6), negate(ci))
 
 
@@ -81,13 +87,14 @@ def summarize(groups: list[Group], *, resamples: int = 1000, seed: int = 0) -> d
     ``forgetting_ci95`` on all plain-text sources of the language, ``sources`` per group. ``gate``: the subset the
     gate decides on, as eval.json has it: gain of new-domain languages (assistant tokens), forgetting of old-domain
     plain text (per language over its old-domain sources)."""
-    draws = bootstrap({g.name: g.paired for g in groups}, resamples=resamples, seed=seed)
+    draws = bootstrap({g.name: g.resampled for g in groups}, resamples=resamples, seed=seed)
     out: dict = {"sources": {}, "gain": {}, "gain_ci95": {}, "forgetting": {}, "forgetting_ci95": {},
                  "gate": {"gain": {}, "gain_ci95": {}, "forgetting": {}, "forgetting_ci95": {}}}
     for g in groups:
         metric = "gain" if g.kind == "assistant" else "forgetting"
         value, ci = _pooled([g], draws, metric)
         out["sources"][g.name] = {"lang": g.lang, "domain": g.domain, "kind": g.kind, "units": len(g.paired.ref),
+                                  "documents": len(g.resampled.ref),
                                   "bytes": int(g.paired.nbytes.sum()), "cpt_bpb": round(g.bpb("ref"), 6),
                                   "sft_bpb": round(g.bpb("cand"), 6), metric: value, f"{metric}_ci95": ci}
     for lang in sorted({g.lang for g in groups}):
@@ -99,7 +106,8 @@ def summarize(groups: list[Group], *, resamples: int = 1000, seed: int = 0) -> d
             if gated:
                 out["gate"][metric][lang], out["gate"][f"{metric}_ci95"][lang] = _pooled(gated, draws, metric)
     out["bootstrap"] = {"resamples": resamples, "seed": seed, "level": 0.95, "paired": True, "strata": "group",
-                        "unit": "held-out conversation (assistant tokens); scored unit (plain text)"}
+                        "unit": "document", "documents": "a held-out conversation (assistant tokens); a document of "
+                        "the plain-text sources (its scored units resampled together)"}
     return out
 
 

@@ -19,6 +19,7 @@ from cpt.sft import data as sft_data
 from cpt.sft import evaluate as sft_eval
 from cpt.sft import intervals as sft_intervals
 from cpt.sft import loop, template
+from cpt.sft import records as sft_records
 from cpt.sft.packing import PackedSplit, pack
 from cpt.training import distributed
 
@@ -57,9 +58,11 @@ def chat_tokenizer(model_dir: Path, setting: str, dest: Path, base_dir: Path | N
     return tok, text, origin
 
 
-def encode_split(tok, examples: list[dict], max_length: int, quarantine: list[dict], stats: dict) -> list:
+def encode_split(tok, examples: list[dict], max_length: int, quarantine: list[dict], stats: dict,
+                 kept_examples: list | None = None) -> list:
     """Encoded conversations that fit a row (n ids -> n - 1 positions); longer ones are dropped (``too_long``):
-    truncating would cut the reply and its EOS, teaching the model not to stop."""
+    truncating would cut the reply and its EOS, teaching the model not to stop. ``kept_examples`` (a list) receives
+    the examples kept, in the same order."""
     encoded = template.encode(tok, [ex["messages"] for ex in examples])
     kept = []
     for ex, enc in zip(examples, encoded):
@@ -71,6 +74,8 @@ def encode_split(tok, examples: list[dict], max_length: int, quarantine: list[di
             stats[ex["source"]]["kept"] -= 1
             continue
         kept.append(enc)
+        if kept_examples is not None:
+            kept_examples.append(ex)
     return kept
 
 
@@ -93,10 +98,14 @@ def run(cfg: dict, seed: int, layout: Layout, params: dict, info: distributed.Di
         groups.setdefault(key, []).append(ex)
     pad = tok.eos_token_id
     packed: dict[tuple[str, str], PackedSplit] = {}
+    heldout: dict[str, tuple[list[dict], list]] = {}  # lang -> (kept eval examples, encodings): the gate's units
     for key, exs in sorted(groups.items()):
-        enc = encode_split(tok, exs, int(cfg["max_length"]), prep.quarantine, prep.stats)
+        kept: list[dict] = []
+        enc = encode_split(tok, exs, int(cfg["max_length"]), prep.quarantine, prep.stats, kept)
         if enc:
             packed[key] = pack(f"{key[0]}/{key[1]}", enc, int(cfg["max_length"]), pad)
+            if key[0] == "eval":
+                heldout[key[1]] = (kept, enc)
     train_splits = {d: packed.get(("train", d)) for d in ("new", "old")}
     eval_splits = {k[1]: v for k, v in packed.items() if k[0] == "eval"}
     for domain, needed in (("new", 1.0 - float(cfg["replay_ratio"])), ("old", float(cfg["replay_ratio"]))):
@@ -136,8 +145,11 @@ def run(cfg: dict, seed: int, layout: Layout, params: dict, info: distributed.Di
     sft_eval.write_samples(paths["reports"] / "samples.md", samples, cfg["samples"], origin)
     eval_seconds = time.perf_counter() - t1
     tracker = tracking.current()
+    # the candidate's per-unit record, and a re-scorer for a champion judged on other units (cpt.sft.records)
     decision = sft_eval.apply_gate(params, cfg["gate"], sft_intervals.gate_inputs(summary, strata), tracker,
-                                   paths["out"], cfg["model_name"])
+                                   paths["out"], cfg["model_name"],
+                                   candidate=sft_records.candidate(cfg, heldout, scored, domains),
+                                   rescore=sft_records.rescorer(layout, cfg, seed, heldout, domains))
     tracker.log_artifact(paths["reports"], "sft")
     return {
         "chat_template": origin, "data": prep.stats,

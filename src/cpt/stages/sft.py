@@ -51,7 +51,7 @@ DEFAULTS: dict[str, Any] = {
     "samples": {"max_new_tokens": 48, "temperature": 0.8, "top_p": 0.95,
                 "prompts": {"vi": ["Hà Nội là thủ đô của nước nào?"], "en": ["Give three tips for staying healthy."]}},
     "gate": {"min_gain": 0.02, "max_forgetting": 0.05, "champion_min_gain": None, "champion_max_forgetting": None,
-             "alias": "champion"},
+             "min_documents": 5, "alias": "champion"},
     **LOOP_DEFAULTS,
 }
 
