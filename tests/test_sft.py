@@ -113,6 +113,28 @@ def test_formats_and_cleaning(tmp_path):
         data.check_sources([{"name": "x", "path": "missing.jsonl", "lang": "vi"}], tmp_path)
 
 
+def test_near_copies_of_short_held_out_items_are_dropped_from_training():
+    """Issue 24 point 10: a held-out item shorter than one 13-word n-gram was matched by its exact text only."""
+    from cpt.sft import data
+
+    def ex(i, role, user, reply):
+        return {"id": f"v/{i}", "source": "v", "lang": "vi", "domain": "new", "line": i, "role": role,
+                "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]}
+
+    prep = data.Prepared(examples=[
+        ex(1, "eval", "Thủ đô của Việt Nam là gì?", "Hà Nội."),
+        ex(2, "train", "thủ đô của Việt Nam là gì", "Hà Nội"),  # the same item, other case and punctuation
+        ex(3, "train", "Câu hỏi ôn tập", "Thủ đô của Việt Nam là gì? Hà Nội. Còn Lào thì Viêng Chăn."),  # inside
+        ex(4, "train", "Thủ đô của Việt Nam là gì ?", "Thành phố Hà Nội, từ năm 1976."),  # the instruction, reworded
+        ex(5, "train", "Thủ đô của Thái Lan là gì?", "Băng Cốc."),  # another question: kept
+        ex(6, "train", "Hà Nội", "Một thành phố."),  # shares two words only: kept
+    ], stats={"v": {}})
+    data._decontaminate(prep, [{"name": "v", "file": "v.jsonl"}], None, {"enabled": True})
+    assert [e["id"] for e in prep.examples] == ["v/1", "v/5", "v/6"]
+    assert {q["id"]: (q["reason"], q["ref"]) for q in prep.quarantine} == {
+        "v/2": ("contaminated", "v/1"), "v/3": ("contaminated", "v/1"), "v/4": ("contaminated", "v/1")}
+
+
 def test_packing_plan_and_boundaries(chat_tok, project):
     """Best-fit rows hold every example once within capacity; a conversation's per-token losses in a packed row
     equal its losses alone (attention never crosses examples), and differ when positions do not restart."""

@@ -24,8 +24,12 @@ ref}``:
 4. split by instruction: ``eval`` iff hash(seed, first user message) < ``eval_fraction``, so the same instruction
    (even with another answer) is never on both sides; ``max_eval`` caps the eval side per language;
 5. decontamination of the train side (``contaminated``) against every ``role: eval`` document in data/clean
-   (NTREX, XQuAD, WikiText: 13-word / 25-character n-grams) AND against the held-out sft eval conversations, so a
-   near-copy of a held-out instruction cannot sit in training either.
+   (NTREX, XQuAD, WikiText: 13-word / 25-character n-grams) AND against the held-out sft eval conversations and
+   their instructions, so a near-copy of a held-out instruction cannot sit in training either. A held-out
+   conversation shorter than one n-gram is matched as a whole token sequence (lowercased, punctuation dropped; at
+   least ``SHORT_MIN`` tokens) anywhere in a training conversation, and a training instruction with the same token
+   sequence as a held-out one is dropped: exact text hashes alone missed "Thủ đô của Việt Nam là gì?\nHà Nội."
+   copied as "thủ đô của Việt Nam là gì\nHà Nội" (and the instruction split hashes the exact text).
 """
 
 from __future__ import annotations
@@ -39,12 +43,16 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from cpt.data.decontam import EvalIndex
+from cpt.data.dedup import CHAR_LANGS, shingles, token_hashes
 from cpt.data.records import iter_docs
 from cpt.data.textnorm import nfc, normalize_whitespace, text_hash
 from cpt.errors import ConfigError, DataError
 from cpt.io import open_text
 
 FORMATS = ("auto", "alpaca", "prompt_response", "messages")
+# Shortest held-out item matched as a whole token sequence (words; characters for zh/ja): shorter ones ("Hi.")
+# would match ordinary training text by chance.
+SHORT_MIN = {"word": 4, "char": 8}
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "bard": "assistant", "system": "system"}
 SOURCE_DEFAULTS: dict[str, Any] = {"name": None, "path": None, "format": "auto", "lang": None, "domain": "new",
@@ -249,6 +257,13 @@ def prepare(sources: list[dict], *, seed: int, eval_fraction: float, max_eval: i
     return prep
 
 
+def _token_key(text: str, lang: str) -> int | None:
+    """One hash of a text's simplified token sequence (decontamination's tokens), None for a text without tokens."""
+    mode = "char" if lang in CHAR_LANGS else "word"
+    toks = token_hashes(text, mode)
+    return int(shingles(toks.hashes(norm_numbers=False), len(toks))[0]) if len(toks) else None
+
+
 def _drop(prep: Prepared, src: dict, ex: dict, reason: str, detail: str, ref: str | None) -> None:
     prep.quarantine.append({"source": ex["source"], "file": str(src["file"]), "line": ex["line"], "id": ex["id"],
                             "reason": reason, "detail": detail, "ref": ref})
@@ -259,18 +274,26 @@ def _drop(prep: Prepared, src: dict, ex: dict, reason: str, detail: str, ref: st
 def _decontaminate(prep: Prepared, sources: list[dict], clean_dir: Path | None, cfg: dict) -> None:
     if not cfg.get("enabled", True):
         return
-    index = EvalIndex(word_ngram=int(cfg.get("word_ngram", 13)), char_ngram=int(cfg.get("char_ngram", 25)))
+    index = EvalIndex(word_ngram=int(cfg.get("word_ngram", 13)), char_ngram=int(cfg.get("char_ngram", 25)),
+                      short_min=dict(SHORT_MIN))
+    held: dict[int | None, str] = {}  # held-out instructions by their token sequence (case, punctuation dropped)
     if clean_dir is not None:
         for doc in iter_docs(clean_dir, role="eval"):
             index.add(doc["text"], doc["lang"], doc["source"], doc["id"])
     for ex in prep.examples:
         if ex["role"] in ("eval", "unused"):
             index.add(conversation_text(ex["messages"]), ex["lang"], "sft_eval", ex["id"])
+            held.setdefault(_token_key(instruction_key(ex["messages"]), ex["lang"]), ex["id"])
     index.build()
     by_name = {s["name"]: s for s in sources}
     kept = []
     for ex in prep.examples:
         if ex["role"] == "train":
+            same = held.get(_token_key(instruction_key(ex["messages"]), ex["lang"]))
+            if same is not None:
+                _drop(prep, by_name[ex["source"]], ex, "contaminated", "sft_eval: the same instruction up to case, "
+                      "punctuation and spacing", same)
+                continue
             hit = index.find(conversation_text(ex["messages"]), ex["lang"])
             if hit is not None:
                 _drop(prep, by_name[ex["source"]], ex, "contaminated", f"{hit.eval_source}: {hit.ngram[:80]}",
