@@ -42,15 +42,45 @@ def atomic_open(path: str | Path, mode: str = "w", encoding: str | None = "utf-8
 
 
 def replace_dir(tmp: str | Path, out: str | Path) -> None:
-    """Swap a finished folder ``tmp`` in for ``out`` (two renames on one filesystem), so a crash at any moment
-    leaves either the old or the new folder at ``out``, never a half-written one."""
+    """Swap a finished folder ``tmp`` in for ``out`` so that ``out`` always exists once it did: on Linux one atomic
+    exchange of the two (``renameat2(RENAME_EXCHANGE)``), then the old folder (now at ``tmp``) is deleted. Elsewhere
+    two renames via ``.<out>.old``; a crash between them leaves the old folder there, and the next call puts it back
+    first. (The two renames used to be the only way: a reader of data/clean, or a crash, could meet no folder.)"""
     tmp, out = Path(tmp), Path(out)
     old = out.with_name(f".{out.name}.old")
+    if not out.exists() and old.exists():
+        os.replace(old, out)  # an interrupted earlier swap: the old folder comes back before anything else
     shutil.rmtree(old, ignore_errors=True)
+    if out.exists() and _exchange(tmp, out):
+        shutil.rmtree(tmp)
+        return
     if out.exists():
         os.replace(out, old)
     os.replace(tmp, out)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two existing paths (Linux ``renameat2`` with ``RENAME_EXCHANGE``); False where the OS, the
+    C library or the filesystem cannot."""
+    import ctypes
+    import errno
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def _json_default(obj: Any) -> Any:
