@@ -7,9 +7,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from cpt.evaluation import samples, xcopa
+from cpt.device import autocast_dtype, pick_device
+from cpt.evaluation import record, samples, xcopa
 from cpt.evaluation.bpb import BpbScorer, Score
 from cpt.evaluation.models import load_model
+from cpt.evaluation.sources import collect_sources
 from cpt.layout import Layout
 
 log = logging.getLogger("cpt.stages.eval")
@@ -51,3 +53,21 @@ def shown(path: Path, layout: Layout) -> str:
         return str(Path(path).relative_to(layout.root))
     except ValueError:
         return str(path)
+
+
+def scoring_config(cfg: dict) -> dict[str, Any]:
+    """``record.scoring_config`` with the device and autocast dtype resolved as ``load_model`` resolves them."""
+    dev = pick_device(cfg["device"])
+    amp = autocast_dtype(dev, cfg["dtype"])
+    return record.scoring_config(cfg, dev.type, None if amp is None else str(amp).removeprefix("torch."))
+
+
+def rescore(cfg: dict, layout: Layout, seed: int, model_dir: Path) -> dict[str, dict[str, Any]]:
+    """Score another model folder (the registered champion) on exactly eval's units: the same sources, units and
+    budget as the eval stage (seeded), under the same scoring configuration, so it pairs with the candidate unit by
+    unit. Returns its record (``cpt.evaluation.record``: per-unit NLL, documents, content hash per source)."""
+    sources = collect_sources(layout, cfg, seed)
+    lm = load_model("champion", Path(model_dir), device=cfg["device"], dtype=cfg["dtype"])
+    scorer = BpbScorer(lm, cfg["max_length"], cfg["stride"], cfg["batch_size"])
+    scores = {s.name: scorer.score(s.texts, desc=s.name) for s in sources}
+    return record.of_scores(sources, scores, scoring_config(cfg))

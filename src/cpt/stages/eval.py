@@ -23,14 +23,11 @@ from typing import Any
 import torch
 
 from cpt.errors import ConfigError
-from cpt.evaluation import record, report, xcopa
-from cpt.evaluation.bpb import BpbScorer
-from cpt.evaluation.models import load_model
+from cpt.evaluation import record, report, scoring, xcopa
 from cpt.evaluation.scoring import score_models
 from cpt.evaluation.overlap import check_overlap
 from cpt.evaluation.sources import collect_sources
 from cpt.evaluation.summary import assemble
-from cpt.device import autocast_dtype, pick_device
 from cpt.io import write_json
 from cpt.layout import Layout
 from cpt.ops import tracking
@@ -132,7 +129,8 @@ def _run(params: dict, layout: Layout, cfg: dict) -> dict:
     scores, xacc, gens, info = score_models(paths, sources, xcopa_items, cfg, seed, layout)
     metrics = assemble(scores, sources, xacc, overlap_result, resamples=int(cfg["bootstrap_resamples"]), seed=seed)
     # the candidate's per-unit scores: the gate pairs them with the champion's, and registers them with the version
-    write_json(record.path(layout), record.of_scores(sources, scores["cpt"], scoring_config(cfg)), sort_keys=True)
+    write_json(record.path(layout), record.of_scores(sources, scores["cpt"], scoring.scoring_config(cfg)),
+               sort_keys=True)
     out_dir = layout.reports / "eval"
     report.write_all(
         out_dir, metrics=metrics, sources=sources, scores=scores, xcopa_items=xcopa_items, samples=gens,
@@ -144,20 +142,7 @@ def _run(params: dict, layout: Layout, cfg: dict) -> dict:
     return metrics
 
 
-def scoring_config(cfg: dict) -> dict[str, Any]:
-    """``record.scoring_config`` with the device and autocast dtype resolved as ``load_model`` resolves them."""
-    dev = pick_device(cfg["device"])
-    amp = autocast_dtype(dev, cfg["dtype"])
-    return record.scoring_config(cfg, dev.type, None if amp is None else str(amp).removeprefix("torch."))
-
-
 def rescore(params: dict, layout: Layout, model_dir: Path) -> dict[str, dict[str, Any]]:
-    """Score another model folder (the registered champion) on exactly this eval's units: the same sources, units and
-    budget as ``run`` (seeded), under the same scoring configuration, so it pairs with the candidate unit by unit.
-    Returns its record (``cpt.evaluation.record``: per-unit NLL, documents, content hash per source)."""
-    cfg = config(params)
-    sources = collect_sources(layout, cfg, int(params.get("seed", 0)))
-    lm = load_model("champion", Path(model_dir), device=cfg["device"], dtype=cfg["dtype"])
-    scorer = BpbScorer(lm, cfg["max_length"], cfg["stride"], cfg["batch_size"])
-    scores = {s.name: scorer.score(s.texts, desc=s.name) for s in sources}
-    return record.of_scores(sources, scores, scoring_config(cfg))
+    """Another model folder (the registered champion) scored on exactly this eval's units, under the same scoring
+    configuration: its record (``cpt.evaluation.scoring.rescore``), which pairs with the candidate's unit by unit."""
+    return scoring.rescore(config(params), layout, int(params.get("seed", 0)), model_dir)
