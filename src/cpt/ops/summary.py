@@ -114,7 +114,9 @@ def deciding(gate: dict[str, Any] | None) -> str:
                 shown = f"{v.get('metric')} {_signed(value, 3)}" + (f" (95% bound {_signed(bound, 3)})" if bound is not None else "")
                 if v.get("decision") == "refuse":
                     return f"{name} {shown} {op} {budget}"
-                return f"{name} {shown}: " + ("no interval (too little eval text)" if bound is None else "interval too wide")
+                why = ("too few documents" if "too few documents" in str(v.get("reason")) else
+                       "no interval" if bound is None else "interval straddles the budget")
+                return f"{name} {shown}: {why}"
     return ""
 
 
