@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from cpt.io import write_json
 from cpt.ops import gate, tracking
 from cpt.cli import run_stage
 from cpt.layout import Layout
@@ -111,7 +112,24 @@ def test_flow_parent_from_env_and_dvc_experiments_get_their_own_parent(project, 
     assert brave.info.run_name == "brave-cats" and brave.data.tags["cpt.dvc_exp"] == "brave-cats"
 
 
-def test_registry_gate_promotes_then_keeps_the_champion(project, tmp_path):
+def _record(bpb: dict[str, float], config: dict | None = None, units: int = 10) -> dict:
+    """A per-unit record (cpt.evaluation.record) of vi_x (new) and en_x (old): ``units`` units of 100 bytes at the
+    given bpb, one document each, with a little spread shared by any two records."""
+    import math
+
+    from cpt.evaluation import record
+
+    cfg = config or {"scorer": 2, "max_length": 64, "stride": 32, "batch_size": 8, "unit_bytes": 1000,
+                     "device": "cpu", "dtype": "fp32"}
+    return {name: record.entry(name, lang, domain, [f"{name} {i}" for i in range(units)], list(range(units)),
+                               [(bpb[name] + 0.01 * (i % 3 - 1)) * math.log(2) * 100 for i in range(units)],
+                               [100] * units, cfg)
+            for name, lang, domain in (("vi_x", "vi", "new"), ("en_x", "en", "old"))}
+
+
+def test_registry_gate_promotes_then_keeps_the_champion(project, tmp_path, monkeypatch):
+    import tempfile
+
     layout, params = project
     params = {**params, "gate": {"min_gain": 0.1, "max_forgetting": 0.05},
               "ingest": {"sources": [{"name": "vi_x", "lang": "vi", "domain": "new"},
@@ -120,16 +138,21 @@ def test_registry_gate_promotes_then_keeps_the_champion(project, tmp_path):
     layout.model.mkdir(parents=True)
     (layout.model / "config.json").write_text('{"model_type": "llama"}')
     (layout.model / "model.safetensors").write_bytes(b"\0" * 64)
+    scratch = tmp_path / "scratch"  # where the registry's temporary champion copies go
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
 
-    def evaluate(new_cpt, old_cpt, nbytes=100, rescore=None):
+    def evaluate(new_cpt, old_cpt, config=None, rescore=None):
         g, f = 2.0 - new_cpt, old_cpt - 1.0
-        m = {"base": {"vi_x": {"bpb": 2.0, "bytes": nbytes}, "en_x": {"bpb": 1.0, "bytes": nbytes}},
-             "cpt": {"vi_x": {"bpb": new_cpt, "bytes": nbytes}, "en_x": {"bpb": old_cpt, "bytes": nbytes}},
-             "sources": {"vi_x": {"lang": "vi", "domain": "new", "gain": g, "gain_ci95": [g - 0.01, g + 0.01]},
+        m = {"base": {"vi_x": {"bpb": 2.0, "bytes": 1000}, "en_x": {"bpb": 1.0, "bytes": 1000}},
+             "cpt": {"vi_x": {"bpb": new_cpt, "bytes": 1000}, "en_x": {"bpb": old_cpt, "bytes": 1000}},
+             "sources": {"vi_x": {"lang": "vi", "domain": "new", "gain": g, "gain_ci95": [g - 0.01, g + 0.01],
+                                  "documents": 10},
                          "en_x": {"lang": "en", "domain": "old", "forgetting": f,
-                                  "forgetting_ci95": [f - 0.01, f + 0.01]}},
+                                  "forgetting_ci95": [f - 0.01, f + 0.01], "documents": 10}},
              "gain": {"vi": g}, "gain_ci95": {"vi": [g - 0.01, g + 0.01]},
              "forgetting": {"en": f}, "forgetting_ci95": {"en": [f - 0.01, f + 0.01]}}
+        write_json(gate.sources_path(layout), _record({"vi_x": new_cpt, "en_x": old_cpt}, config))  # eval writes it
         tr = tracking.for_stage("eval", params, layout)
         d = gate.run(params, layout, m, tr, rescore=rescore)
         tr.close("FINISHED", m)
@@ -139,30 +162,38 @@ def test_registry_gate_promotes_then_keeps_the_champion(project, tmp_path):
     assert first["promoted"] and first["version"] == "1" and first["vs_champion"]["checked"] is False
     second, _ = evaluate(1.7, 1.0)  # beats the base by 0.3 but is 0.2 worse than the champion
     assert second["passed"] is False and second["version"] == "2" and not second["promoted"]
-    assert second["vs_champion"]["checked"] and second["vs_champion"]["gain"] == pytest.approx(-0.2)
+    vs = second["vs_champion"]
+    assert vs["checked"] and vs["how"].startswith("its stored per-unit scores") and vs["gain"] == pytest.approx(-0.2)
+    assert vs["per_source"]["vi_x"]["decision"] == "refuse" and vs["per_source"]["en_x"]["decision"] == "promote"
     c = client(params)
     champ = c.get_model_version_by_alias(params["tracking"]["model_name"], "champion")
     assert str(champ.version) == "1" and champ.run_id == tr1.run_id
-    # the gate's sources are an artifact of the eval run (not a ~1 KB JSON tag on the version)
+    # the gate's record is an artifact of the eval run (not a JSON tag on the version), per unit, with its hashes
     assert "cpt.gate.sources" not in champ.tags
     local = c.download_artifacts(tr1.run_id, "gate/sources.json", str(tmp_path))
-    assert json.loads(open(local).read())["vi_x"]["bpb"] == 1.5
+    stored = json.loads(open(local).read())
+    assert stored["vi_x"]["bpb"] == pytest.approx(1.5, abs=0.002) and len(stored["vi_x"]["units"]["nll"]) == 10
+    assert stored["vi_x"]["hash"]
     assert json.loads(layout.metrics_file("gate").read_text())["version"] == "2"
     # the registered version is the HF folder
     names = {a.path for a in c.list_artifacts(tr1.run_id, "model")}
     assert names == {"model/config.json", "model/model.safetensors"}
     assert c.get_run(tr1.run_id).data.metrics["gate/promoted"] == 1.0
-    # a candidate scored on other text: the champion is downloaded from the registry and re-scored on it
+    # a candidate scored under another eval configuration (same bytes): the champion is downloaded from the
+    # registry, re-scored on the candidate's units, and the copy deleted
     seen = []
+    other = {"scorer": 2, "max_length": 128, "stride": 64, "batch_size": 8, "unit_bytes": 1000, "device": "cpu",
+             "dtype": "fp32"}
 
     def rescore(folder):
         seen.append(sorted(p.name for p in folder.iterdir()))
-        return {"vi_x": {"domain": "new", "bytes": 200, "bpb": 1.6}, "en_x": {"domain": "old", "bytes": 200, "bpb": 1.0}}
+        return _record({"vi_x": 1.6, "en_x": 1.0}, other)
 
-    third, _ = evaluate(1.4, 1.0, nbytes=200, rescore=rescore)
+    third, _ = evaluate(1.4, 1.0, config=other, rescore=rescore)
     assert seen == [["config.json", "model.safetensors"]]
     assert third["vs_champion"]["checked"] and third["vs_champion"]["how"] == "re-scored on this eval set"
     assert third["decision"] == "promote" and third["promoted"] and third["version"] == "3"
+    assert not list(scratch.glob("cpt-champion-*"))  # the downloaded copy is gone
 
 
 def test_run_stage_failure_closes_the_run_failed(project, monkeypatch):
@@ -262,8 +293,8 @@ def test_gate_promotes_a_model_under_its_own_registered_name(project, tmp_path):
          "cpt": {"sft_heldout_vi": {"bpb": 1.5, "bytes": 100, "domain": "new"},
                  "en_x": {"bpb": 1.01, "bytes": 100, "domain": "old"}},
          # the gate decides on intervals (cpt.evaluation.uncertainty; the sft stage computes them the same way)
-         "sources": {"sft_heldout_vi": {"lang": "vi", "gain_ci95": [0.4, 0.6]},
-                     "en_x": {"lang": "en", "forgetting_ci95": [0.0, 0.02]}}}
+         "sources": {"sft_heldout_vi": {"lang": "vi", "gain_ci95": [0.4, 0.6], "documents": 40},
+                     "en_x": {"lang": "en", "forgetting_ci95": [0.0, 0.02], "documents": 12}}}
     name = f"s-{tmp_path.name[:30]}"
     tr = tracking.for_stage("sft", params, layout)
     d = gate.promote({**params, "gate": {"min_gain": 0.1, "max_forgetting": 0.05}}, m, tr, folder, name)
