@@ -119,9 +119,9 @@ def report_markdown(metrics: dict, rows: list[dict], models: dict, cfg: dict, fi
     for name, m in models.items():
         L.append(f"| {name} | `{m['path']}` | {m['params'] / 1e6:.2f}M | {m['vocab']} | {m['max_length']} / {m['stride']} |")
     L += ["", "## Bits per byte per source", "",
-          "| source | lang | domain | units | bytes | base bpb | cpt bpb | delta | 95% interval | width | "
+          "| source | lang | domain | units | documents | bytes | base bpb | cpt bpb | delta | 95% interval | width | "
           "tokens/byte base | tokens/byte cpt |",
-          "|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
+          "|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
     per_source = metrics.get("sources", {})
     for r in rows:
         docs = f"{r['docs']}" + (f" of {r['available']}" if r["available"] != r["docs"] else "")
@@ -129,7 +129,8 @@ def report_markdown(metrics: dict, rows: list[dict], models: dict, cfg: dict, fi
         ci = entry.get("gain_ci95") or _neg(entry.get("forgetting_ci95"))
         width = "n/a" if not ci else f"{ci[1] - ci[0]:.4f}"
         L.append(
-            f"| {r['source']} | {r['lang']} | {r['domain']} | {docs} | {r['bytes']:,} | {_f(r['base'])} | "
+            f"| {r['source']} | {r['lang']} | {r['domain']} | {docs} | {entry.get('documents', 'n/a')} | "
+            f"{r['bytes']:,} | {_f(r['base'])} | "
             f"{_f(r['cpt'])} | {_signed(r['base'] - r['cpt'])} | {_ci(ci)} | {width} | "
             f"{r['tok_base'] / max(1, r['bytes']):.3f} | {r['tok_cpt'] / max(1, r['bytes']):.3f} |"
         )
