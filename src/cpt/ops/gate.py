@@ -19,8 +19,8 @@ The decision is a list of checks (``checks`` in metrics/gate.json), each one ver
 A new rule (a downstream-task drop, ...) adds its verdicts to ``checks`` in ``decide``. The byte-weighted pooled
 figures (``vs_base``) are kept as information.
 
-``decision``: "promote" | "refuse" | "undecided"; ``reason`` names what decided it (every check that did not
-promote). ``run`` is the post-eval hook (``cpt.cli.run_stage`` calls it whenever the eval stage runs): champion
+``decision``: "promote" | "refuse" | "undecided"; ``reason`` names what decided it (every check whose verdict is
+the decision: the refusals of a refuse, the undecided checks of an undecided; all of them are in ``checks``). ``run`` is the post-eval hook (``cpt.cli.run_stage`` calls it whenever the eval stage runs): champion
 lookup (and re-score) -> decision -> register -> alias -> metrics/gate.json. With tracking off it still decides vs
 the base and writes the file.
 """
@@ -219,7 +219,8 @@ def decide(eval_metrics: dict[str, Any], params: dict[str, Any], champion: dict[
         checks += [{"check": f"vs champion v{champ.get('version')}", "decision": "refuse", "reason": r}
                    for r in champ["reasons"]]
     decision = verdict.worst({str(i): c for i, c in enumerate(checks)})
-    failed = [f"{c['check']}: {c['reason']}" for c in checks if c["decision"] != "promote"]
+    # the reason names what decided it: the refusals when refused (undecided checks stay in ``checks``)
+    failed = [f"{c['check']}: {c['reason']}" for c in checks if c["decision"] == decision]
     result: dict[str, Any] = {
         "decision": decision,
         "passed": decision == "promote",
