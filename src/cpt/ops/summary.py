@@ -102,16 +102,21 @@ def _digits(x: Any) -> int:
 
 def deciding(gate: dict[str, Any] | None) -> str:
     """What held the gate back, short: ``heldout_en forgetting +0.082 > 0.05`` (the first source or language whose
-    verdict is not promote; per-source verdicts first, as the gate judges them), or "" when nothing did."""
-    for key in ("per_source", "per_lang"):
-        for name, v in sorted(((gate or {}).get(key) or {}).items()):
+    verdict is not promote; per-source verdicts first, as the gate judges them, then those against the champion), or
+    "" when nothing did."""
+    champ = (gate or {}).get("vs_champion") or {}
+    for key, block, prefix in (("per_source", gate, ""), ("per_lang", gate, ""),
+                               ("per_source", champ, "vs champion: "), ("per_lang", champ, "vs champion: ")):
+        for name, v in sorted(((block or {}).get(key) or {}).items()):
+            name = prefix + name
             if isinstance(v, dict) and v.get("decision") not in (None, "promote"):
                 value, ci, budget = _num(v.get("value")), v.get("ci95"), v.get("budget")
                 bound = (ci[1] if v.get("metric") == "forgetting" else ci[0]) if isinstance(ci, list) and len(ci) == 2 else None
                 if value is None:
                     return name
                 op = ">" if v.get("metric") == "forgetting" else "<"
-                shown = f"{v.get('metric')} {_signed(value, 3)}" + (f" (95% bound {_signed(bound, 3)})" if bound is not None else "")
+                shown = f"{v.get('metric')} {_signed(value, 3)}" + (
+                    f" (95% interval [{_signed(ci[0], 3)}, {_signed(ci[1], 3)}])" if bound is not None else "")
                 if v.get("decision") == "refuse":
                     return f"{name} {shown} {op} {budget}"
                 why = ("too few documents" if "too few documents" in str(v.get("reason")) else
