@@ -2,7 +2,8 @@
 intervals (``cpt.evaluation.uncertainty``), and the assembled metrics/eval.json dict.
 
 Signs in eval.json: ``gain = bpb(base) - bpb(cpt)`` (new domain, > 0 learned), ``forgetting = bpb(cpt) - bpb(base)``
-(old domain, > 0 forgot), ``delta = bpb(base) - bpb(cpt)`` on every source (> 0 better; the report's one sign)."""
+(old domain, > 0 forgot): one sign everywhere cpt shows them (report, figure, README, MLflow, Prefect), so no
+per-source ``delta`` of the opposite sign is kept."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def pooled(scores: dict[str, Score], sources: list[EvalSource], *, domain: str |
 
 def intervals(scores: dict[str, dict[str, Score]], sources: list[EvalSource], *, resamples: int = 1000,
               seed: int = 0) -> dict[str, Any]:
-    """``sources`` (per source: delta, gain or forgetting, and its ``gain_ci95`` / ``forgetting_ci95``) and the
+    """``sources`` (per source: gain or forgetting, each > 0 = learned / forgotten, and its ``gain_ci95`` / ``forgetting_ci95``) and the
     per-language ``gain_ci95`` / ``forgetting_ci95``: a paired bootstrap over the scored documents (units), stratified
     by source, ``resamples`` draws, seeded."""
     groups = {s.name: Paired(scores["base"][s.name].doc_nll, scores["cpt"][s.name].doc_nll,
@@ -37,7 +38,7 @@ def intervals(scores: dict[str, dict[str, Score]], sources: list[EvalSource], *,
         kind = "gain" if s.domain == "new" else "forgetting"
         out["sources"][s.name] = {
             "lang": s.lang, "domain": s.domain, "units": base.docs, "bytes": base.bytes,
-            "base_bpb": round(base.bpb, 6), "cpt_bpb": round(cpt.bpb, 6), "delta": round(delta, 6),
+            "base_bpb": round(base.bpb, 6), "cpt_bpb": round(cpt.bpb, 6),
             kind: round(delta if kind == "gain" else -delta, 6),
             f"{kind}_ci95": ci if kind == "gain" else negate(ci),
         }

@@ -51,12 +51,12 @@ def _ci(ci: list[float] | None) -> str:
     return "n/a" if not ci else f"[{ci[0]:+.4f}, {ci[1]:+.4f}]"
 
 
-def as_delta(v: dict[str, Any]) -> tuple[float | None, list[float] | None, str]:
-    """A verdict in the report's one sign: delta = bpb(base) - bpb(cpt), positive = better; and its budget."""
+def as_shown(v: dict[str, Any]) -> tuple[float | None, list[float] | None, str]:
+    """A verdict in cpt's one sign (gain > 0 learned, forgetting > 0 forgotten) and its budget, as the report shows
+    them."""
     if v["metric"] == "gain":
-        return v.get("value"), v.get("ci95"), f">= {v['budget']:+g}"
-    value, ci = v.get("value"), v.get("ci95")
-    return (None if value is None else -value), (None if not ci else [-ci[1], -ci[0]]), f">= {-v['budget']:+g}"
+        return v.get("value"), v.get("ci95"), f"lower bound >= {v['budget']:g}"
+    return v.get("value"), v.get("ci95"), f"upper bound <= {v['budget']:g}"
 
 
 def markdown(decision: dict[str, Any]) -> str:
@@ -64,28 +64,30 @@ def markdown(decision: dict[str, Any]) -> str:
     th = decision.get("thresholds", {})
     L = [START, "", f"**Decision: {decision['decision']}**" + (" (alias set)" if decision.get("promoted") else "")
          + f" - {decision['reason']}", "",
-         "delta = bpb(base) - bpb(cpt), positive = better, on every row. Budgets: on every old-domain source and "
-         f"language the LOWER 95% bound of delta must be >= -max_forgetting ({-th.get('max_forgetting', 0):+g}), i.e. "
-         "forgetting's upper bound within max_forgetting; on every new-domain source and language the lower bound "
-         f"must be >= min_gain ({th.get('min_gain', 0):+g}). An interval that misses its budget and is wider than "
+         "gain > 0 = learned (new-domain rows), forgetting > 0 = forgotten (old-domain rows). Budgets: on every "
+         "old-domain source and language the UPPER 95% bound of forgetting must be <= max_forgetting "
+         f"({th.get('max_forgetting', 0):g}); on every new-domain source and language the LOWER 95% bound of gain "
+         f"must be >= min_gain ({th.get('min_gain', 0):g}). An interval that misses its budget and is wider than "
          "the budget says \"undecided: too little eval text\".", "",
-         "| | name | domain | delta (bpb) | 95% interval | budget | decision |", "|---|---|---|---:|---|---|---|"]
+         "| | name | domain | measure | value (bpb) | 95% interval | budget | decision |",
+         "|---|---|---|---|---:|---|---|---|"]
     for level, key in (("source", "per_source"), ("language", "per_lang")):
         for name, v in decision.get(key, {}).items():
-            value, ci, budget = as_delta(v)
+            value, ci, budget = as_shown(v)
             shown = "n/a" if value is None else f"{value:+.4f}"
-            L.append(f"| {level} | {name} | {v.get('domain')} | {shown} | {_ci(ci)} | {budget} | {v['decision']} |")
+            L.append(f"| {level} | {name} | {v.get('domain')} | {v['metric']} | {shown} | {_ci(ci)} | {budget} | "
+                     f"{v['decision']} |")
     champ = decision.get("vs_champion", {})
     if champ.get("checked"):
         L += ["", f"Vs champion v{champ.get('version')} ({champ.get('how')}, pooled point estimates): new-domain "
-                  f"delta {champ.get('gain'):+.4f}, old-domain delta {-champ.get('forgetting'):+.4f} bpb -> "
+                  f"gain {champ.get('gain'):+.4f}, old-domain forgetting {champ.get('forgetting'):+.4f} bpb -> "
                   f"{'passed' if champ.get('passed') else 'failed'}."]
     else:
         L += ["", "Vs champion: " + "; ".join(champ.get("reasons", ["not checked"])) + "."]
     pooled = decision.get("vs_base", {})
     if pooled.get("gain") is not None and pooled.get("forgetting") is not None:
-        L += ["", f"Pooled over all sources of a domain (information only, never decides): new-domain delta "
-                  f"{pooled['gain']:+.4f}, old-domain delta {-pooled['forgetting']:+.4f} bpb."]
+        L += ["", f"Pooled over all sources of a domain (information only, never decides): new-domain gain "
+                  f"{pooled['gain']:+.4f}, old-domain forgetting {pooled['forgetting']:+.4f} bpb."]
     return "\n".join(L + ["", END])
 
 
