@@ -6,7 +6,7 @@ BIN         := $(VENV)/bin
 DVC_REMOTE  ?= $(abspath ..)/cpt-dvc-remote
 STAMP       := $(VENV)/.installed
 # The corpora: the DVC remote `corpora` (params and dvc.yaml say remote://corpora/...). Written into the local DVC
-# config, which DVC copies into `dvc exp run --temp` / queued workspaces (src/cpt/dvc_remote.py says why).
+# config, which DVC copies into `dvc exp run --temp` / queued workspaces (src/cpt/dvc_paths.py says why).
 CORPORA     ?= $(abspath ..)/shared/corpora
 
 export PATH                             := $(abspath $(BIN)):$(PATH)

@@ -64,11 +64,11 @@ class Layout:
 
     def resolve(self, path: str | Path) -> Path:
         """A param path: absolute as given, ``remote://<name>/...`` through the project's DVC config
-        (``cpt.dvc_remote``: the corpora, found the same in DVC's temporary and queued workspaces), else relative to
+        (``cpt.dvc_paths``: the corpora, found the same in DVC's temporary and queued workspaces), else relative to
         the project root (never to the CWD)."""
-        from cpt import dvc_remote
+        from cpt import dvc_paths
 
-        if dvc_remote.is_remote(path):
-            return dvc_remote.resolve(path, self.root)
+        if dvc_paths.is_remote(path):
+            return dvc_paths.resolve(path, self.root)
         p = Path(path).expanduser()
         return p if p.is_absolute() else (self.root / p)

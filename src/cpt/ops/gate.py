@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from cpt.io import write_json
-from cpt.ops import verdict
+from cpt.ops import registry_view, verdict
 from cpt.params import section, with_defaults
 
 log = logging.getLogger("cpt.ops.gate")
@@ -319,6 +319,7 @@ def promote(params: dict[str, Any], eval_metrics: dict[str, Any], tracker: Any, 
             sources_file = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "sources.json"
         write_json(sources_file, candidate_sources(decision), sort_keys=True)
         _register_and_alias(decision, cfg, tracker, model_dir, model_name, sources_file, lookup_failed)
+    registry_view.describe(tracker, decision)  # the version's description (decision first) and budget tags
     if getattr(tracker, "active", False):
         tracker.log_metrics(summary_metrics(decision))
         tracker.set_tags({"cpt.gate.promoted": decision["promoted"], "cpt.gate.reason": decision["reason"][:5000]})

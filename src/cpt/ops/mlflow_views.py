@@ -2,6 +2,7 @@
 (so a down server delays them, never fails a stage), and imported only by the tracker's sending thread.
 
 * ``parent_tags``: tags (the description ``mlflow.note.content``, the gate's verdict) on the pipeline's parent run;
+* ``parent_artifact``: a file logged into the parent run (the loss chart at full size);
 * ``image``: a PNG logged with ``log_image(key=, step=)``, which the run's chart view draws as a chart card (the
   only chart MLflow 3 keeps server-side: line charts that overlay two metrics live in the browser's local storage);
 * ``inputs``: datasets (``mlflow.log_input``) whose digest is the DVC md5 of the stage output they name;
@@ -18,7 +19,7 @@ from typing import Any
 
 log = logging.getLogger("cpt.ops.tracking")
 
-KINDS = frozenset({"parent_tags", "image", "inputs", "experiment_tags"})
+KINDS = frozenset({"parent_tags", "image", "inputs", "experiment_tags", "parent_artifact"})
 
 # MLflow 3's UI opens an experiment on the GenAI overview unless told it is model training
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
@@ -29,6 +30,9 @@ def apply(sink: Any, op: dict[str, Any], run_id: str, parent_run_id: str | None)
     if kind == "parent_tags":
         if parent_run_id:
             sink.set_tags(parent_run_id, op["tags"])
+    elif kind == "parent_artifact":
+        if parent_run_id:
+            sink.log_artifact(parent_run_id, op["path"], op["artifact_path"])
     elif kind == "experiment_tags":
         for key, value in op["tags"].items():
             sink.client.set_experiment_tag(sink.experiment_id(), key, str(value))
@@ -114,11 +118,18 @@ def stage_datasets(root: str | Path, stage: str) -> list[dict[str, Any]]:
     return out
 
 
-def run_link(uri: str, experiment_id: str | None, run_id: str | None) -> str | None:
-    """A link to the run in the MLflow UI (http stores), else how to open it (``mlflow ui`` on a local store)."""
+def run_link(uri: str, experiment_id: str | None, run_id: str | None, artifact: str | None = None,
+             bare: bool = False) -> str | None:
+    """A link to the run (or one of its artifacts: the artifacts view shows an image at full size) in the MLflow UI
+    (http stores), else how to open it (``mlflow ui`` on a local store). Always ``?workflowType=machine_learning``:
+    without it MLflow 3 opens a run in whichever mode the browser used last, GenAI in a fresh one. ``bare``: the
+    URL alone (for a markdown link), with the UI's address when the store is local."""
     if not run_id:
         return None
-    page = f"#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+    tab = f"/artifacts/{artifact}" if artifact else ""
+    page = f"#/experiments/{experiment_id}/runs/{run_id}{tab}?workflowType=machine_learning"
     if uri.startswith(("http://", "https://")):
         return f"{uri.rstrip('/')}/{page}"
+    if bare:
+        return f"http://127.0.0.1:5000/{page}"
     return f"http://127.0.0.1:5000/{page} (after `mlflow ui --host 127.0.0.1 --backend-store-uri {uri}`)"

@@ -129,9 +129,11 @@ def headline(summary: dict[str, Any], gate: dict[str, Any] | None = None) -> str
     return ", ".join(parts)
 
 
-def markdown(summary: dict[str, Any], gate: dict[str, Any] | None = None, run_link: str | None = None) -> str:
+def markdown(summary: dict[str, Any], gate: dict[str, Any] | None = None, run_link: str | None = None,
+             trained: bool | None = None, chart: str | None = None) -> str:
     """The table MLflow descriptions and the Prefect artifact show: gain / forgetting per language with intervals,
-    the gate's decision and thresholds."""
+    the gate's decision and thresholds. ``trained=False``: the last train run only re-exported a finished checkpoint,
+    so no throughput is quoted; ``chart``: markdown lines showing the loss chart."""
     gate = gate or {}
     rows = ["| language | bits per byte | 95% interval | means |", "|---|---:|---|---|"]
     for key, means in (("gain", "learned (new language)"), ("forgetting", "forgotten (old language)")):
@@ -152,10 +154,15 @@ def markdown(summary: dict[str, Any], gate: dict[str, Any] | None = None, run_li
         alias = gate.get("alias", "champion")
         lines.append(f"Registered: `{gate.get('registered_model')}` version {gate['version']}"
                      f"{f' (alias `{alias}`)' if gate.get('promoted') else ''}.")
-    if summary.get("tokens_per_s") is not None:
+    if trained is False:
+        lines.append("Training: none in the last train run (it re-exported the finished checkpoint of an earlier "
+                     "run), so no throughput is quoted.")
+    elif summary.get("tokens_per_s") is not None:
         mfu = summary.get("mfu")
         lines.append(f"Training throughput: {summary['tokens_per_s']:,.0f} tokens/s"
                      f"{f', MFU {mfu:.1%}' if isinstance(mfu, float) else ''}.")
+    if chart:
+        lines += ["", chart]
     if run_link:
         lines.append(f"MLflow run: {run_link}")
     return "\n".join(lines) + "\n"

@@ -1,4 +1,6 @@
-"""``remote://<name>/<path>`` in params: a folder outside the repo, located through the project's DVC config.
+"""Paths that must mean the same in DVC's temporary and queued experiment workspaces as in the project itself.
+
+``remote://<name>/<path>`` in params: a folder outside the repo, located through the project's DVC config.
 
 Why not a plain relative path (``../shared/corpora``): DVC runs ``dvc exp run --temp`` and queued experiments
 (``dvc exp run --queue`` + ``dvc queue start``) in a git copy of the project under ``.dvc/tmp/exps/``, where
@@ -10,18 +12,24 @@ name the folder ``remote://corpora`` (resolved here, the same way, without impor
 holds in the workspace, in ``--temp`` copies and in queued runs, for a pipeline at the repo root or in a subfolder
 (the config is found by walking up to the ``.dvc`` folder). ``.dvc/config`` holds a default relative to the repo
 (``../../shared/corpora``, from ``.dvc/``); ``make setup`` writes it into ``.dvc/config.local`` so DVC copies it.
+
+``origin_root``: the project folder DVC was started in, for what must outlive a temporary copy (the MLflow store,
+its artifacts and spool: a relative ``sqlite:///mlflow.db`` would otherwise be written inside the copy and deleted
+with it). DVC tells every stage of an experiment the repo it was started from in ``DVC_ROOT``
+(``BaseStashQueue._stash_exp``: "point to the parent DVC repo root (and not an executor tempdir root)").
 """
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
 from cpt.errors import ConfigError
 
 PREFIX = "remote://"
-_SECTION = re.compile(r"""^\s*\[\s*'?\s*remote\s+"([^"]+)"\s*'?\s*\]\s*$""")
-_ANY_SECTION = re.compile(r"^\s*\[.*\]\s*$")
+_SECTION = re.compile(r"^\s*(\[+)\s*(.*?)\s*\]+\s*$")
+_NAMED = re.compile(r"""^'?\s*remote\s+"([^"]+)"\s*'?$""")
 _URL = re.compile(r"""^\s*url\s*=\s*(.*?)\s*$""")
 
 
@@ -39,18 +47,25 @@ def dvc_dir(start: Path) -> Path | None:
 
 
 def _remote_url(config: Path, name: str) -> str | None:
-    """``url`` of ``['remote "name"']`` in one DVC (ConfigObj) config file, None when absent."""
+    """``url`` of remote ``name`` in one DVC (ConfigObj) config file, None when absent. Two spellings: DVC's own
+    ``['remote "name"']``, and the nested ``[remote]`` / ``[[name]]`` that DVC writes into an experiment's copy."""
     if not config.is_file():
         return None
-    current = None
+    outer, current = None, None
     for line in config.read_text(encoding="utf-8").splitlines():
-        if _ANY_SECTION.match(line):
-            m = _SECTION.match(line)
-            current = m.group(1).lower() if m else None
+        m = _SECTION.match(line)
+        if m:
+            depth, title = len(m.group(1)), m.group(2).strip("'\"").strip()
+            if depth == 1:
+                outer = title.lower()
+                named = _NAMED.match(m.group(2).strip())
+                current = named.group(1).lower() if named else None
+            else:
+                current = title.lower() if outer == "remote" else None
         elif current == name.lower():
-            m = _URL.match(line)
-            if m:
-                return m.group(1).strip("'\"")
+            u = _URL.match(line)
+            if u:
+                return u.group(1).strip("'\"")
     return None
 
 
@@ -79,3 +94,17 @@ def resolve(path: str | Path, root: Path) -> Path:
         raise ConfigError(f"{text}: no DVC remote '{name}' in {where}; add one: "
                           f"dvc remote add --local {name} /path/to/the/folder")
     return found[0] / sub if sub else found[0]
+
+
+def origin_root(root: Path) -> Path:
+    """``root`` in the workspace DVC was started in, when ``root`` is inside a temporary experiment copy (a
+    pipeline in a subfolder maps to the same subfolder there); ``root`` itself otherwise."""
+    root = Path(root).resolve()
+    started = os.environ.get("DVC_ROOT")
+    dvc = dvc_dir(root)
+    if not started or dvc is None:
+        return root
+    repo, origin = dvc.parent, Path(started).resolve()
+    if repo == origin or origin not in repo.parents:  # not a copy under <origin>/.dvc/tmp/
+        return root
+    return origin / root.relative_to(repo)
