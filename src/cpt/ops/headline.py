@@ -51,9 +51,10 @@ def publish(layout: Any, tracker: Any, decision: dict[str, Any]) -> dict[str, An
                              "cpt.headline": summary_mod.headline(summary, decision)})
     forgetting = sorted(summary.get("forgetting", {}))
     primary = f"summary/forgetting/{forgetting[0]}" if forgetting else "summary/passed"
-    from cpt.ops.mlflow_views import EXPERIMENT_TAGS
+    from cpt.ops.mlflow_views import EXPERIMENT_TAGS, headline_view
 
-    tracker.set_experiment_tags({**EXPERIMENT_TAGS, "mlflow.experiment.primaryMetric.name": primary})
+    tracker.set_experiment_tags({**EXPERIMENT_TAGS, "mlflow.experiment.primaryMetric.name": primary,
+                                 **headline_view(sorted(metrics))})
     return summary  # the registered version was described by the gate (cpt.ops.registry_view)
 
 

@@ -24,6 +24,28 @@ KINDS = frozenset({"parent_tags", "image", "inputs", "experiment_tags", "parent_
 # MLflow 3's UI opens an experiment on the GenAI overview unless told it is model training
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 
+# A saved view of the runs table (MLflow's "share view": the UI reads experiment tag ``mlflow.sharedViewState.<key>``
+# when the URL says ``?viewStateShareKey=<key>``). Past 1,000 metric + param + tag keys the table shows no metric
+# column at all unless one is selected, and cpt's stages log more than that: this view selects the headline.
+VIEW_KEY = "cpt-headline"
+
+
+def headline_view(metric_keys: list[str], param_keys: list[str] = ("train.replay_ratio",)) -> dict[str, str]:
+    """The experiment tag holding the runs-table view: newest first, the headline metrics (``summary/...``, no
+    interval bounds), the params experiments change most and the gate's decision as columns."""
+    cols = ["attributes.`Source`", *(f"params.`{k}`" for k in param_keys),
+            *(f"metrics.`{k}`" for k in metric_keys if not k.endswith(("/ci95_lo", "/ci95_hi"))),
+            "tags.`cpt.gate.decision`"]
+    state = {"searchFilter": "", "orderByKey": "attributes.start_time", "orderByAsc": False,
+             "selectedColumns": cols, "runsHiddenMode": "SHOW_ALL"}
+    return {f"mlflow.sharedViewState.{VIEW_KEY}": json.dumps(state)}
+
+
+def experiment_link(uri: str, experiment_id: str | None) -> str:
+    """The runs table with the headline view, in the training (not GenAI) view."""
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment_id}?viewStateShareKey={VIEW_KEY}&workflowType=machine_learning"
+
 
 def apply(sink: Any, op: dict[str, Any], run_id: str, parent_run_id: str | None) -> None:
     kind = op["op"]
