@@ -47,7 +47,7 @@ demo: setup
 	@echo "  reports/                  eval report + loss curves, samples, validation.md, fertility table"
 	@echo "  data/models/cpt           the continually pretrained model (HF folder; registry: models:/cpt@champion)"
 	@echo "  mlflow.db                 MLflow: $(BIN)/mlflow ui --host 127.0.0.1 --backend-store-uri sqlite:///mlflow.db"
-	@echo "                            then http://127.0.0.1:5000/#/experiments/1?viewStateShareKey=cpt-headline&workflowType=machine_learning"
+	@echo "                            then http://127.0.0.1:5000/#/experiments/1/runs?viewStateShareKey=cpt-headline&workflowType=machine_learning"
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -169,7 +169,7 @@ def _state(r: dict[str, Any]) -> str:
     return "skipped (up to date)" if not r["ran"] else "re-exported (nothing trained)" if r.get("reexported") else "ran"
 
 
-def _summary(results: list[dict[str, Any]], root: Path, link: str | None = None) -> str:
+def _summary(results: list[dict[str, Any]], root: Path, link: str | None = None, table: str | None = None) -> str:
     """The flow's answer as markdown: gain / forgetting per language with intervals, the gate's decision and
     thresholds, the MLflow run, then which stages ran and which DVC skipped."""
     from cpt.ops import summary
@@ -184,6 +184,8 @@ def _summary(results: list[dict[str, Any]], root: Path, link: str | None = None)
             lines += ["(eval was up to date: these are the numbers of the run that last evaluated this model)", ""]
     elif link:
         lines += [f"MLflow run: {link}", ""]
+    if table:
+        lines += [f"All pipeline runs, headline columns: {table}", ""]
     lines += ["| stage | state | seconds |", "|---|---|---:|"]
     lines += [f"| {r['stage']} | {_state(r)} | {r['seconds']:.1f} |" for r in results]
     return "\n".join(lines) + "\n"
@@ -270,9 +272,10 @@ def pipeline(root: str = ".", stages: list[str] | None = None, set_params: list[
         # Ran/Skipped states one click down): its page lists each stage and how it ended; results grows as they run
         _run_stages(selected, path, train_retries, retry_delay, results)
     link = parent.link() if parent.active else None
+    table = parent.table_link() if parent.active else None
     if push:
         dvc_push(str(path), [])
-    create_markdown_artifact(markdown=_summary(results, path, link), key="cpt-pipeline",
+    create_markdown_artifact(markdown=_summary(results, path, link, table), key="cpt-pipeline",
                              description="cpt pipeline: gain / forgetting, the gate's decision, the MLflow run")
     return results
 

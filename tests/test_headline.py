@@ -114,6 +114,9 @@ def test_mlflow_shows_the_answer_first(project):
     assert all(k.startswith("summary/") for k in parent.data.metrics), sorted(parent.data.metrics)  # headline only
     exp = c.get_experiment(parent.info.experiment_id)
     assert exp.tags["mlflow.experiment.primaryMetric.name"] == "summary/forgetting/en"
+    view = json.loads(exp.tags["mlflow.sharedViewState.cpt-headline"])  # the runs table's headline columns
+    assert {"metrics.`summary/forgetting/en`", "metrics.`summary/gain/vi`", "params.`train.replay_ratio`"} <= set(
+        view["selectedColumns"]) and not any("ci95" in col for col in view["selectedColumns"])
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     version = c.get_model_version(decision["registered_model"], decision["version"])
     assert version.description == ("promote (alias champion): every source and language within budget | budgets: "
@@ -128,7 +131,8 @@ def test_mlflow_shows_the_answer_first(project):
         assert [a.path for a in c.list_artifacts(run_id, "charts")] == ["charts/loss_new_vs_old.png"]
         note = c.get_run(run_id).data.tags["mlflow.note.content"]
         assert f"(get-artifact?path=charts/loss_new_vs_old.png&run_uuid={run_id})" in note
-        assert f"/runs/{run_id}/artifacts/charts/loss_new_vs_old.png?workflowType=machine_learning)" in note
+        assert (f"full size: [charts/loss_new_vs_old.png](#/experiments/{parent.info.experiment_id}/runs/{run_id}"
+                f"/artifacts/charts/loss_new_vs_old.png?workflowType=machine_learning)") in note
     from PIL import Image
 
     with Image.open(c.download_artifacts(parent.info.run_id, "charts/loss_new_vs_old.png", str(layout.root))) as im:

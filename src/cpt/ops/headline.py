@@ -71,15 +71,16 @@ def last_train_trained(layout: Any) -> bool | None:
     return value if isinstance(value, bool) else None
 
 
-def chart_markdown(tracker: Any, parent: bool = True) -> str:
-    """The loss chart in a description: the image itself (served by the tracking server: ``get-artifact``, relative
-    to the UI's root) and a link to it in the run's artifacts view, where it opens at full size."""
+def chart_markdown(tracker: Any, parent: bool = True) -> tuple[str, str] | None:
+    """The loss chart in a description: (a link to it in the run's artifacts view, where it opens at full size; the
+    image itself). Both relative to the UI's root (``#/experiments/...`` and the server's ``get-artifact``), so they
+    work whatever address the UI is reached at."""
     run_id = (getattr(tracker, "parent_run_id", None) if parent else None) or getattr(tracker, "run_id", None)
-    link = tracker.link(parent=parent, artifact=CHART_ARTIFACT, bare=True)
+    link = tracker.link(parent=parent, artifact=CHART_ARTIFACT, relative=True)
     if not run_id or not link:
-        return ""
-    return (f"![validation loss, old and new language](get-artifact?path={CHART_ARTIFACT}&run_uuid={run_id})\n\n"
-            f"Loss curves, full size: [{CHART_ARTIFACT}]({link})")
+        return None
+    return (f"Validation loss, old and new language, full size: [{CHART_ARTIFACT}]({link})",
+            f"![validation loss, old and new language](get-artifact?path={CHART_ARTIFACT}&run_uuid={run_id})")
 
 
 def loss_chart_file(layout: Any, tracker: Any, parent_only: bool = False) -> bool:
@@ -119,8 +120,9 @@ def loss_chart(layout: Any, tracker: Any, metrics: dict[str, Any] | None = None)
         lines.append(f"**Re-exported, not trained**: data/models/cpt was exported from the final checkpoint (step "
                      f"{(metrics or {}).get('resumed_from')}) of an earlier run with the same fingerprint; this run "
                      "has no per-step curves and no throughput (set train.resume=false to retrain).")
-    if drawn:
-        lines.append(chart_markdown(tracker, parent=False))
+    chart = chart_markdown(tracker, parent=False) if drawn else None
+    if chart:
+        lines += list(chart)
     if lines:
         tracker.set_tags({"mlflow.note.content": "\n\n".join(lines), "cpt.train.retrained":
                           str((metrics or {}).get("retrained", True)).lower()})

@@ -133,12 +133,19 @@ class MlflowTracker(RegistryMixin, Tracker):
     def set_experiment_tags(self, tags: dict[str, Any]) -> None:
         self._enqueue({"op": "experiment_tags", "tags": dict(tags)})
 
-    def link(self, parent: bool = True, artifact: str | None = None, bare: bool = False) -> str | None:
+    def link(self, parent: bool = True, artifact: str | None = None, relative: bool = False) -> str | None:
         from cpt.ops.mlflow_views import run_link
 
         with contextlib.suppress(Exception):
             return run_link(self.cfg["uri"], self._sink.experiment_id(),
-                            (self.parent_run_id if parent else None) or self.run_id, artifact, bare)
+                            (self.parent_run_id if parent else None) or self.run_id, artifact, relative)
+        return None
+
+    def table_link(self) -> str | None:
+        from cpt.ops.mlflow_views import table_link
+
+        with contextlib.suppress(Exception):
+            return table_link(self.cfg["uri"], self._sink.experiment_id())
         return None
 
     def log_parent_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:

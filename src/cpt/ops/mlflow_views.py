@@ -25,8 +25,9 @@ KINDS = frozenset({"parent_tags", "image", "inputs", "experiment_tags", "parent_
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 
 # A saved view of the runs table (MLflow's "share view": the UI reads experiment tag ``mlflow.sharedViewState.<key>``
-# when the URL says ``?viewStateShareKey=<key>``). Past 1,000 metric + param + tag keys the table shows no metric
-# column at all unless one is selected, and cpt's stages log more than that: this view selects the headline.
+# when the URL says ``#/experiments/<id>/runs?viewStateShareKey=<key>``). MLflow 3.17's table opens with no metric or
+# param column, and past 1,000 metric + param + tag keys (cpt's stages log more) lists none to pick up front: this
+# view selects the headline. "Override saved view" on its banner makes it the browser's default.
 VIEW_KEY = "cpt-headline"
 
 
@@ -41,10 +42,11 @@ def headline_view(metric_keys: list[str], param_keys: list[str] = ("train.replay
     return {f"mlflow.sharedViewState.{VIEW_KEY}": json.dumps(state)}
 
 
-def experiment_link(uri: str, experiment_id: str | None) -> str:
-    """The runs table with the headline view, in the training (not GenAI) view."""
+def table_link(uri: str, experiment_id: str | None) -> str:
+    """The runs table with the headline view, in the training (not GenAI) view. ``/runs`` in the path: the bare
+    experiment page redirects to it and drops ``viewStateShareKey`` on the way."""
     base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-    return f"{base}/#/experiments/{experiment_id}?viewStateShareKey={VIEW_KEY}&workflowType=machine_learning"
+    return f"{base}/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}&workflowType=machine_learning"
 
 
 def apply(sink: Any, op: dict[str, Any], run_id: str, parent_run_id: str | None) -> None:
@@ -141,17 +143,17 @@ def stage_datasets(root: str | Path, stage: str) -> list[dict[str, Any]]:
 
 
 def run_link(uri: str, experiment_id: str | None, run_id: str | None, artifact: str | None = None,
-             bare: bool = False) -> str | None:
+             relative: bool = False) -> str | None:
     """A link to the run (or one of its artifacts: the artifacts view shows an image at full size) in the MLflow UI
     (http stores), else how to open it (``mlflow ui`` on a local store). Always ``?workflowType=machine_learning``:
-    without it MLflow 3 opens a run in whichever mode the browser used last, GenAI in a fresh one. ``bare``: the
-    URL alone (for a markdown link), with the UI's address when the store is local."""
+    without it MLflow 3 opens a run in whichever mode the browser used last, GenAI in a fresh one. ``relative``: the
+    ``#/...`` page alone, for a link inside an MLflow description (it works at whatever address the UI is)."""
     if not run_id:
         return None
     tab = f"/artifacts/{artifact}" if artifact else ""
     page = f"#/experiments/{experiment_id}/runs/{run_id}{tab}?workflowType=machine_learning"
+    if relative:
+        return page
     if uri.startswith(("http://", "https://")):
         return f"{uri.rstrip('/')}/{page}"
-    if bare:
-        return f"http://127.0.0.1:5000/{page}"
     return f"http://127.0.0.1:5000/{page} (after `mlflow ui --host 127.0.0.1 --backend-store-uri {uri}`)"

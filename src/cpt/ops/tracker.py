@@ -53,7 +53,11 @@ class Tracker:
     def set_experiment_tags(self, tags: dict[str, Any]) -> None:  # noqa: D102
         pass
 
-    def link(self, parent: bool = True, artifact: str | None = None, bare: bool = False) -> str | None:  # noqa: D102
+    def link(self, parent: bool = True, artifact: str | None = None,  # noqa: D102
+             relative: bool = False) -> str | None:
+        return None
+
+    def table_link(self) -> str | None:  # noqa: D102
         return None
 
     def log_parent_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:  # noqa: D102
