@@ -170,9 +170,11 @@ def markdown(summary: dict[str, Any], gate: dict[str, Any] | None = None, run_li
 
 
 def mlflow_metrics(summary: dict[str, Any]) -> dict[str, float]:
-    """``summary/gain/vi``, ``summary/gain/vi/ci95_lo`` ...: the headline as MLflow metrics (first in the UI)."""
+    """``summary/gain/vi``, ``summary/gain/vi/ci95_lo`` ...: the headline as MLflow metrics (first in the UI).
+    Forgetting first: MLflow's compare page plots the first metric the runs share, in the order they were logged,
+    and forgetting is the number the gate watches."""
     out: dict[str, float] = {}
-    for key in ("gain", "forgetting"):
+    for key in ("forgetting", "gain"):
         for lang, v in summary.get(key, {}).items():
             out[f"summary/{key}/{lang}"] = float(v)
         for lang, ci in (summary.get(f"{key}_ci95") or {}).items():
