@@ -335,7 +335,8 @@ def _register_and_alias(decision: dict[str, Any], cfg: dict[str, Any], tracker: 
         other_name = {} if model_name == tracker.model_name else {"name": model_name}
         try:
             decision["version"] = tracker.register_model(
-                model_dir, tags={"cpt.gate.reason": decision["reason"][:5000], "cpt.gate.passed": decision["passed"]},
+                model_dir, tags={**registry_view.tags(decision), "cpt.gate.reason": decision["reason"][:5000],
+                                 "cpt.gate.passed": decision["passed"]},
                 artifacts={"gate": sources_file}, **other_name)
         except Exception as exc:  # noqa: BLE001
             decision["notes"].append(f"model registration failed ({type(exc).__name__}: {exc})")

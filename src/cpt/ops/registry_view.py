@@ -57,10 +57,14 @@ def description(decision: dict[str, Any]) -> str:
 
 
 def tags(decision: dict[str, Any]) -> dict[str, str]:
-    """The version's budgets and decision as tags (``cpt.gate.min_gain`` ...)."""
+    """The version's decision and budgets as tags, decision first (the registry lists a version's tags in the order
+    they were set, in a narrow column): ``cpt.gate.decision``, ``cpt.gate.min_gain``, ``cpt.gate.max_forgetting``,
+    and the champion budgets when they differ from those."""
     th = decision.get("thresholds") or {}
-    out = {f"cpt.gate.{k}": f"{th[k]:g}" for k in BUDGETS if th.get(k) is not None}
-    out["cpt.gate.decision"] = str(decision.get("decision"))
+    out = {"cpt.gate.decision": str(decision.get("decision"))}
+    out.update({f"cpt.gate.{k}": f"{th[k]:g}" for k in BUDGETS[:2] if th.get(k) is not None})
+    out.update({f"cpt.gate.{k}": f"{th[k]:g}" for k in BUDGETS[2:]
+                if th.get(k) is not None and th.get(k) != th.get(k.replace("champion_", ""))})
     return out
 
 
