@@ -5,8 +5,9 @@
 * the eval run and the pipeline's parent run: ``summary/...`` metrics, the description (``mlflow.note.content``,
   shown at the top of the run page) with the gain / forgetting table and the gate's decision, the gate's tags;
 * the registered model version: described by the gate itself (``cpt.ops.registry_view``: decision first);
-* the experiment: its primary metric (the compare view's default axis) is the forgetting the gate watches, not a
-  training loss that a lower replay ratio makes look better.
+* the experiment: its primary metric is the forgetting the gate watches (logged first, so the compare page plots
+  it first), not a training loss that a lower replay ratio makes look better; and a saved runs-table view with the
+  headline columns (``cpt.ops.mlflow_views.headline_view``).
 
 After train: the old- and new-language validation loss drawn on one chart (``loss_chart``), logged to the train run
 and the parent run as an image chart and as the artifact ``charts/loss_new_vs_old.png`` (full size), which the

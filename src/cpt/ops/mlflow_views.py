@@ -7,7 +7,8 @@
   only chart MLflow 3 keeps server-side: line charts that overlay two metrics live in the browser's local storage);
 * ``inputs``: datasets (``mlflow.log_input``) whose digest is the DVC md5 of the stage output they name;
 * ``experiment_tags``: the experiment's kind (``custom_model_development``: the UI opens the runs table rather than
-  the GenAI traces overview) and its primary metric (the compare view's default axis).
+  the GenAI traces overview), its primary metric, and the saved runs-table view (``headline_view``);
+* ``parent_artifact`` and the links (``run_link``, ``table_link``) open the training view, never GenAI.
 """
 
 from __future__ import annotations
