@@ -43,7 +43,9 @@ def publish(layout: Any, tracker: Any, decision: dict[str, Any]) -> dict[str, An
         metrics = {k: v for k, v in metrics.items() if k not in ("summary/tokens_per_s", "summary/mfu")}
     tracker.log_metrics(metrics)
     tracker.log_parent_metrics(metrics)
-    chart = chart_markdown(tracker) if loss_chart_file(layout, tracker, parent_only=True) else None
+    # the chart goes to the parent (the eval run links it there); a run without a parent keeps its own copy
+    drawn = loss_chart_file(layout, tracker, parent_only=bool(getattr(tracker, "parent_run_id", None)))
+    chart = chart_markdown(tracker) if drawn else None
     text = summary_mod.markdown(summary, decision, trained=trained, chart=chart)
     tracker.set_tags({"mlflow.note.content": text})
     tracker.set_parent_tags({"mlflow.note.content": text, "cpt.gate.decision": summary["decision"],
