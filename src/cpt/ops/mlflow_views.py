@@ -8,7 +8,7 @@
 * ``inputs``: datasets (``mlflow.log_input``) whose digest is the DVC md5 of the stage output they name;
 * ``experiment_tags``: the experiment's kind (``custom_model_development``: the UI opens the runs table rather than
   the GenAI traces overview), its primary metric, and the saved runs-table view (``headline_view``);
-* ``parent_artifact`` and the links (``run_link``, ``table_link``) open the training view, never GenAI.
+* the links (``run_link``, ``table_link``) open the training view, never GenAI.
 """
 
 from __future__ import annotations
