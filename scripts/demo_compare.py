@@ -73,13 +73,16 @@ def _fmt(v: float) -> str:
 
 
 def compare(old: dict[str, dict], new: dict[str, dict]) -> tuple[list[str], dict[str, int]]:
-    """Markdown lines of the comparison, and counts (``inside``, ``numbers``, ``same_decisions``, ``decisions``)."""
+    """Markdown lines of the comparison, and counts (``inside`` of ``numbers`` with an interval, ``same_numbers`` of
+    ``compared``, ``same_decisions`` of ``decisions``)."""
     a = numbers(old.get("eval") or {}, old.get("gate") or {}, old.get("sft") or {})
     b = numbers(new.get("eval") or {}, new.get("gate") or {}, new.get("sft") or {})
     lines = ["| number (bpb) | committed [95% interval] | fresh | inside? |", "|---|---|---:|---|"]
-    counts = {"inside": 0, "numbers": 0, "same_decisions": 0, "decisions": 0}
+    counts = {"inside": 0, "numbers": 0, "same_decisions": 0, "decisions": 0, "same_numbers": 0, "compared": 0}
     for label in [k for k in a if k in b]:
         (v0, ci), (v1, _) = a[label], b[label]
+        counts["compared"] += 1
+        counts["same_numbers"] += v0 == v1
         if isinstance(ci, (list, tuple)) and len(ci) == 2:
             inside = ci[0] <= v1 <= ci[1]
             counts["numbers"] += 1
@@ -115,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
               "sft.json are identical).")
         return 0
     lines, c = compare(old, new)
+    if c["same_numbers"] == c["compared"] and c["same_decisions"] == c["decisions"]:
+        print(f"This run reproduced every number and decision committed at {args.rev} ({c['compared']} numbers, "
+              f"{c['decisions']} decisions; the files differ only in other fields: `git diff metrics/`).")
+        return 0
     print(f"This run's results differ from those committed at {args.rev} (expected on another CPU: the tiny base is "
           "pretrained here, and float reductions differ between CPUs). Each fresh number against the committed one's "
           "95% interval:\n")

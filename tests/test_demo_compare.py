@@ -38,6 +38,10 @@ def test_fresh_numbers_are_read_against_the_committed_intervals_and_decisions(tm
     subprocess.run([*git, "commit", "-qm", "demo"], cwd=tmp_path, check=True)
     assert mod.main(["--root", str(tmp_path)]) == 0
     assert "reproduced the results committed at HEAD exactly" in capsys.readouterr().out
+    ev = json.loads((tmp_path / "metrics" / "eval.json").read_text())
+    (tmp_path / "metrics" / "eval.json").write_text(json.dumps({**ev, "bootstrap": {"unit": "document"}}))
+    assert mod.main(["--root", str(tmp_path)]) == 0  # a new field, the same numbers
+    assert "reproduced every number and decision committed at HEAD (4 numbers, 2 decisions" in capsys.readouterr().out
     _write(tmp_path, 0.024, "undecided")  # another CPU: English forgetting moved outside its committed interval
     assert mod.main(["--root", str(tmp_path)]) == 0
     out = capsys.readouterr().out
