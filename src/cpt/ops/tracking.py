@@ -18,8 +18,9 @@ Run layout, one MLflow run per pipeline execution with one nested run per stage:
 
 * a Prefect flow opens the parent run and hands its id to the stage processes in ``CPT_MLFLOW_RUN_ID``;
 * under ``dvc exp run`` (``DVC_EXP_NAME`` set by DVC) the stages share a parent named after the experiment;
-* under a plain ``dvc repro`` the stages share a parent keyed by (git commit, params hash, execution): each ``dvc``
-  invocation is one execution (``cpt.ops.execution``), so a rerun never piles onto an earlier parent;
+* under a plain ``dvc repro`` the stages share a parent keyed by the execution: each ``dvc`` invocation is one
+  (``cpt.ops.execution``), so a rerun never piles onto an earlier parent (outside DVC: by git commit, params hash
+  and process);
 * the parent is named for what changed (``cpt.ops.run_names``), with `` #2``, `` #3`` when an earlier execution has
   that name, and ends FINISHED or FAILED with every stage (the next stage of the same pipeline sets it RUNNING
   again).
@@ -85,11 +86,14 @@ def for_stage(stage: str, params: dict[str, Any], layout: Any) -> Tracker:
     parent = None
     if parent_run_id is None:
         # one parent per execution (the dvc process running the stages: cpt.ops.execution), not per (commit,
-        # params): a rerun gets a parent of its own, named "<label> #2" by the sink when the label is taken
+        # params): a rerun gets a parent of its own, named "<label> #2" by the sink when the label is taken, and a
+        # commit made while a long `dvc repro` runs does not split it
         run = execution_id()
         if os.environ.get("DVC_EXP_NAME"):
             key = f"exp:{os.environ['DVC_EXP_NAME']}:{os.environ.get('DVC_EXP_BASELINE_REV', '')[:12]}:{run}"
-        elif cfg["group_stages"]:
+        elif cfg["group_stages"] and run.startswith("dvc:"):
+            key = f"repro:{run}"
+        elif cfg["group_stages"]:  # not under DVC: one process may run several pipelines (a notebook, tests)
             key = f"repro:{(tags.get('mlflow.source.git.commit') or 'nogit')[:12]}:{tags['cpt.params_hash']}:{run}"
         else:
             key = None
