@@ -294,8 +294,8 @@ def test_each_execution_gets_its_own_parent_named_uniquely(project, monkeypatch)
     for run in ("dvc:101:5", "dvc:102:9"):
         monkeypatch.setattr(tracking, "execution_id", lambda run=run: run)
         ids = set()
-        for stage in ("train", "eval"):
-            t = tracking.for_stage(stage, params, layout)
+        for stage, p in (("train", params), ("eval", {**params, "seed": 4})):  # params edited mid-run: same run
+            t = tracking.for_stage(stage, p, layout)
             t.close("FINISHED", {"loss": 1.0})
             ids.add(client(params).get_run(t.run_id).data.tags["mlflow.parentRunId"])
         assert len(ids) == 1
