@@ -126,10 +126,12 @@ def loss_chart(path: Path, curve: dict[str, list[float]]) -> bool:
         return False
     from cpt.io import atomic_open
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))  # 1080 x 648 at 144 dpi: read at full size in MLflow's artifacts view
+    # 720 x 432: read at its natural size both in MLflow's artifacts view and inside a run description (whose
+    # markdown drops width attributes, so a larger image would overflow the column and push the text out of view)
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
     draw_loss(ax, curve)
     fig.tight_layout()
     with atomic_open(path, "wb", encoding=None) as fh:
-        fig.savefig(fh, format="png", dpi=144, metadata={"Software": None})
+        fig.savefig(fh, format="png", dpi=96, metadata={"Software": None})
     plt.close(fig)
     return True
