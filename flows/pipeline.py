@@ -173,13 +173,16 @@ def _summary(results: list[dict[str, Any]], root: Path, link: str | None = None,
     """The flow's answer as markdown: gain / forgetting per language with intervals, the gate's decision and
     thresholds, the MLflow run, then which stages ran and which DVC skipped."""
     from cpt.ops import summary
+    from cpt.ops.headline import last_train_trained
 
     layout = Layout(root)
     lines = ["# cpt pipeline", ""]
     if (layout.metrics / "summary.json").exists():
         gate = read_json(layout.metrics_file("gate")) if layout.metrics_file("gate").exists() else {}
         evaluated = any(r["stage"] == "eval" and r["ran"] for r in results)
-        lines += [summary.markdown(read_json(layout.metrics / "summary.json"), gate, link)]
+        # no throughput when the last train run only re-exported (the MLflow description says the same)
+        lines += [summary.markdown(read_json(layout.metrics / "summary.json"), gate, link,
+                                   trained=last_train_trained(layout))]
         if not evaluated:
             lines += ["(eval was up to date: these are the numbers of the run that last evaluated this model)", ""]
     elif link:

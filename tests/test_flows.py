@@ -269,3 +269,8 @@ def test_a_stage_that_only_reexported_is_not_called_ran(tmp_path):
     assert not pipeline._reexported(tmp_path, "eval")
     assert pipeline._state({"ran": True, "reexported": True}) == "re-exported (nothing trained)"
     assert pipeline._state({"ran": False}) == "skipped (up to date)" and pipeline._state({"ran": True}) == "ran"
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    (tmp_path / "metrics" / "summary.json").write_text(json.dumps({"gain": {"vi": 8.2}, "forgetting": {"en": 0.01},
+                                                                    "decision": "refuse", "tokens_per_s": 3134.7}))
+    text = pipeline._summary([{"stage": "train", "ran": True, "reexported": True, "seconds": 9.0}], tmp_path)
+    assert "no throughput is quoted" in text and "tokens/s" not in text  # as the MLflow description says
