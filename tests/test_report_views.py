@@ -52,6 +52,9 @@ def test_eval_figure_has_readable_tick_labels_and_deltas_on_their_own_axes(tmp_p
     figures._panel(a3, [r for r in ROWS if r["domain"] == "old"], "forgetting")
     lo, hi = a3.get_xlim()
     assert hi - lo < 1.0  # the old language's -0.05 is read on its own axis, not beside +14
+    fig.canvas.draw()
+    ticks = [t.get_text() for t in a3.get_xticklabels() if t.get_text()]
+    assert 2 <= len(ticks) <= 6, ticks  # few enough that "-0.075" and "-0.050" never run together
     plt.close(fig)
 
 

@@ -91,6 +91,9 @@ def _panel(ax: Any, rows: list[dict[str, Any]], kind: str) -> list[str]:
         ax.text(v + (0.02 * span if v >= 0 else -0.02 * span), y, bar_label(v),
                 va="center", ha="left" if v >= 0 else "right", fontsize=7)
     ax.set_xlim(min(0.0, min(vals)) - 0.3 * span, max(0.0, max(vals)) + 0.3 * span)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=4))  # "-0.075-0.050-0.025" ran together at the default density
     ax.set_xlabel(xlabel)
     ax.set_title(title, fontsize=10)
     ax.grid(axis="x", alpha=0.3)
