@@ -5,6 +5,9 @@ BIN         := $(VENV)/bin
 # The default DVC remote for `dvc push`/`dvc pull`: a folder outside the repo (override: make remote DVC_REMOTE=...)
 DVC_REMOTE  ?= $(abspath ..)/cpt-dvc-remote
 STAMP       := $(VENV)/.installed
+# The corpora: the DVC remote `corpora` (params and dvc.yaml say remote://corpora/...). Written into the local DVC
+# config, which DVC copies into `dvc exp run --temp` / queued workspaces (src/cpt/dvc_paths.py says why).
+CORPORA     ?= $(abspath ..)/shared/corpora
 
 export PATH                             := $(abspath $(BIN)):$(PATH)
 export DVC_NO_ANALYTICS                 := 1
@@ -30,10 +33,13 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 setup: $(STAMP)
+	@$(BIN)/dvc remote add --local --force corpora $(CORPORA) >/dev/null
 
 demo: setup
 	$(BIN)/dvc repro
 	$(BIN)/python scripts/readme_results.py   # the README results table, from the outputs just written
+	@echo
+	@$(BIN)/python scripts/demo_compare.py    # fresh vs committed: inside the committed intervals? same decisions?
 	@echo
 	@echo "Done. Results:"
 	@echo "  metrics/summary.json      the headline: gain / forgetting per language, the gate's decision (dvc metrics show)"
@@ -41,7 +47,7 @@ demo: setup
 	@echo "  reports/                  eval report + loss curves, samples, validation.md, fertility table"
 	@echo "  data/models/cpt           the continually pretrained model (HF folder; registry: models:/cpt@champion)"
 	@echo "  mlflow.db                 MLflow: $(BIN)/mlflow ui --host 127.0.0.1 --backend-store-uri sqlite:///mlflow.db"
-	@echo "                            then http://127.0.0.1:5000/#/experiments/1?workflowType=machine_learning"
+	@echo "                            then http://127.0.0.1:5000/#/experiments/1/runs?viewStateShareKey=cpt-headline&workflowType=machine_learning"
 
 test: setup
 	$(BIN)/python -m pytest -q

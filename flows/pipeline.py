@@ -11,8 +11,10 @@ Prefect adds what DVC lacks:
 * routing and GPU exclusivity: train/evaluate take a Prefect global concurrency slot ``gpu-<CUDA_VISIBLE_DEVICES>``
   (a no-op until ``prefect gcl create gpu-0 --limit 1`` exists), on top of the deployment/work-queue limits;
 * moving data between machines: ``pull`` runs ``dvc pull`` of the inputs first, ``push`` sends outputs back;
-* a view of the answer: each stage task ends ``Ran`` or ``Skipped`` (DVC found it up to date), and ``pipeline``
-  publishes the markdown artifact ``cpt-pipeline`` (gain / forgetting, the gate's decision, the MLflow run).
+* a view of the answer: each stage task ends ``Ran``, ``Skipped`` (DVC found it up to date) or ``Re-exported``
+  (train / sft found their finished checkpoint: nothing trained), all on the ``pipeline`` flow run's own page (its
+  stages are its tasks, not subflows), and ``pipeline`` publishes the markdown artifact ``cpt-pipeline`` (gain /
+  forgetting, the gate's decision, the MLflow run).
 
 Run locally without a server: ``python -m flows.pipeline`` (an ephemeral Prefect API is started for the run).
 """
@@ -83,9 +85,24 @@ def _run_stage(stage: str, root: str) -> State:
     metrics = read_json(metrics_file) if metrics_file.exists() else {}
     skipped = result.skipped(stage)
     what = "up to date (DVC skipped it)" if skipped else f"ran in {result.seconds:.1f}s"
+    reexported = not skipped and _reexported(Path(root), stage)
+    if reexported:
+        what = "re-exported the finished checkpoint of an earlier run (nothing trained)"
     logger.info("%s: %s", stage, what)
-    data = {"stage": stage, "ran": not skipped, "seconds": result.seconds, "metrics": metrics}
-    return Completed(name="Skipped" if skipped else "Ran", message=f"{stage}: {what}", data=data)
+    data = {"stage": stage, "ran": not skipped, "reexported": reexported, "seconds": result.seconds,
+            "metrics": metrics}
+    name = "Skipped" if skipped else "Re-exported" if reexported else "Ran"
+    return Completed(name=name, message=f"{stage}: {what}", data=data)
+
+
+def _reexported(root: Path, stage: str) -> bool:
+    """train / sft found their run's final checkpoint and only exported it (``retrained: false`` in this run's
+    timings, metrics/timings/<stage>.json): the task says so instead of "Ran", and no throughput is quoted."""
+    from cpt.ops.timings import timings_file
+
+    path = timings_file(Layout(root), stage)
+    run = read_json(path) if path.exists() else {}
+    return (run.get("retrained", (run.get("train") or {}).get("retrained")) is False)
 
 
 # One task per stage, named as the stage. NO_CACHE: DVC is the cache; Prefect result caching would replay a stale
@@ -148,30 +165,40 @@ def _pipeline_run(root: Path, name: str, enabled: bool, results: list[dict[str, 
         parent.close(status=status)
 
 
-def _summary(results: list[dict[str, Any]], root: Path, link: str | None = None) -> str:
+def _state(r: dict[str, Any]) -> str:
+    return "skipped (up to date)" if not r["ran"] else "re-exported (nothing trained)" if r.get("reexported") else "ran"
+
+
+def _summary(results: list[dict[str, Any]], root: Path, link: str | None = None, table: str | None = None) -> str:
     """The flow's answer as markdown: gain / forgetting per language with intervals, the gate's decision and
     thresholds, the MLflow run, then which stages ran and which DVC skipped."""
     from cpt.ops import summary
+    from cpt.ops.headline import last_train_trained
 
     layout = Layout(root)
     lines = ["# cpt pipeline", ""]
     if (layout.metrics / "summary.json").exists():
         gate = read_json(layout.metrics_file("gate")) if layout.metrics_file("gate").exists() else {}
         evaluated = any(r["stage"] == "eval" and r["ran"] for r in results)
-        lines += [summary.markdown(read_json(layout.metrics / "summary.json"), gate, link)]
+        # no throughput when the last train run only re-exported (the MLflow description says the same)
+        lines += [summary.markdown(read_json(layout.metrics / "summary.json"), gate, link,
+                                   trained=last_train_trained(layout))]
         if not evaluated:
             lines += ["(eval was up to date: these are the numbers of the run that last evaluated this model)", ""]
     elif link:
         lines += [f"MLflow run: {link}", ""]
+    if table:
+        lines += [f"All pipeline runs, headline columns: {table}", ""]
     lines += ["| stage | state | seconds |", "|---|---|---:|"]
-    lines += [f"| {r['stage']} | {'ran' if r['ran'] else 'skipped (up to date)'} | {r['seconds']:.1f} |"
-              for r in results]
+    lines += [f"| {r['stage']} | {_state(r)} | {r['seconds']:.1f} |" for r in results]
     return "\n".join(lines) + "\n"
 
 
-def _run_stages(stages: list[str], root: Path, train_retries: int = 2, retry_delay: float = 30.0) -> list[dict[str, Any]]:
-    """Run stages in order; each waits for the previous (DVC's DAG is linear here, and DVC calls are serial)."""
-    results = []
+def _run_stages(stages: list[str], root: Path, train_retries: int = 2, retry_delay: float = 30.0,
+                results: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Run stages in order; each waits for the previous (DVC's DAG is linear here, and DVC calls are serial).
+    ``results`` (appended to as each stage ends) lets the caller see what ran even when a later stage fails."""
+    results = [] if results is None else results
     for stage in stages:
         t = STAGE_TASKS[stage]
         if stage == "train":
@@ -230,7 +257,9 @@ def evaluate(root: str = ".", pull: bool = False, push: bool = False, track: boo
 def pipeline(root: str = ".", stages: list[str] | None = None, set_params: list[str] | None = None,
              pull: bool = False, push: bool = False, train_retries: int = 2, retry_delay: float = 30.0,
              track: bool = True) -> list[dict[str, Any]]:
-    """The whole chain: data_prep -> train -> evaluate as subflows, then the sft task, under one MLflow parent run.
+    """The whole chain, every stage a task of this flow run (ingest ... shards, train, eval, sft), under one MLflow
+    parent run. (``data_prep``, ``train`` and ``evaluate`` are the same tasks as flows of their own, for deployments
+    that run a part on another machine.)
 
     ``stages`` runs a subset (in pipeline order); ``pull`` first fetches whatever the DVC remote already has (a GPU
     host then skips the data prep a CPU host did), ``push`` sends every output back at the end.
@@ -242,22 +271,14 @@ def pipeline(root: str = ".", stages: list[str] | None = None, set_params: list[
         dvc_pull(str(path), [])
     results: list[dict[str, Any]] = []
     with _pipeline_run(path, "pipeline", track, results) as parent:
-        prep = [s for s in selected if s in DATA_PREP]
-        if prep:
-            results += data_prep(root=str(path), stages=prep, track=track)
-        # the rest in STAGES order: train and eval as their subflows, any other stage (a new one added to
-        # cpt.stages.STAGES) as its task, so the chain follows the stage list
-        for stage in [s for s in selected if s not in DATA_PREP]:
-            if stage == "train":
-                results += train(root=str(path), train_retries=train_retries, retry_delay=retry_delay, track=track)
-            elif stage == "eval":
-                results += evaluate(root=str(path), track=track)
-            else:
-                results += _run_stages([stage], path)
+        # every stage as a task of THIS flow run (not inside data_prep/train/evaluate subflows, which hid their
+        # Ran/Skipped states one click down): its page lists each stage and how it ended; results grows as they run
+        _run_stages(selected, path, train_retries, retry_delay, results)
     link = parent.link() if parent.active else None
+    table = parent.table_link() if parent.active else None
     if push:
         dvc_push(str(path), [])
-    create_markdown_artifact(markdown=_summary(results, path, link), key="cpt-pipeline",
+    create_markdown_artifact(markdown=_summary(results, path, link, table), key="cpt-pipeline",
                              description="cpt pipeline: gain / forgetting, the gate's decision, the MLflow run")
     return results
 

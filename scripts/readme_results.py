@@ -75,8 +75,34 @@ def rows(root: Path) -> list[tuple[str, str, str]]:
     return out
 
 
+def verdict(root: Path) -> str:
+    """The sentences that say what the table means: each gate's decision and what decided it, in the table's numbers
+    (hand-written prose with numbers went stale after every rerun)."""
+    from cpt.ops.summary import deciding
+
+    ev, gate, sft = (_read(root, n) for n in ("eval", "gate", "sft"))
+    out = []
+    if gate.get("decision"):
+        th = gate.get("thresholds") or {}
+        if gate["decision"] == "promote":
+            out.append(f"The gate promotes this demo model: every source and language is within its budget (gain's "
+                       f"lower bound >= {th.get('min_gain')}, forgetting's upper bound <= {th.get('max_forgetting')}).")
+        else:
+            pooled = "; ".join(f"{lang} {_signed(v, nd=3)}" for lang, v in sorted((ev.get("forgetting") or {}).items()))
+            out.append(f"The gate says **{gate['decision']}** for this demo model, and that is the verdict working: "
+                       f"{deciding(gate) or gate.get('reason', '')}. The worst source decides; the forgetting pooled "
+                       f"over sources ({pooled}) is information only.")
+    sgate = sft.get("gate") or {}
+    if sgate.get("decision"):
+        why = deciding(sgate) if sgate["decision"] != "promote" else ""
+        out.append(f"The sft gate says **{sgate['decision']}**" + (f": {why}." if why else "."))
+    return " ".join(out)
+
+
 def block(root: Path) -> str:
-    lines = [BEGIN, "| what | demo (tiny base, CPU) | where |", "|---|---|---|"]
+    prose = verdict(root)
+    lines = [BEGIN] + ([prose, ""] if prose else [])
+    lines += ["| what | demo (tiny base, CPU) | where |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows(root)]
     return "\n".join(lines + [END])
 

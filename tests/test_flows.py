@@ -255,3 +255,22 @@ def test_a_flow_that_did_not_evaluate_puts_no_gate_verdict_on_its_run(toy):
     c = mlflow_client(root)
     (run,) = c.search_runs([c.get_experiment_by_name("cpt").experiment_id], "tags.`cpt.flow` = 'data_prep'")
     assert run.info.status == "FINISHED" and not any(k.startswith("cpt.gate") for k in run.data.tags)
+
+
+def test_a_stage_that_only_reexported_is_not_called_ran(tmp_path):
+    """train (or sft) that found its finished checkpoint trained nothing: the task state and the artifact say
+    "Re-exported", from the run's own timings (metrics/timings/<stage>.json)."""
+    from flows import pipeline
+
+    (tmp_path / "metrics" / "timings").mkdir(parents=True)
+    (tmp_path / "metrics" / "timings" / "train.json").write_text(json.dumps({"retrained": False, "resumed_from": 80}))
+    (tmp_path / "metrics" / "timings" / "sft.json").write_text(json.dumps({"train": {"retrained": True}}))
+    assert pipeline._reexported(tmp_path, "train") and not pipeline._reexported(tmp_path, "sft")
+    assert not pipeline._reexported(tmp_path, "eval")
+    assert pipeline._state({"ran": True, "reexported": True}) == "re-exported (nothing trained)"
+    assert pipeline._state({"ran": False}) == "skipped (up to date)" and pipeline._state({"ran": True}) == "ran"
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    (tmp_path / "metrics" / "summary.json").write_text(json.dumps({"gain": {"vi": 8.2}, "forgetting": {"en": 0.01},
+                                                                    "decision": "refuse", "tokens_per_s": 3134.7}))
+    text = pipeline._summary([{"stage": "train", "ran": True, "reexported": True, "seconds": 9.0}], tmp_path)
+    assert "no throughput is quoted" in text and "tokens/s" not in text  # as the MLflow description says

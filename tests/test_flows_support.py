@@ -104,12 +104,17 @@ def project_copy(dest: Path, params_text: str, corpora: Path | None = None) -> P
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
     (dest / "params.yaml").write_text(params_text, encoding="utf-8")
-    # dvc.yaml names a few corpus files as external deps by their path relative to the project (../shared/corpora)
+    # dvc.yaml names the corpus files as remote://corpora/... deps: the repo's default (../shared/corpora, from the
+    # project) in .dvc/config, and what `make setup` writes into .dvc/config.local (DVC copies that one into its
+    # --temp / queued workspaces; cpt.dvc_paths)
     shared = dest.parent / "shared"
     if corpora is not None and not shared.exists():
         shared.mkdir()
         (shared / "corpora").symlink_to(corpora)
-    (dest / ".dvc" / "config").write_text("[core]\n    analytics = false\n", encoding="utf-8")  # no shared remote
+    (dest / ".dvc" / "config").write_text("[core]\n    analytics = false\n['remote \"corpora\"']\n"
+                                          "    url = ../../shared/corpora\n", encoding="utf-8")  # no shared remote
+    if corpora is not None:
+        (dest / ".dvc" / "config.local").write_text(f"['remote \"corpora\"']\n    url = {corpora}\n", encoding="utf-8")
     env = base_env(GIT_AUTHOR_NAME="cpt-test", GIT_AUTHOR_EMAIL="t@example.invalid", GIT_COMMITTER_NAME="cpt-test",
                    GIT_COMMITTER_EMAIL="t@example.invalid")
     for cmd in (["git", "init", "-q", "-b", "main"], ["git", "config", "user.name", "cpt-test"],

@@ -275,7 +275,9 @@ def test_gate_section_of_the_report_is_rewritten_in_place(tmp_path):
     assert verdict.write_into(report, d)
     text = report.read_text()
     assert "**Decision: refuse**" in text and "(pending)" not in text and text.endswith("after\n")
-    assert "| source | en_wikitext2 | old | -0.1000 | [-0.1100, -0.0900] | 10 | >= -0.05 | refuse |" in text
+    # cpt's one sign: forgetting > 0 = forgotten (the report used "delta = -forgetting" here before)
+    assert ("| source | en_wikitext2 | old | forgetting | +0.1000 | [+0.0900, +0.1100] | 10 | upper bound <= 0.05 "
+            "| refuse |" in text)
 
 
 def test_params_yaml_documents_the_code_defaults(repo_root):

@@ -94,7 +94,7 @@ def test_mlflow_shows_the_answer_first(project):
     import time
 
     time.sleep(2.5)  # two system-metrics samples
-    headline.loss_chart(layout, tr)
+    headline.loss_chart(layout, tr, {"retrained": True})
     tr.close("FINISHED", {"loss": 5.8})
     # eval + gate + headline
     layout.metrics_file("eval").write_text(json.dumps(GATED))
@@ -114,14 +114,56 @@ def test_mlflow_shows_the_answer_first(project):
     assert all(k.startswith("summary/") for k in parent.data.metrics), sorted(parent.data.metrics)  # headline only
     exp = c.get_experiment(parent.info.experiment_id)
     assert exp.tags["mlflow.experiment.primaryMetric.name"] == "summary/forgetting/en"
+    view = json.loads(exp.tags["mlflow.sharedViewState.cpt-headline"])  # the runs table's headline columns
+    assert {"metrics.`summary/forgetting/en`", "metrics.`summary/gain/vi`", "params.`train.replay_ratio`"} <= set(
+        view["selectedColumns"]) and not any("ci95" in col for col in view["selectedColumns"])
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     version = c.get_model_version(decision["registered_model"], decision["version"])
-    assert version.description == "vi +7.8 bpb, en +0.045 bpb forgotten, gate passed"
+    assert version.description == ("promote (alias champion): every source and language within budget | budgets: "
+                                   "min_gain 0.02, max_forgetting 0.05, min_documents 5 | gain: vi +7.8 | forgetting: en +0.045 bpb")
+    assert version.tags["cpt.gate.max_forgetting"] == "0.05"
     assert c.get_model_version_by_alias(decision["registered_model"], "champion").version == version.version
     # the chart view's image chart (old and new loss together), in the train run and the parent
     for run_id in (tr.run_id, parent.info.run_id):
         images = [a.path for a in c.list_artifacts(run_id, "images")]
         assert any(p.startswith("images/summary~loss_new_vs_old+step+80") for p in images), images  # '/' stored as '~'
+        # ...and at full size, as a plain artifact that both descriptions show and link (in the training view)
+        assert [a.path for a in c.list_artifacts(run_id, "charts")] == ["charts/loss_new_vs_old.png"]
+        note = c.get_run(run_id).data.tags["mlflow.note.content"]
+        assert f"(get-artifact?path=charts/loss_new_vs_old.png&run_uuid={run_id})" in note
+        assert (f"full size: [charts/loss_new_vs_old.png](#/experiments/{parent.info.experiment_id}/runs/{run_id}"
+                f"/artifacts/charts/loss_new_vs_old.png?workflowType=machine_learning)") in note
+    from PIL import Image
+
+    with Image.open(c.download_artifacts(parent.info.run_id, "charts/loss_new_vs_old.png", str(layout.root))) as im:
+        assert 700 <= im.size[0] <= 760  # its natural size, in the description column (the chart card: 256 px)
     (inp,) = train_run.inputs.dataset_inputs
     assert inp.dataset.name == "token shards" and inp.dataset.digest == "0123456789abcdef0123456789abcdef.dir"
     assert any(k.startswith("system/cpu_utilization") for k in train_run.data.metrics), sorted(train_run.data.metrics)
+
+
+def test_a_reexport_says_so_and_quotes_no_throughput(project):
+    """train found its finished checkpoint and only re-exported it: its run says so, the headline quotes no
+    throughput (the recorded one belongs to the run that trained), and summary/tokens_per_s is not logged."""
+    from mlflow import MlflowClient
+
+    layout, params = project
+    (layout.metrics / "train_curve.csv").write_text("step,tokens,loss_new,loss_old\n0,0,9.4,6.0\n80,163200,5.8,6.2\n")
+    timings.write(layout, "train", {"loss": 5.8, "retrained": False, "resumed_from": 80})
+    (layout.metrics / "summary.json").write_text(json.dumps({"tokens_per_s": 3134.7}))
+    tr = tracking.activate(tracking.for_stage("train", params, layout))
+    headline.loss_chart(layout, tr, {"retrained": False, "resumed_from": 80})
+    tr.close("FINISHED", {"loss": 5.8})
+    layout.metrics_file("eval").write_text(json.dumps(GATED))
+    ev = tracking.for_stage("eval", params, layout)
+    headline.publish(layout, ev, gate.run(params, layout, GATED, ev))
+    ev.close("FINISHED", EVAL)
+    c = MlflowClient(tracking_uri=params["tracking"]["uri"])
+    train_run = c.get_run(tr.run_id)
+    assert train_run.data.tags["mlflow.note.content"].startswith("**Re-exported, not trained**")
+    assert train_run.data.tags["cpt.train.retrained"] == "false"
+    parent = c.get_run(train_run.data.tags["mlflow.parentRunId"])
+    note = parent.data.tags["mlflow.note.content"]
+    assert "throughput" not in note.replace("no throughput is quoted", "") and "tokens/s" not in note
+    assert "re-exported the finished checkpoint" in note
+    assert "summary/tokens_per_s" not in parent.data.metrics

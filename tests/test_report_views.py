@@ -48,10 +48,13 @@ def test_eval_figure_has_readable_tick_labels_and_deltas_on_their_own_axes(tmp_p
     plt.close(fig)
     assert figures.write_figure(tmp_path / "f.png", curve, ROWS) is None and (tmp_path / "f.png").stat().st_size > 0
     fig, (_, a2, a3) = plt.subplots(1, 3)
-    figures._deltas(a2, [r for r in ROWS if r["domain"] == "new"], "new")
-    figures._deltas(a3, [r for r in ROWS if r["domain"] == "old"], "old")
+    figures._panel(a2, [r for r in ROWS if r["domain"] == "new"], "gain")
+    figures._panel(a3, [r for r in ROWS if r["domain"] == "old"], "forgetting")
     lo, hi = a3.get_xlim()
     assert hi - lo < 1.0  # the old language's -0.05 is read on its own axis, not beside +14
+    fig.canvas.draw()
+    ticks = [t.get_text() for t in a3.get_xticklabels() if t.get_text()]
+    assert 2 <= len(ticks) <= 6, ticks  # few enough that "-0.075" and "-0.050" never run together
     plt.close(fig)
 
 

@@ -165,6 +165,9 @@ def test_registry_gate_promotes_then_keeps_the_champion(project, tmp_path, monke
     vs = second["vs_champion"]
     assert vs["checked"] and vs["how"].startswith("its stored per-unit scores") and vs["gain"] == pytest.approx(-0.2)
     assert vs["per_source"]["vi_x"]["decision"] == "refuse" and vs["per_source"]["en_x"]["decision"] == "promote"
+    refused = client(params).get_model_version(params["tracking"]["model_name"], "2")
+    assert refused.description.startswith("refuse: ") and "champion" in refused.description.split(" | ")[0]
+    assert refused.tags["cpt.gate.decision"] == "refuse" and refused.tags["cpt.gate.min_gain"] == "0.1"
     c = client(params)
     champ = c.get_model_version_by_alias(params["tracking"]["model_name"], "champion")
     assert str(champ.version) == "1" and champ.run_id == tr1.run_id
@@ -302,4 +305,51 @@ def test_gate_promotes_a_model_under_its_own_registered_name(project, tmp_path):
     assert d["promoted"] and d["registered_model"] == name and d["version"] == "1"
     c = client(params)
     assert str(c.get_model_version_by_alias(name, "champion").version) == "1"
+    # every version described, decision first (the registry list cuts descriptions short), budgets as tags
+    version = c.get_model_version(name, "1")
+    assert version.description.startswith("promote (alias champion): every source and language within budget")
+    assert "budgets: min_gain 0.1, max_forgetting 0.05" in version.description
+    assert "gain: vi +0.500" in version.description or "gain: sft_heldout_vi" not in version.description
+    assert version.tags["cpt.gate.min_gain"] == "0.1" and version.tags["cpt.gate.max_forgetting"] == "0.05"
+    assert version.tags["cpt.gate.decision"] == "promote"
     assert not c.search_model_versions(f"name='{params['tracking']['model_name']}'")
+
+
+def test_each_execution_gets_its_own_parent_named_uniquely(project, monkeypatch):
+    """Two `dvc repro` of the same commit and params are two executions (two dvc processes): two parents, the
+    second named "... #2"; the stages of one execution share theirs."""
+    layout, params = project
+    from cpt.ops import execution
+
+    parents = []
+    for run in ("dvc:101:5", "dvc:102:9"):
+        monkeypatch.setattr(tracking, "execution_id", lambda run=run: run)
+        ids = set()
+        for stage, p in (("train", params), ("eval", {**params, "seed": 4})):  # params edited mid-run: same run
+            t = tracking.for_stage(stage, p, layout)
+            t.close("FINISHED", {"loss": 1.0})
+            ids.add(client(params).get_run(t.run_id).data.tags["mlflow.parentRunId"])
+        assert len(ids) == 1
+        parents.append(client(params).get_run(ids.pop()))
+    assert parents[0].info.run_id != parents[1].info.run_id
+    assert parents[0].info.run_name == "pipeline (no git)" and parents[1].info.run_name == "pipeline (no git) #2"
+    assert parents[1].data.tags["cpt.execution"] == "dvc:102:9"
+    assert execution.is_dvc(["/x/.venv/bin/python", "/x/.venv/bin/dvc", "repro"])
+    assert execution.is_dvc(["python", "-m", "dvc", "exp", "run"]) and not execution.is_dvc(["python", "-m", "cpt"])
+
+
+def test_execution_is_the_dvc_process_that_runs_the_stages(tmp_path):
+    """Stage commands started by one `dvc` process (through a shell) name the same execution; another `dvc`
+    process is another execution."""
+    import subprocess
+    import sys
+
+    probe = "from cpt.ops.execution import execution_id; print(execution_id())"
+    fake = tmp_path / "dvc"  # argv[1] of this process is .../dvc, as for .venv/bin/dvc
+    fake.write_text("import os, subprocess, sys\n"
+                    "env = {**os.environ, 'DVC_STAGE': 'x'}\n"
+                    f"for _ in range(2): subprocess.run(['sh', '-c', sys.executable + ' -c \"{probe}\"'], env=env)\n")
+    runs = [subprocess.run([sys.executable, str(fake)], capture_output=True, text=True, check=True).stdout.split()
+            for _ in range(2)]
+    assert all(len(r) == 2 and r[0] == r[1] and r[0].startswith("dvc:") for r in runs), runs
+    assert runs[0][0] != runs[1][0]

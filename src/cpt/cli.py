@@ -144,7 +144,7 @@ def _after_stage(stage: str, params: dict, layout: Layout, metrics: dict, tracke
     elif stage == "train":
         from cpt.ops import headline
 
-        headline.loss_chart(layout, tracker)
+        headline.loss_chart(layout, tracker, metrics)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -63,6 +63,12 @@ class Layout:
         return self.metrics / f"{stage}.json"
 
     def resolve(self, path: str | Path) -> Path:
-        """A param path: absolute as given, else relative to the project root (never to the CWD)."""
+        """A param path: absolute as given, ``remote://<name>/...`` through the project's DVC config
+        (``cpt.dvc_paths``: the corpora, found the same in DVC's temporary and queued workspaces), else relative to
+        the project root (never to the CWD)."""
+        from cpt import dvc_paths
+
+        if dvc_paths.is_remote(path):
+            return dvc_paths.resolve(path, self.root)
         p = Path(path).expanduser()
         return p if p.is_absolute() else (self.root / p)

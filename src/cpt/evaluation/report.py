@@ -50,10 +50,6 @@ def _signed(x: float) -> str:
     return "n/a" if x is None or math.isnan(x) else f"{x:+.4f}"
 
 
-def _neg(ci: list[float] | None) -> list[float] | None:
-    return None if not ci else [-ci[1], -ci[0]]
-
-
 def _ci(ci: list[float] | None) -> str:
     return "" if not ci else f"[{ci[0]:+.4f}, {ci[1]:+.4f}]"
 
@@ -90,48 +86,52 @@ def write_all(
         fh.write(report_markdown(metrics, rows, models, cfg, figure_note, curve, bool(curve_cols)))
 
 
+def measure(domain: str, base: float, cpt: float) -> tuple[str, float]:
+    """(name, value) in cpt's one sign: new-domain ``gain = bpb(base) - bpb(cpt)``, old-domain ``forgetting =
+    bpb(cpt) - bpb(base)``; both > 0 mean what they say (learned / forgotten)."""
+    return ("gain", base - cpt) if domain == "new" else ("forgetting", cpt - base)
+
+
 def report_markdown(metrics: dict, rows: list[dict], models: dict, cfg: dict, figure_note: str | None,
                     curve: Path, has_curve: bool) -> str:
     L = ["# cpt eval: base vs continually pretrained", ""]
     gain, forg = metrics["gain"], metrics["forgetting"]
     gci, fci = metrics.get("gain_ci95", {}), metrics.get("forgetting_ci95", {})
-    head = [f"**{lang}** {_signed(v)} {_ci(gci.get(lang))}" for lang, v in gain.items()]
-    head += [f"**{lang}** {_signed(-v)} {_ci(_neg(fci.get(lang)))}" for lang, v in forg.items()]
-    L += ["One sign convention on this page: **delta = bpb(base) - bpb(cpt); positive = better** (the model needs "
-          "fewer bits per byte of text). On new-language text delta is the gain; on old-language text a negative "
-          "delta is forgetting (metrics/eval.json and gate.json keep `forgetting = -delta`, positive = forgot). "
-          "Brackets: 95% bootstrap interval (paired, documents resampled within each source, "
+    head = [f"**{lang}** gain {_signed(v)} {_ci(gci.get(lang))}" for lang, v in gain.items()]
+    head += [f"**{lang}** forgetting {_signed(v)} {_ci(fci.get(lang))}" for lang, v in forg.items()]
+    L += ["One sign convention, as everywhere in cpt (metrics, README, MLflow, Prefect): on new-language text "
+          "**gain = bpb(base) - bpb(cpt), > 0 = learned**; on old-language text **forgetting = bpb(cpt) - bpb(base), "
+          "> 0 = forgotten**. Brackets: 95% bootstrap interval (paired, documents resampled within each source, "
           f"{metrics.get('bootstrap', {}).get('resamples', 'n/a')} resamples, seeded).", "",
           "At a glance: " + "; ".join(head) + ".", "",
           "Bits per UTF-8 byte (bpb) compare models with different tokenizers. Per language: pooled over all sources "
           "of that language (summed NLL / summed bytes).", ""]
     by_lang = metrics.get("bpb_by_lang", {})
-    L += ["| language | domain | base bpb | cpt bpb | delta | 95% interval |", "|---|---|---:|---:|---:|---|"]
+    L += ["| language | domain | base bpb | cpt bpb | measure | value | 95% interval |", "|---|---|---:|---:|---|---:|---|"]
     for key, domain in (("gain", "new"), ("forgetting", "old")):
         for lang, v in metrics[key].items():
-            delta = v if key == "gain" else -v
             ci = metrics.get(f"{key}_ci95", {}).get(lang)
             L.append(f"| {lang} | {domain} | {_f(by_lang.get('base', {}).get(lang))} | "
-                     f"{_f(by_lang.get('cpt', {}).get(lang))} | {_signed(delta)} | "
-                     f"{_ci(ci if key == 'gain' else _neg(ci))} |")
+                     f"{_f(by_lang.get('cpt', {}).get(lang))} | {key} | {_signed(v)} | {_ci(ci)} |")
     L += ["", "## Promotion gate", "", START, "", "(written by the gate after eval: metrics/gate.json)", "", END]
     L += ["", "| model | folder | parameters | vocab | window / stride |", "|---|---|---:|---:|---|"]
     for name, m in models.items():
         L.append(f"| {name} | `{m['path']}` | {m['params'] / 1e6:.2f}M | {m['vocab']} | {m['max_length']} / {m['stride']} |")
     L += ["", "## Bits per byte per source", "",
-          "| source | lang | domain | units | documents | bytes | base bpb | cpt bpb | delta | 95% interval | width | "
-          "tokens/byte base | tokens/byte cpt |",
-          "|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
+          "| source | lang | domain | units | documents | bytes | base bpb | cpt bpb | measure | value | 95% interval "
+          "| width | tokens/byte base | tokens/byte cpt |",
+          "|---|---|---|---:|---:|---:|---:|---:|---|---:|---|---:|---:|---:|"]
     per_source = metrics.get("sources", {})
     for r in rows:
         docs = f"{r['docs']}" + (f" of {r['available']}" if r["available"] != r["docs"] else "")
         entry = per_source.get(r["source"], {})
-        ci = entry.get("gain_ci95") or _neg(entry.get("forgetting_ci95"))
+        name, value = measure(r["domain"], r["base"], r["cpt"])
+        ci = entry.get(f"{name}_ci95")
         width = "n/a" if not ci else f"{ci[1] - ci[0]:.4f}"
         L.append(
             f"| {r['source']} | {r['lang']} | {r['domain']} | {docs} | {entry.get('documents', 'n/a')} | "
             f"{r['bytes']:,} | {_f(r['base'])} | "
-            f"{_f(r['cpt'])} | {_signed(r['base'] - r['cpt'])} | {_ci(ci)} | {width} | "
+            f"{_f(r['cpt'])} | {name} | {_signed(value)} | {_ci(ci)} | {width} | "
             f"{r['tok_base'] / max(1, r['bytes']):.3f} | {r['tok_cpt'] / max(1, r['bytes']):.3f} |"
         )
     L += ["", "Per-token loss and perplexity (each model's own tokenizer) are in `metrics/eval.json`.", ""]

@@ -2,7 +2,8 @@
 intervals (``cpt.evaluation.uncertainty``), and the assembled metrics/eval.json dict.
 
 Signs in eval.json: ``gain = bpb(base) - bpb(cpt)`` (new domain, > 0 learned), ``forgetting = bpb(cpt) - bpb(base)``
-(old domain, > 0 forgot), ``delta = bpb(base) - bpb(cpt)`` on every source (> 0 better; the report's one sign)."""
+(old domain, > 0 forgot): one sign everywhere cpt shows them (report, figure, README, MLflow, Prefect), so no
+per-source ``delta`` of the opposite sign is kept."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def unit_table(ref: dict[str, Score], cand: dict[str, Score], sources: list[Eval
 
 def intervals(scores: dict[str, dict[str, Score]], sources: list[EvalSource], *, resamples: int = 1000,
               seed: int = 0) -> dict[str, Any]:
-    """``sources`` (per source: delta, gain or forgetting, and its ``gain_ci95`` / ``forgetting_ci95``, the units
+    """``sources`` (per source: gain or forgetting, each > 0 = learned / forgotten, and its ``gain_ci95`` / ``forgetting_ci95``, the units
     scored and the ``documents`` they come from) and the per-language ``gain_ci95`` / ``forgetting_ci95``: a paired
     bootstrap over whole documents, stratified by source, ``resamples`` draws, seeded (``uncertainty.compare``)."""
     t = unit_table(scores["base"], scores["cpt"], sources)
@@ -57,7 +58,7 @@ def intervals(scores: dict[str, dict[str, Score]], sources: list[EvalSource], *,
         out["sources"][s.name] = {
             "lang": s.lang, "domain": s.domain, "units": base.docs, "documents": row["documents"],
             "bytes": base.bytes, "base_bpb": round(base.bpb, 6), "cpt_bpb": round(cpt.bpb, 6),
-            "delta": round(delta, 6), kind: round(delta if kind == "gain" else -delta, 6),
+            kind: round(delta if kind == "gain" else -delta, 6),
             f"{kind}_ci95": ci if kind == "gain" else negate(ci),
         }
     for name, row in sorted(cmp["pools"].items()):

@@ -38,7 +38,7 @@ from cpt.errors import ConfigError
 from cpt.evaluation import record
 from cpt.io import read_json, write_json
 from cpt.ops import champion as champ_mod
-from cpt.ops import verdict
+from cpt.ops import registry_view, verdict
 from cpt.params import section, with_defaults
 
 log = logging.getLogger("cpt.ops.gate")
@@ -312,6 +312,7 @@ def promote(params: dict[str, Any], eval_metrics: dict[str, Any], tracker: Any, 
             sources_file = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "sources.json"
         write_json(sources_file, candidate or candidate_sources(decision), sort_keys=True)
         _register_and_alias(decision, cfg, tracker, model_dir, model_name, sources_file, lookup_failed)
+    registry_view.describe(tracker, decision)  # the version's description (decision first) and budget tags
     if getattr(tracker, "active", False):
         tracker.log_metrics(summary_metrics(decision))
         tracker.set_tags({"cpt.gate.promoted": decision["promoted"], "cpt.gate.reason": decision["reason"][:5000]})
@@ -327,7 +328,8 @@ def _register_and_alias(decision: dict[str, Any], cfg: dict[str, Any], tracker: 
         other_name = {} if model_name == tracker.model_name else {"name": model_name}
         try:
             decision["version"] = tracker.register_model(
-                model_dir, tags={"cpt.gate.reason": decision["reason"][:5000], "cpt.gate.passed": decision["passed"]},
+                model_dir, tags={**registry_view.tags(decision), "cpt.gate.reason": decision["reason"][:5000],
+                                 "cpt.gate.passed": decision["passed"]},
                 artifacts={"gate": sources_file}, **other_name)
         except Exception as exc:  # noqa: BLE001
             decision["notes"].append(f"model registration failed ({type(exc).__name__}: {exc})")

@@ -15,10 +15,15 @@ from cpt.ops.tracker import TrackingUnavailable
 class RegistryMixin:
     """Registry calls for ``MlflowTracker`` (needs its ``cfg``, ``_sink``, ``_io``, ``run_id``, ``flush``, ``set_tags``)."""
 
-    def describe_version(self, version: str, text: str) -> None:
-        """The model version's description (what the registry page shows first)."""
+    def describe_version(self, version: str, text: str, name: str | None = None,
+                         tags: dict[str, str] | None = None) -> None:
+        """The model version's description (what the registry page shows first) and tags, of ``name`` (default
+        ``tracking.model_name``; the sft stage's model has its own name)."""
+        name = name or self.model_name
         with self._io:
-            self._sink.client.update_model_version(self.model_name, version, description=text)
+            self._sink.client.update_model_version(name, version, description=text)
+            for key, value in (tags or {}).items():
+                self._sink.client.set_model_version_tag(name, version, key, value)
 
     def get_alias(self, name: str, alias: str) -> dict[str, Any] | None:
         from mlflow.exceptions import MlflowException

@@ -64,6 +64,15 @@ class Sink:
                                        max_results=1, order_by=["attributes.start_time DESC"])
         return runs[0].info.run_id if runs else None
 
+    def unique_name(self, label: str) -> str:
+        """``label``, or ``label #N`` when N-1 pipeline runs already carry it (tag ``cpt.pipeline_label``): two
+        executions of one commit and params are two runs, and their names say which came later."""
+        if "'" in label:  # cpt.ops.run_names never makes one; a filter string cannot quote it
+            return label
+        taken = self.client.search_runs([self.experiment_id()], max_results=1000,
+                                        filter_string=f"tags.`cpt.pipeline_label` = '{label}'")
+        return label if not taken else f"{label} #{len(taken) + 1}"
+
     def create_run(self, run_name: str, tags: dict[str, str], start_time: int, params: dict[str, Any]) -> str:
         run = self.client.create_run(self.experiment_id(), start_time=start_time, tags=tags, run_name=run_name)
         self.log_params(run.info.run_id, params, fresh=True)

@@ -133,13 +133,23 @@ class MlflowTracker(RegistryMixin, Tracker):
     def set_experiment_tags(self, tags: dict[str, Any]) -> None:
         self._enqueue({"op": "experiment_tags", "tags": dict(tags)})
 
-    def link(self, parent: bool = True) -> str | None:
+    def link(self, parent: bool = True, artifact: str | None = None, relative: bool = False) -> str | None:
         from cpt.ops.mlflow_views import run_link
 
         with contextlib.suppress(Exception):
             return run_link(self.cfg["uri"], self._sink.experiment_id(),
-                            (self.parent_run_id if parent else None) or self.run_id)
+                            (self.parent_run_id if parent else None) or self.run_id, artifact, relative)
         return None
+
+    def table_link(self) -> str | None:
+        from cpt.ops.mlflow_views import table_link
+
+        with contextlib.suppress(Exception):
+            return table_link(self.cfg["uri"], self._sink.experiment_id())
+        return None
+
+    def log_parent_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self._enqueue({"op": "parent_artifact", "path": str(Path(path).resolve()), "artifact_path": artifact_path})
 
     def _enqueue(self, op: dict[str, Any]) -> None:
         with self._lock:
@@ -257,14 +267,18 @@ class MlflowTracker(RegistryMixin, Tracker):
         if parent_id is None and parent:  # grouped stages: find or create the shared parent run
             parent_id = sink.find_parent(parent["key"])
             if parent_id is None:
-                parent_id = sink.create_run(parent["name"], {**parent["tags"], "cpt.pipeline_key": parent["key"]},
+                parent_id = sink.create_run(sink.unique_name(parent["name"]),
+                                            {**parent["tags"], "cpt.pipeline_key": parent["key"]},
                                             op["start_time"], parent["params"])
             else:
                 sink.client.update_run(parent_id, status="RUNNING")
         tags = dict(op["tags"])
+        run_name = op["run_name"]
         if parent_id:
             tags["mlflow.parentRunId"] = parent_id
-        self.run_id = sink.create_run(op["run_name"], tags, op["start_time"], op["params"])
+        elif tags.get("cpt.pipeline_label"):  # a pipeline's own parent (a Prefect flow): named uniquely too
+            run_name = sink.unique_name(tags["cpt.pipeline_label"])
+        self.run_id = sink.create_run(run_name, tags, op["start_time"], op["params"])
         self.parent_run_id = parent_id
         if self.stage in (self.cfg.get("system_metrics") or ()):
             self._monitor = mlflow_views.start_system_metrics(self.cfg, self.run_id)

@@ -2,11 +2,13 @@
 (so a down server delays them, never fails a stage), and imported only by the tracker's sending thread.
 
 * ``parent_tags``: tags (the description ``mlflow.note.content``, the gate's verdict) on the pipeline's parent run;
+* ``parent_artifact``: a file logged into the parent run (the loss chart at full size);
 * ``image``: a PNG logged with ``log_image(key=, step=)``, which the run's chart view draws as a chart card (the
   only chart MLflow 3 keeps server-side: line charts that overlay two metrics live in the browser's local storage);
 * ``inputs``: datasets (``mlflow.log_input``) whose digest is the DVC md5 of the stage output they name;
 * ``experiment_tags``: the experiment's kind (``custom_model_development``: the UI opens the runs table rather than
-  the GenAI traces overview) and its primary metric (the compare view's default axis).
+  the GenAI traces overview), its primary metric, and the saved runs-table view (``headline_view``);
+* the links (``run_link``, ``table_link``) open the training view, never GenAI.
 """
 
 from __future__ import annotations
@@ -18,10 +20,34 @@ from typing import Any
 
 log = logging.getLogger("cpt.ops.tracking")
 
-KINDS = frozenset({"parent_tags", "image", "inputs", "experiment_tags"})
+KINDS = frozenset({"parent_tags", "image", "inputs", "experiment_tags", "parent_artifact"})
 
 # MLflow 3's UI opens an experiment on the GenAI overview unless told it is model training
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+
+# A saved view of the runs table (MLflow's "share view": the UI reads experiment tag ``mlflow.sharedViewState.<key>``
+# when the URL says ``#/experiments/<id>/runs?viewStateShareKey=<key>``). MLflow 3.17's table opens with no metric or
+# param column, and past 1,000 metric + param + tag keys (cpt's stages log more) lists none to pick up front: this
+# view selects the headline. "Override saved view" on its banner makes it the browser's default.
+VIEW_KEY = "cpt-headline"
+
+
+def headline_view(metric_keys: list[str], param_keys: list[str] = ("train.replay_ratio",)) -> dict[str, str]:
+    """The experiment tag holding the runs-table view: newest first, the headline metrics (``summary/...``, no
+    interval bounds), the params experiments change most and the gate's decision as columns."""
+    cols = ["attributes.`Source`", *(f"params.`{k}`" for k in param_keys),
+            *(f"metrics.`{k}`" for k in metric_keys if not k.endswith(("/ci95_lo", "/ci95_hi"))),
+            "tags.`cpt.gate.decision`"]
+    state = {"searchFilter": "", "orderByKey": "attributes.start_time", "orderByAsc": False,
+             "selectedColumns": cols, "runsHiddenMode": "SHOW_ALL"}
+    return {f"mlflow.sharedViewState.{VIEW_KEY}": json.dumps(state)}
+
+
+def table_link(uri: str, experiment_id: str | None) -> str:
+    """The runs table with the headline view, in the training (not GenAI) view. ``/runs`` in the path: the bare
+    experiment page redirects to it and drops ``viewStateShareKey`` on the way."""
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}&workflowType=machine_learning"
 
 
 def apply(sink: Any, op: dict[str, Any], run_id: str, parent_run_id: str | None) -> None:
@@ -29,6 +55,9 @@ def apply(sink: Any, op: dict[str, Any], run_id: str, parent_run_id: str | None)
     if kind == "parent_tags":
         if parent_run_id:
             sink.set_tags(parent_run_id, op["tags"])
+    elif kind == "parent_artifact":
+        if parent_run_id:
+            sink.log_artifact(parent_run_id, op["path"], op["artifact_path"])
     elif kind == "experiment_tags":
         for key, value in op["tags"].items():
             sink.client.set_experiment_tag(sink.experiment_id(), key, str(value))
@@ -114,11 +143,18 @@ def stage_datasets(root: str | Path, stage: str) -> list[dict[str, Any]]:
     return out
 
 
-def run_link(uri: str, experiment_id: str | None, run_id: str | None) -> str | None:
-    """A link to the run in the MLflow UI (http stores), else how to open it (``mlflow ui`` on a local store)."""
+def run_link(uri: str, experiment_id: str | None, run_id: str | None, artifact: str | None = None,
+             relative: bool = False) -> str | None:
+    """A link to the run (or one of its artifacts: the artifacts view shows an image at full size) in the MLflow UI
+    (http stores), else how to open it (``mlflow ui`` on a local store). Always ``?workflowType=machine_learning``:
+    without it MLflow 3 opens a run in whichever mode the browser used last, GenAI in a fresh one. ``relative``: the
+    ``#/...`` page alone, for a link inside an MLflow description (it works at whatever address the UI is)."""
     if not run_id:
         return None
-    page = f"#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+    tab = f"/artifacts/{artifact}" if artifact else ""
+    page = f"#/experiments/{experiment_id}/runs/{run_id}{tab}?workflowType=machine_learning"
+    if relative:
+        return page
     if uri.startswith(("http://", "https://")):
         return f"{uri.rstrip('/')}/{page}"
     return f"http://127.0.0.1:5000/{page} (after `mlflow ui --host 127.0.0.1 --backend-store-uri {uri}`)"

@@ -58,12 +58,17 @@ def settings(params: dict[str, Any], layout: Any) -> dict[str, Any]:
     cfg = {**DEFAULTS, **(sec if isinstance(sec, dict) else {})}
     if os.environ.get(ENV_SWITCH, "").strip().lower() in ("0", "false", "off", "no"):
         cfg["enabled"] = False
+    # relative to the project DVC was started in: a `dvc exp run --temp` / queued run works in a copy that is deleted
+    # afterwards, and its runs belong in the project's store (cpt.dvc_paths.origin_root)
+    from cpt.dvc_paths import origin_root
+
+    home = type(layout)(origin_root(layout.root))
     uri = os.environ.get("MLFLOW_TRACKING_URI") or str(cfg["uri"])
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + str(layout.resolve(uri[len("sqlite:///"):]))
+        uri = "sqlite:///" + str(home.resolve(uri[len("sqlite:///"):]))
     cfg["uri"] = uri
-    cfg["artifact_root"] = str(layout.resolve(cfg["artifact_root"]))
-    cfg["spool_dir"] = str(layout.resolve(cfg["spool_dir"]))
+    cfg["artifact_root"] = str(home.resolve(cfg["artifact_root"]))
+    cfg["spool_dir"] = str(home.resolve(cfg["spool_dir"]))
     cfg["root"] = str(layout.root)
     return cfg
 

@@ -11,6 +11,7 @@ experiment's name, ``baseline`` or ``workspace``) so one MLflow filter finds a b
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from typing import Any
@@ -55,8 +56,9 @@ def describe(diff: dict[str, Any]) -> str:
     for key, value in diff.items():
         short = key.rsplit(".", 1)[-1]
         name = short if lasts.count(short) == 1 else key
-        text = value if isinstance(value, str) else repr(value) if not isinstance(value, (int, float, bool)) \
-            else str(value)
+        text = value if isinstance(value, str) else json.dumps(value, default=str) \
+            if not isinstance(value, (int, float, bool)) else str(value)
+        text = text.replace("'", '"')  # the name is searched by an MLflow filter string (mlflow_sink.unique_name)
         parts.append(f"{name}={text if len(text) <= 20 else text[:17] + '...'}")
     out = ", ".join(parts)
     if len(out) > MAX_NAME - 14:

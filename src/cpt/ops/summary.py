@@ -136,9 +136,12 @@ def headline(summary: dict[str, Any], gate: dict[str, Any] | None = None) -> str
     return ", ".join(parts)
 
 
-def markdown(summary: dict[str, Any], gate: dict[str, Any] | None = None, run_link: str | None = None) -> str:
+def markdown(summary: dict[str, Any], gate: dict[str, Any] | None = None, run_link: str | None = None,
+             trained: bool | None = None, chart: tuple[str, str] | None = None) -> str:
     """The table MLflow descriptions and the Prefect artifact show: gain / forgetting per language with intervals,
-    the gate's decision and thresholds."""
+    the gate's decision and thresholds. ``trained=False``: the last train run only re-exported a finished checkpoint,
+    so no throughput is quoted; ``chart``: (a link line, an image line) for the loss chart: the link right under the
+    headline (visible before MLflow's "Show more"), the image at the end."""
     gate = gate or {}
     rows = ["| language | bits per byte | 95% interval | means |", "|---|---:|---|---|"]
     for key, means in (("gain", "learned (new language)"), ("forgetting", "forgotten (old language)")):
@@ -146,7 +149,7 @@ def markdown(summary: dict[str, Any], gate: dict[str, Any] | None = None, run_li
         for lang, v in summary.get(key, {}).items():
             ci = cis.get(lang)
             rows.append(f"| {lang} | {_signed(v, 3)} | {f'[{ci[0]:+.3f}, {ci[1]:+.3f}]' if ci else 'n/a'} | {means} |")
-    lines = [f"**{headline(summary, gate)}**", "", *rows, ""]
+    lines = [f"**{headline(summary, gate)}**", "", *([chart[0], ""] if chart else []), *rows, ""]
     th = gate.get("thresholds") if isinstance(gate.get("thresholds"), dict) else {}
     if th.get("min_gain") is not None:
         lines.append(f"Gate: **{summary.get('decision')}**: on the 95% interval bounds, every new-language source and "
@@ -159,19 +162,26 @@ def markdown(summary: dict[str, Any], gate: dict[str, Any] | None = None, run_li
         alias = gate.get("alias", "champion")
         lines.append(f"Registered: `{gate.get('registered_model')}` version {gate['version']}"
                      f"{f' (alias `{alias}`)' if gate.get('promoted') else ''}.")
-    if summary.get("tokens_per_s") is not None:
+    if trained is False:
+        lines.append("Training: none in the last train run (it re-exported the finished checkpoint of an earlier "
+                     "run), so no throughput is quoted.")
+    elif summary.get("tokens_per_s") is not None:
         mfu = summary.get("mfu")
         lines.append(f"Training throughput: {summary['tokens_per_s']:,.0f} tokens/s"
                      f"{f', MFU {mfu:.1%}' if isinstance(mfu, float) else ''}.")
+    if chart:
+        lines += ["", chart[1]]
     if run_link:
         lines.append(f"MLflow run: {run_link}")
     return "\n".join(lines) + "\n"
 
 
 def mlflow_metrics(summary: dict[str, Any]) -> dict[str, float]:
-    """``summary/gain/vi``, ``summary/gain/vi/ci95_lo`` ...: the headline as MLflow metrics (first in the UI)."""
+    """``summary/gain/vi``, ``summary/gain/vi/ci95_lo`` ...: the headline as MLflow metrics (first in the UI).
+    Forgetting first: MLflow's compare page plots the first metric the runs share, in the order they were logged,
+    and forgetting is the number the gate watches."""
     out: dict[str, float] = {}
-    for key in ("gain", "forgetting"):
+    for key in ("forgetting", "gain"):
         for lang, v in summary.get(key, {}).items():
             out[f"summary/{key}/{lang}"] = float(v)
         for lang, ci in (summary.get(f"{key}_ci95") or {}).items():

@@ -53,10 +53,18 @@ class Tracker:
     def set_experiment_tags(self, tags: dict[str, Any]) -> None:  # noqa: D102
         pass
 
-    def link(self, parent: bool = True) -> str | None:  # noqa: D102
+    def link(self, parent: bool = True, artifact: str | None = None,  # noqa: D102
+             relative: bool = False) -> str | None:
         return None
 
-    def describe_version(self, version: str, text: str) -> None:  # noqa: D102
+    def table_link(self) -> str | None:  # noqa: D102
+        return None
+
+    def log_parent_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:  # noqa: D102
+        pass
+
+    def describe_version(self, version: str, text: str, name: str | None = None,  # noqa: D102
+                         tags: dict[str, str] | None = None) -> None:
         pass
 
     # registry, used by the promotion gate (cpt.ops.gate); the null tracker has no registry

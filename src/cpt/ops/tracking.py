@@ -18,9 +18,12 @@ Run layout, one MLflow run per pipeline execution with one nested run per stage:
 
 * a Prefect flow opens the parent run and hands its id to the stage processes in ``CPT_MLFLOW_RUN_ID``;
 * under ``dvc exp run`` (``DVC_EXP_NAME`` set by DVC) the stages share a parent named after the experiment;
-* under a plain ``dvc repro`` the stages share a parent keyed by (git commit, params hash);
-* the parent is named for what changed (``cpt.ops.run_names``) and ends FINISHED or FAILED with every stage (the
-  next stage of the same pipeline sets it RUNNING again).
+* under a plain ``dvc repro`` the stages share a parent keyed by the execution: each ``dvc`` invocation is one
+  (``cpt.ops.execution``), so a rerun never piles onto an earlier parent (outside DVC: by git commit, params hash
+  and process);
+* the parent is named for what changed (``cpt.ops.run_names``), with `` #2``, `` #3`` when an earlier execution has
+  that name, and ends FINISHED or FAILED with every stage (the next stage of the same pipeline sets it RUNNING
+  again).
 
 A stage's final metrics go to its own run; the parent gets the per-step curves (``loss/new``, ``loss/old`` ...) and,
 after eval, the headline (``summary/...``, the description, the gate's verdict: ``cpt.ops.headline``), so the
@@ -36,6 +39,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cpt.ops.execution import execution_id
 from cpt.ops.mlflow_tracker import MlflowTracker, replay
 from cpt.ops.run_meta import (
     DEFAULTS,
@@ -81,16 +85,23 @@ def for_stage(stage: str, params: dict[str, Any], layout: Any) -> Tracker:
     parent_run_id = os.environ.get(ENV_PARENT) or None
     parent = None
     if parent_run_id is None:
+        # one parent per execution (the dvc process running the stages: cpt.ops.execution), not per (commit,
+        # params): a rerun gets a parent of its own, named "<label> #2" by the sink when the label is taken, and a
+        # commit made while a long `dvc repro` runs does not split it
+        run = execution_id()
         if os.environ.get("DVC_EXP_NAME"):
-            key = f"exp:{os.environ['DVC_EXP_NAME']}:{os.environ.get('DVC_EXP_BASELINE_REV', '')[:12]}"
-        elif cfg["group_stages"]:
-            key = f"repro:{(tags.get('mlflow.source.git.commit') or 'nogit')[:12]}:{tags['cpt.params_hash']}"
+            key = f"exp:{os.environ['DVC_EXP_NAME']}:{os.environ.get('DVC_EXP_BASELINE_REV', '')[:12]}:{run}"
+        elif cfg["group_stages"] and run.startswith("dvc:"):
+            key = f"repro:{run}"
+        elif cfg["group_stages"]:  # not under DVC: one process may run several pipelines (a notebook, tests)
+            key = f"repro:{(tags.get('mlflow.source.git.commit') or 'nogit')[:12]}:{tags['cpt.params_hash']}:{run}"
         else:
             key = None
         if key:
             name, name_tags = pipeline_label(params, str(layout.root), tags.get("mlflow.source.git.commit"))
             ptags = {k: v for k, v in tags.items() if k not in ("cpt.stage", "mlflow.source.name")}
-            parent = {"key": key, "name": name, "tags": {**ptags, **name_tags, "mlflow.source.name": "dvc"},
+            parent = {"key": key, "name": name, "tags": {**ptags, **name_tags, "mlflow.source.name": "dvc",
+                                                         "cpt.pipeline_label": name, "cpt.execution": run},
                       "params": flat}
     return MlflowTracker(cfg, run_name=stage, tags=tags, params=flat, stage=stage, parent_run_id=parent_run_id,
                          parent=parent, replay_first=Path(cfg["spool_dir"]).is_dir())
@@ -110,7 +121,7 @@ def open_pipeline_run(params: dict[str, Any], layout: Any, name: str, tags: dict
 
     meta = run_tags(params, layout)
     label, name_tags = pipeline_label(params, str(layout.root), meta.get("mlflow.source.git.commit"))
-    all_tags = {**meta, **name_tags, "mlflow.source.name": "prefect", "cpt.flow": name,
+    all_tags = {**meta, **name_tags, "mlflow.source.name": "prefect", "cpt.flow": name, "cpt.pipeline_label": label,
                 **{k: str(v) for k, v in (tags or {}).items()}}
     tracker = MlflowTracker(cfg, run_name=label, tags=all_tags, params=flatten(params))
     tracker.flush(timeout=float(cfg["http_timeout"]))  # the flow needs the run id now, for the stage processes

@@ -66,44 +66,45 @@ def _ci(ci: list[float] | None) -> str:
     return "n/a" if not ci else f"[{ci[0]:+.4f}, {ci[1]:+.4f}]"
 
 
-def as_delta(v: dict[str, Any]) -> tuple[float | None, list[float] | None, str]:
-    """A verdict in the report's one sign: delta = bpb(base) - bpb(cpt), positive = better; and its budget."""
+def as_shown(v: dict[str, Any]) -> tuple[float | None, list[float] | None, str]:
+    """A verdict in cpt's one sign (gain > 0 learned, forgetting > 0 forgotten) and its budget, as the report shows
+    them."""
     if v["metric"] == "gain":
-        return v.get("value"), v.get("ci95"), f">= {v['budget']:+g}"
-    value, ci = v.get("value"), v.get("ci95")
-    return (None if value is None else -value), (None if not ci else [-ci[1], -ci[0]]), f">= {-v['budget']:+g}"
+        return v.get("value"), v.get("ci95"), f"lower bound >= {v['budget']:g}"
+    return v.get("value"), v.get("ci95"), f"upper bound <= {v['budget']:g}"
 
 
 def _rows(level: str, verdicts: dict[str, dict[str, Any]]) -> list[str]:
     out = []
     for name, v in verdicts.items():
-        value, ci, budget = as_delta(v)
+        value, ci, budget = as_shown(v)
         shown = "n/a" if value is None else f"{value:+.4f}"
         docs = v.get("documents", "n/a")
-        out.append(f"| {level} | {name} | {v.get('domain')} | {shown} | {_ci(ci)} | {docs} | {budget} "
-                   f"| {v['decision']} |")
+        out.append(f"| {level} | {name} | {v.get('domain')} | {v['metric']} | {shown} | {_ci(ci)} | {docs} "
+                   f"| {budget} | {v['decision']} |")
     return out
 
 
 def markdown(decision: dict[str, Any]) -> str:
     """The gate's section of reports/eval/report.md (between START and END), in the report's sign convention."""
     th = decision.get("thresholds", {})
-    head = ["| | name | domain | delta (bpb) | 95% interval | documents | budget | decision |",
-            "|---|---|---|---:|---|---:|---|---|"]
+    head = ["| | name | domain | measure | value (bpb) | 95% interval | documents | budget | decision |",
+            "|---|---|---|---|---:|---|---:|---|---|"]
     L = [START, "", f"**Decision: {decision['decision']}**" + (" (alias set)" if decision.get("promoted") else "")
          + f" - {decision['reason']}", "",
-         "delta = bpb(reference) - bpb(cpt), positive = better, on every row; intervals resample whole documents. "
-         "Budgets: on every old-domain source and language the 95% interval of delta must lie above "
-         f"-max_forgetting ({-th.get('max_forgetting', 0):+g}); on every new-domain source and language above "
-         f"min_gain ({th.get('min_gain', 0):+g}). Wholly on the wrong side: refuse; straddling the budget, or "
-         f"fewer than {th.get('min_documents', '?')} documents (gate.min_documents): undecided.", "",
+         "gain > 0 = learned (new-domain rows), forgetting > 0 = forgotten (old-domain rows); intervals resample "
+         "whole documents. Budgets: on every old-domain source and language the UPPER 95% bound of forgetting must "
+         f"be <= max_forgetting ({th.get('max_forgetting', 0):g}); on every new-domain source and language the LOWER "
+         f"95% bound of gain must be >= min_gain ({th.get('min_gain', 0):g}). Wholly on the wrong side: refuse; "
+         f"straddling the budget, or fewer than {th.get('min_documents', '?')} documents (gate.min_documents): "
+         "undecided.", "",
          "Vs the base:", "", *head]
     for level, key in (("source", "per_source"), ("language", "per_lang")):
         L += _rows(level, decision.get(key, {}))
     champ = decision.get("vs_champion", {})
     if champ.get("checked"):
         L += ["", f"Vs champion v{champ.get('version')} ({champ.get('how')}; budgets: min_gain "
-                  f"{champ.get('min_gain'):+g}, max_forgetting {champ.get('max_forgetting'):+g}) -> "
+                  f"{champ.get('min_gain'):g}, max_forgetting {champ.get('max_forgetting'):g}) -> "
                   f"{champ.get('decision')}:", "", *head]
         for level, key in (("source", "per_source"), ("language", "per_lang")):
             L += _rows(level, champ.get(key, {}))
@@ -111,8 +112,8 @@ def markdown(decision: dict[str, Any]) -> str:
         L += ["", "Vs champion: " + "; ".join(champ.get("reasons", ["not checked"])) + "."]
     pooled = decision.get("vs_base", {})
     if pooled.get("gain") is not None and pooled.get("forgetting") is not None:
-        L += ["", f"Pooled over all sources of a domain (information only, never decides): new-domain delta "
-                  f"{pooled['gain']:+.4f}, old-domain delta {-pooled['forgetting']:+.4f} bpb."]
+        L += ["", f"Pooled over all sources of a domain (information only, never decides): new-domain gain "
+                  f"{pooled['gain']:+.4f}, old-domain forgetting {pooled['forgetting']:+.4f} bpb."]
     return "\n".join(L + ["", END])
 
 

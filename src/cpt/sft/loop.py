@@ -111,7 +111,8 @@ def train(cfg: dict, seed: int, *, model_dir: Path, tokenizer_dir: Path, train_s
     if state.get("finished") and state["step"] == cfg["steps"]:
         log.info("%s is this run's final checkpoint: re-exporting %s without training", resume_from, out)
         export_model(core, hf_model, tokenizer_dir, out, save_dtype, info)
-        return {**state["metrics"], "retrained": False}
+        kept = {k: v for k, v in state["metrics"].items() if k not in ("tokens_per_s", "mfu", "train_seconds")}
+        return {**kept, "retrained": False}  # nothing trained here: no throughput
 
     def do_eval(step: int, lr: float) -> dict[str, Any]:
         row: dict[str, Any] = {"step": step, "lr": lr}

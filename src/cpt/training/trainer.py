@@ -257,7 +257,9 @@ def train(cfg: dict, seed: int, layout: Layout, info: distributed.DistInfo, devi
         if info.main:  # dvc repro deletes the stage's outputs first: the curve comes back with the model
             write_curve(layout.metrics / "train_curve.csv", state.curve)
         export_model(core, hf_model, layout.tokenizer, layout.model, save_dtype, info)
-        return {**state.metrics, "retrained": False, "resumed_from": state.step}
+        # the results of the run that trained it, not its timings: nothing was trained here, so no throughput
+        kept = {k: v for k, v in state.metrics.items() if k not in ("tokens_per_s", "mfu", "train_seconds")}
+        return {**kept, "retrained": False, "resumed_from": state.step}
 
     sampler = ReplaySampler(inputs.train_new, inputs.train_old, float(cfg["replay_ratio"]), seed)
     eval_sets = {d: lang_rows(inputs.val[d], cfg["eval_blocks"], info.world_size) for d in ("new", "old")}
