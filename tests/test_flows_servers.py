@@ -200,7 +200,7 @@ def test_mlflow_server_has_the_run_the_history_and_the_champion(stack, monkeypat
     assert parent.data.tags["cpt.gate.promoted"] == "True"
     # the version says the decision first (the registry's list cuts descriptions short), then budgets and numbers
     assert champion.description.startswith("promote (alias champion): every source and language within budget")
-    assert "budgets: min_gain 0, max_forgetting 1 | gain: vi +" in champion.description
+    assert "budgets: min_gain 0, max_forgetting 1, min_documents 2 | gain: vi +" in champion.description
     assert champion.tags["cpt.gate.decision"] == "promote" and champion.tags["cpt.gate.max_forgetting"] == "1"
     (sft,) = c.search_model_versions("name='cpt-sft'")  # the sft model's versions are described the same way
     assert sft.description.split(":")[0] in ("promote (alias champion)", "refuse", "undecided"), sft.description
