@@ -73,3 +73,33 @@ def test_resume_force_applies_the_new_optimizer_hyperparameters(project, tmp_pat
     # and the LR the embeddings trained with at the last step is the multiplied one
     last = json.loads((layout.checkpoints / "steps.jsonl").read_text().splitlines()[-1])
     assert groups["embed"]["lr"] == pytest.approx(0.5 * last["lr"])
+
+
+@pytest.mark.parametrize("meta_has_content", [True, False])
+def test_other_shard_bytes_with_the_same_counts_start_over(project, tmp_path, one_torch_thread, meta_has_content):
+    """Re-cleaned or reordered data with the same token/document counts is other data (issue 24, point 7): the
+    fingerprint covers the shards' content, from meta.json's ``content`` or, for shards written before it, the files."""
+    import numpy as np
+
+    import cpt.stages.train
+    from cpt.io import shards_content
+
+    layout = _layout(project, tmp_path)
+    params = tiny_params(steps=4, eval_interval=4, ckpt_interval=4)
+    meta_path = layout.shards / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    if not meta_has_content:
+        meta.pop("content", None)
+        meta_path.write_text(json.dumps(meta))
+    assert cpt.stages.train.run(params, layout)["retrained"]
+    # swap two blocks of new/train.bin: every count in meta.json stays the same
+    path = layout.shards / "new" / "train.bin"
+    blocks = np.fromfile(path, dtype=meta["dtype"]).reshape(-1, meta["block_size"])
+    assert len(blocks) >= 2 and not np.array_equal(blocks[0], blocks[1])
+    blocks[[0, 1]] = blocks[[1, 0]]
+    blocks.tofile(path)
+    if meta_has_content:  # what the shards stage writes for the new bytes
+        meta_path.write_text(json.dumps({**meta, "content": shards_content(layout.shards)}))
+    again = cpt.stages.train.run(params, layout)
+    assert again["retrained"] and again["resumed_from"] is None
+    assert "shards" in next((layout.checkpoints / "superseded").iterdir()).joinpath("why.txt").read_text()

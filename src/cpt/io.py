@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import hashlib
 import json
 import math
 import os
@@ -153,3 +154,28 @@ def read_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
 def write_metrics(path: str | Path, metrics: dict[str, Any]) -> None:
     """metrics/<stage>.json: sorted keys, stable formatting, so `dvc metrics diff` and git diffs stay readable."""
     write_json(path, metrics, indent=2, sort_keys=True)
+
+
+def content_hash(folder: str | Path, *, exclude: frozenset[str] = frozenset(), recursive: bool = False) -> str:
+    """blake2b over the relative names and bytes of every file in ``folder`` (sorted): a base with other weights, a
+    tokenizer with one piece more or shards with other tokens are other inputs, whatever their config or counts say.
+    About 1 s per GB."""
+    h = hashlib.blake2b(digest_size=16)
+    folder = Path(folder)
+    if not folder.is_dir():
+        return "missing"
+    files = folder.rglob("*") if recursive else folder.iterdir()
+    for path in sorted(p for p in files if p.is_file() and p.name not in exclude):
+        h.update(path.relative_to(folder).as_posix().encode("utf-8") + b"\0")
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def shards_content(shards_dir: str | Path) -> dict[str, str]:
+    """Content hash per domain folder of data/shards (token blocks, block info, language index): what the shards
+    stage records in meta.json as ``content`` and the train stage's resume fingerprint covers."""
+    shards_dir = Path(shards_dir)
+    return {d.name: content_hash(d, recursive=True) for d in sorted(shards_dir.iterdir()) if d.is_dir()}

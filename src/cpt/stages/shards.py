@@ -29,7 +29,7 @@ from cpt.data.packing import token_dtype, tokenizers_parallelism
 from cpt.data.records import DOMAINS, select_sources, shard_paths
 from cpt.data.shard_writer import encode_shard, pack_domain
 from cpt.errors import ConfigError, DataError
-from cpt.io import atomic_open, replace_dir, write_json
+from cpt.io import atomic_open, replace_dir, shards_content, write_json
 from cpt.layout import Layout
 from cpt.params import stage_config
 from cpt.progress import progress
@@ -126,6 +126,7 @@ def run(params: dict[str, Any], layout: Layout) -> dict[str, Any]:
         "block_info": "<split>.blocks.npy: int64 (blocks, 2) = [index into the split's lang_index, or -1 when the "
                       "block's targets mix languages; UTF-8 bytes behind the block's targets (positions 1..)]",
         "splits": splits,
+        "content": shards_content(tmp),  # per domain: the resume fingerprint tells other bytes from equal counts
     }
     write_json(tmp / "meta.json", meta)
     replace_dir(tmp, out)

@@ -24,6 +24,7 @@ moment leaves the previous checkpoint or the new one, never a half one.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import random
@@ -142,8 +143,12 @@ class Checkpointer:
 
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> Path | None:
         """Write ``step_<N>``; returns its path on rank 0 once complete (None on other ranks, or while an async
-        save is still being written)."""
+        save is still being written).
+
+        ``state`` is copied now: the caller keeps appending to its curve while an async save is written, and the
+        checkpoint must hold the rows of ``step`` and before, or a resume from it duplicates the later ones."""
         self.wait()
+        state = copy.deepcopy(state)
         rank = _rank()
         tmp = self.folder / f".tmp-step_{step:07d}"
         if rank == 0:
@@ -272,10 +277,12 @@ def sweep_temp(folder: Path) -> int:
 SUPERSEDED = "superseded"
 
 
-def move_aside(folder: Path, reason: str) -> Path | None:
+def move_aside(folder: Path, reason: str, keep: int = 1) -> Path | None:
     """Move every checkpoint (and the step log) of a run that can no longer be continued into
     ``superseded/<time>/`` with ``why.txt``, instead of deleting them: a changed base or tokenizer starts a fresh
-    run, and the old run stays inspectable (delete the folder to reclaim the space). Returns where they went."""
+    run, and the old run stays inspectable. Only the newest ``keep`` superseded runs stay (each is a full model +
+    optimizer state, ~3x the model: on a 7B model one is ~80 GB, so they must not pile up with every params change).
+    Returns where they went."""
     folder = Path(folder)
     if not folder.exists():
         return None
@@ -292,6 +299,9 @@ def move_aside(folder: Path, reason: str) -> Path | None:
     for p in items:
         os.replace(p, dest / p.name)
     (dest / "why.txt").write_text(reason + "\n", encoding="utf-8")
+    runs = sorted((p for p in (folder / SUPERSEDED).iterdir() if p.is_dir()), key=lambda p: (p.stat().st_mtime, p.name))
+    for old in runs[: max(0, len(runs) - max(1, keep))]:
+        shutil.rmtree(old, ignore_errors=True)
     return dest
 
 

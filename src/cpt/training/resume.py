@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from cpt.errors import ConfigError
+from cpt.io import content_hash, shards_content
 from cpt.training import checkpoint, distributed
 
 log = logging.getLogger("cpt.stages.train")
@@ -31,31 +32,18 @@ NOT_TRAJECTORY = {"micro_batch", "grad_accum", "async_checkpoint",
                   "trust_remote_code", "dtype", "threads"}
 
 
-def content_hash(folder: Path, *, exclude: frozenset[str] = frozenset()) -> str:
-    """blake2b over the names and bytes of every file in ``folder`` (sorted; not recursive): a base with other
-    weights, or a tokenizer with one piece more, is another run, whatever its config.json says. Reads the weights
-    once per start (about 1 s per GB)."""
-    h = hashlib.blake2b(digest_size=16)
-    folder = Path(folder)
-    if not folder.is_dir():
-        return "missing"
-    for path in sorted(p for p in folder.iterdir() if p.is_file() and p.name not in exclude):
-        h.update(path.name.encode("utf-8") + b"\0")
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                h.update(chunk)
-        h.update(b"\0")
-    return h.hexdigest()
-
-
 def fingerprint_items(cfg: dict, seed: int, shards_meta: dict, base_dir: Path, tokenizer_dir: Path,
-                      world_size: int) -> dict[str, Any]:
+                      world_size: int, shards_dir: Path | None = None) -> dict[str, Any]:
     """Everything a checkpoint's trajectory depends on: the trajectory params, the seed, the CONTENT of the base
     (weights, config, its tokenizer; not cpt_base.json, which only describes it), of the extended tokenizer and of the
-    shards' meta (token, byte and document counts per split), and the global batch."""
+    shards (their meta, which carries a content hash of each domain's files since the shards stage writes one: other
+    bytes with the same counts, e.g. re-cleaned or reordered documents, are other data), and the global batch."""
     items = {k: v for k, v in cfg.items() if k not in NOT_TRAJECTORY}
     items["seed"] = seed
-    items["shards"] = hashlib.sha256(json.dumps(shards_meta, sort_keys=True).encode()).hexdigest()[:16]
+    meta = dict(shards_meta)
+    if "content" not in meta and shards_dir is not None:  # shards written before the meta carried it: hash now
+        meta["content"] = shards_content(Path(shards_dir))
+    items["shards"] = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
     items["base"] = content_hash(base_dir, exclude=frozenset({"cpt_base.json"}))
     items["tokenizer"] = content_hash(tokenizer_dir)
     items["global_batch"] = int(world_size) * int(cfg["micro_batch"]) * int(cfg["grad_accum"])

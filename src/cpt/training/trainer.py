@@ -221,7 +221,8 @@ def train(cfg: dict, seed: int, layout: Layout, info: distributed.DistInfo, devi
     inputs = setup(layout)
     amp_dtype = autocast_dtype(device, cfg["dtype"])
     ckdir = layout.checkpoints
-    fp = fingerprint_items(cfg, seed, inputs.shards.meta, layout.base, layout.tokenizer, info.world_size)
+    fp = fingerprint_items(cfg, seed, inputs.shards.meta, layout.base, layout.tokenizer, info.world_size,
+                          layout.shards)
     cfg = {**cfg, "grad_accum": world_size_grad_accum(cfg, fp, ckdir, info)}
     fp = {**fp, "global_batch": cfg["micro_batch"] * cfg["grad_accum"] * info.world_size}  # the hashes stay
     global_batch = cfg["micro_batch"] * cfg["grad_accum"] * info.world_size
