@@ -358,3 +358,19 @@ def test_fixed_point_prunes_what_fires_until_nothing_does():
     kept, _, summary = exact.fixed_point(["a", "b", "c"], build, views, lambda k, f: [p for p in k if p not in f])
     assert kept == ["c"] and summary["rounds"] == 3 and summary["pruned"] == 2
     assert seen.count("zz") == 1
+
+
+def test_dotted_capital_i_neither_crashes_nor_passes_as_english():
+    """"İ".lower() is two code points (i + U+0307): the guard used to raise a TypeError on "İstanbul" in English
+    text or on any Turkish new-language text (issue 24, point 8)."""
+    from cpt.tok.guard import Guard, in_letters_of
+
+    old = ["The ship sailed from Istanbul to Venice.", "He wrote it in a letter."]
+    english = in_letters_of(old)
+    # U+0130 is Latin Extended-A: a block this English text never writes, so the line counts as quoting another
+    # language (as "Đà Nẵng" does) ...
+    assert english("Istanbul") and not english("İstanbul") and not english("Đà Nẵng")
+    # ... and as English once the old text writes that block (a Polish name)
+    assert in_letters_of(old + ["Łódź is in Poland."])("İstanbul")
+    guard = Guard(old, {"tr": ["İstanbul büyük bir şehirdir.", "İzmir ve İstanbul güzeldir."] * 50})
+    assert "İ" in guard.native_letters and "İ" in guard.possible

@@ -55,6 +55,12 @@ def old_alphabet(lines: Iterable[str], min_freq: float) -> set[str]:
 _LATIN_BLOCKS = ((0x00, 0x7F), (0x80, 0xFF), (0x100, 0x17F), (0x180, 0x24F), (0x250, 0x2AF), (0x1E00, 0x1EFF))
 
 
+def lower1(c: str) -> str:
+    """``c.lower()`` when that is one character; ``c`` otherwise ("İ".lower() is "i" + U+0307, two code points)."""
+    low = c.lower()
+    return low if len(low) == 1 else c
+
+
 def block(c: str) -> str:
     o = ord(c)
     for lo, hi in _LATIN_BLOCKS:
@@ -73,7 +79,7 @@ def in_letters_of(old_lines: list[str]):
         for c in set(text):
             ok = memo.get(c)
             if ok is None:
-                ok = memo[c] = not c.isalpha() or block(c.lower()) in blocks
+                ok = memo[c] = not c.isalpha() or block(lower1(c)) in blocks
             if not ok:
                 return False
         return True
@@ -131,7 +137,7 @@ class Guard:
         # those is "old-spelled" and must be vouched for, even with a rare letter ("ão" from bão fires on São).
         seen = {c for line in old_lines for c in line.lower() if c.isalpha()}
         blocks = {block(c) for c in seen}
-        self.possible = alphabet | {c for c in self.native_letters if block(c.lower()) in blocks}
+        self.possible = alphabet | {c for c in self.native_letters if block(lower1(c)) in blocks}
         self.rare = self.possible - alphabet
         old_words = {w: 1 for line in old_lines for w in line.split()}
         self.old_words = _joined(old_words.items())
