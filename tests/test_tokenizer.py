@@ -373,4 +373,5 @@ def test_dotted_capital_i_neither_crashes_nor_passes_as_english():
     # ... and as English once the old text writes that block (a Polish name)
     assert in_letters_of(old + ["Łódź is in Poland."])("İstanbul")
     guard = Guard(old, {"tr": ["İstanbul büyük bir şehirdir.", "İzmir ve İstanbul güzeldir."] * 50})
-    assert "İ" in guard.native_letters and "İ" in guard.possible
+    # a Turkish letter, in a block this English never writes: pieces carrying it cannot fire on this English
+    assert "İ" in guard.native_letters and "İ" not in guard.possible
