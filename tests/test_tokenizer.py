@@ -375,3 +375,21 @@ def test_dotted_capital_i_neither_crashes_nor_passes_as_english():
     guard = Guard(old, {"tr": ["İstanbul büyük bir şehirdir.", "İzmir ve İstanbul güzeldir."] * 50})
     # a Turkish letter, in a block this English never writes: pieces carrying it cannot fire on this English
     assert "İ" in guard.native_letters and "İ" not in guard.possible
+
+
+def test_held_out_documents_never_reach_tokenizer_training(tmp_path, texts):
+    """The documents the shards stage holds out (eval's heldout_<lang>) are left out of the new-piece training text
+    and of the old-language chooser, by the same hash split (issue 24, point 10)."""
+    from cpt.data.packing import is_val
+    from cpt.data.records import iter_docs
+    from cpt.tok import sampling
+
+    layout = make_clean(tmp_path, texts, langs=("vi",))
+    for domain in ("new", "old"):
+        docs = [d for d in iter_docs(layout.clean, role="train", domain=domain) if d["text"].strip()]
+        held = {d["text"] for d in docs if is_val(str(d["id"]), 7, 0.3)}
+        assert 0 < len(held) < len(docs)
+        stats: dict = {}
+        kept = sampling.sample_docs(layout.clean, 7, 0, holdout=0.3, stats=stats, role="train", domain=domain)
+        assert not held & set(kept) and len(kept) == len(docs) - len(held) == len(docs) - stats["held_out_docs"]
+        assert set(sampling.sample_docs(layout.clean, 7, 0, role="train", domain=domain)) >= held  # off: all

@@ -45,6 +45,7 @@ DEFAULTS: dict[str, Any] = {
     "strict": True,
 }
 GUARDS = ("native", "distinct", "exact")
+HELDOUT_DEFAULT = 0.05  # shards.val_fraction's default: the held-out documents, excluded here too
 
 
 def config(params: dict[str, Any]) -> dict[str, Any]:
@@ -59,13 +60,6 @@ def config(params: dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
-# -- the base tokenizer -------------------------------------------------------------------------------------------
-
-
-# -- text ---------------------------------------------------------------------------------------------------------
-
-
-# -- the stage ------------------------------------------------------------------------------------------------------
 
 
 def run(params: dict[str, Any], layout: Layout) -> dict[str, Any]:
@@ -76,14 +70,18 @@ def run(params: dict[str, Any], layout: Layout) -> dict[str, Any]:
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
 
-    new_text = {lang: sample_lines(layout.clean, seed, cfg["max_train_chars"], role="train", domain="new", lang=lang)
-                for lang in langs}
+    # the documents the shards stage will hold out (eval's heldout_<lang>) stay out of training and the chooser
+    holdout = float(params.get("shards", {}).get("val_fraction", HELDOUT_DEFAULT))
+    held: dict[str, int] = {}
+    new_text = {lang: sample_lines(layout.clean, seed, cfg["max_train_chars"], holdout=holdout, stats=held,
+                                   role="train", domain="new", lang=lang) for lang in langs}
     for lang, lines in new_text.items():
         if not lines:
             raise DataError(f"{layout.clean}: no non-empty role: train text for language {lang}")
     # the old-language chooser as whole documents, exactly as data/clean holds them (and the shards stage encodes
     # them); the line-level checks use their NFC lines
-    old_docs = sample_docs(layout.clean, seed, cfg["old_max_chars"], role="train", domain="old")
+    old_docs = sample_docs(layout.clean, seed, cfg["old_max_chars"], holdout=holdout, stats=held, role="train",
+                           domain="old")
     if not old_docs:
         raise DataError(f"{layout.clean}: no role: train, domain: old text to check the old language against")
     timings["read"] = time.perf_counter() - t0
@@ -100,6 +98,7 @@ def run(params: dict[str, Any], layout: Layout) -> dict[str, Any]:
     t = time.perf_counter()
     metrics, changed_examples = evaluate(result, cfg, langs, layout)
     timings["evaluate"] = time.perf_counter() - t
+    metrics["held_out_docs_excluded"] = held.get("held_out_docs", 0)
     metrics["timings"] = {k: round(v, 3) for k, v in timings.items()}
     write_report(metrics, changed_examples, result, layout)
     problems = []
