@@ -76,11 +76,16 @@ def test_batch_for_world_keeps_the_global_batch_or_refuses():
     assert batch_for_world({}, 2, 1, 3) == (1, None)  # a checkpoint from before world sizes were recorded
 
 
-def test_plan_is_within_20_percent_of_a_measured_cpu_run(one_torch_thread):
-    """The estimate against torch's MemTracker (every live tensor by category) over real train steps."""
+@pytest.mark.parametrize("grad_accum,amp", [(1, None), (2, None), (1, torch.bfloat16), (2, torch.bfloat16)])
+def test_plan_is_within_10_percent_of_a_measured_cpu_run(one_torch_thread, grad_accum, amp):
+    """The estimate against torch's MemTracker (every live tensor by category) over a real train step, in fp32 and
+    bf16 autocast, with one micro-batch and with the gradients of an earlier micro-batch alive (grad_accum 2:
+    MemTracker refuses two forwards in one tracked step, so the first micro-batch runs before tracking starts).
+    Before issue 24 the bf16 + grad_accum 2 estimate was 0.71 of the measured peak."""
     from torch.distributed._tools.mem_tracker import MemTracker
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from cpt.device import autocast
     from cpt.training.loss import CausalLMLoss
     from cpt.training.optim import build_optimizer
     from cpt.training.plan import estimate, shape_from_config
@@ -88,30 +93,37 @@ def test_plan_is_within_20_percent_of_a_measured_cpu_run(one_torch_thread):
 
     shape_cfg = dict(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                      num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=False)
-    batch, seq = 4, 256
+    batch, seq, cpu = 4, 256, torch.device("cpu")
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**shape_cfg, attn_implementation="sdpa"))
     core = CausalLMLoss(model, chunk_size=512)
     opt = build_optimizer(model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95))
     clip = [p for g in opt.param_groups for p in g["params"]]
     x, y = torch.randint(0, 4096, (batch, seq)), torch.randint(0, 4096, (batch, seq))
+    # the first step gives Adam its state: the steady state
+    train_step(core, opt, [(x, y)], device=cpu, amp_dtype=amp, grad_clip=1.0, clip_params=clip)
+    for _ in range(grad_accum - 1):  # earlier micro-batches: their gradients stay alive
+        with autocast(cpu, amp):
+            loss_sum, _ = core(x, y)
+        loss_sum.backward()
     tracker = MemTracker()
     tracker.track_external(core, opt)
     with tracker:
-        for i in range(2):  # the second step has Adam's state: the steady state
-            train_step(core, opt, [(x, y)], device=torch.device("cpu"), amp_dtype=None, grad_clip=1.0,
-                       clip_params=clip)
-            if i == 0:
-                tracker.reset_mod_stats()
+        with autocast(cpu, amp):
+            loss_sum, _ = core(x, y)
+        loss_sum.backward()
+        torch.nn.utils.clip_grad_norm_(clip, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
     measured = {str(k).split(".")[-1]: v for k, v in next(iter(tracker.get_tracker_snapshot("peak").values())).items()}
     shape = shape_from_config(shape_cfg)
-    est = estimate(shape, world_size=1, micro_batch=batch, seq=seq, parallel="ddp", compute_bytes=4,
-                   loss_chunk=512, cuda=False)
+    est = estimate(shape, world_size=1, micro_batch=batch, seq=seq, grad_accum=grad_accum, parallel="ddp",
+                   compute_bytes=4 if amp is None else 2, loss_chunk=512, cuda=False)
     assert shape.n_params == sum(p.numel() for p in model.parameters())
     assert est["parameters"] == measured["PARAM"]
     assert est["optimizer"] == pytest.approx(measured["OPT"], rel=1e-3)  # + one step counter per tensor
-    assert est["activations"] + est["loss"] == pytest.approx(measured["ACT"], rel=0.2)
-    assert est["peak"] == pytest.approx(measured["Total"], rel=0.2)
+    assert measured["GRAD"] == (est["gradients"] if grad_accum > 1 else 0)  # alive at the peak only when accumulating
+    assert est["peak"] == pytest.approx(measured["Total"], rel=0.1)
 
 
 def test_plan_cli_prints_mistral_7b_on_8_gpus(repo_root, capsys):

@@ -13,8 +13,12 @@ Memory per rank, in bytes, for AdamW with fp32 master weights (what ``cpt train`
   ``saved_tensors_hooks`` (tests/test_train_plan.py measures it); with activation checkpointing only the layer
   input stays (d per token per layer) plus one layer being recomputed; plus ``4d`` per token outside the layers
   and the chunked loss (one chunk of fp32 logits and the head's fp32 gradient, cpt.training.loss);
+- under autocast, fp32 tensors beside the compute-dtype activations: over fp32 weights the residual stream and
+  RMSNorm's inputs/outputs, 8 values of width d per token per layer (measured); under FSDP2's bf16 gather only
+  RMSNorm's two upcasts, 2 values of width d (read from the code);
 - the peak is the parameters and optimizer state plus the larger of the forward's peak (activations, loss, FSDP
-  working set) and the gradients; on CUDA the context and allocator slack are added (``overhead_gib``).
+  working set, and with grad_accum > 1 the gradients accumulated so far) and the gradients; on CUDA the context
+  and allocator slack are added (``overhead_gib``).
 
 Step time = FLOPs per token (6N + 12·L·d·T, cpt.training.flops) x tokens per rank per step / (peak FLOP/s x MFU).
 
@@ -115,6 +119,15 @@ def estimate(shape: Shape, *, world_size: int = 1, micro_batch: int = 1, seq: in
     else:
         layers = shape.layers * tokens * per_layer
     activations = (layers + tokens * 4 * shape.d) * compute_bytes
+    if compute_bytes < 4:
+        # fp32 tensors kept beside the compute-dtype ones. Autocast over fp32 weights (one process, DDP) leaves the
+        # residual stream in fp32 (the embedding output is fp32) and HF's RMSNorm keeps fp32 inputs and outputs:
+        # 8 fp32 values of width d per token per layer, measured on CPU with MemTracker (bf16 ACT 93.8 MiB vs
+        # 61.6 MiB without this term; tests/test_train_sharded.py). FSDP2 gathers bf16 weights (MixedPrecisionPolicy):
+        # the residual stream is bf16 and only RMSNorm's two fp32 upcasts stay: 2 values of width d, read from the
+        # code, not measured (no GPU in CI). With checkpointing, only the recomputed layer's.
+        fp32_values = 2 * shape.d if shard > 1 else 8 * shape.d
+        activations += (1 if activation_checkpointing else shape.layers) * tokens * fp32_values * 4
     loss = shape.vocab * shape.d * 4 + min(loss_chunk, tokens) * shape.vocab * 4
     working = 0.0
     if shard > 1:
@@ -124,8 +137,11 @@ def estimate(shape: Shape, *, world_size: int = 1, micro_batch: int = 1, seq: in
     out = {"parameters": 4 * n / shard, "gradients": 4 * n / shard, "optimizer": 8 * n / shard,
            "fsdp_or_autocast_copies": working, "activations": activations, "loss": loss,
            "overhead": overhead_gib * GIB if cuda else 0.0}
-    out["peak"] = (out["parameters"] + out["optimizer"] + max(activations + loss + working, out["gradients"])
-                   + out["overhead"])
+    # With grad_accum > 1 the gradients of the earlier micro-batches stay alive through the later ones' forward and
+    # backward, beside their activations; with one micro-batch they only exist once the activations are freed.
+    live_grads = out["gradients"] if grad_accum > 1 else 0.0
+    out["peak"] = (out["parameters"] + out["optimizer"] + max(activations + loss + working + live_grads,
+                                                              out["gradients"]) + out["overhead"])
     return out
 
 
