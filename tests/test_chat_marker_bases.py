@@ -62,16 +62,23 @@ def test_eval_scores_after_endoftext(smol_folder):
     assert lm.tokenizer.convert_ids_to_tokens(lm.prefix_id) == "<|endoftext|>"
 
 
-def test_tokenizer_stage_carries_the_chat_template_and_sft_keeps_it(smol_folder, tmp_path, texts):  # noqa: F811
-    from transformers import AutoTokenizer
-
-    from cpt.sft import template
+@pytest.fixture(scope="module")
+def extended(smol_folder, tmp_path_factory, texts):  # noqa: F811
     from cpt.stages import tokenizer as stage
 
-    layout = make_clean(tmp_path, texts, langs=("vi",))
+    layout = make_clean(tmp_path_factory.mktemp("smol_tok"), texts, langs=("vi",))
     m = stage.run({"seed": 7, "tokenizer": {"base": str(smol_folder), "languages": ["vi"], "vocab_size": {"vi": 200},
                                             "max_train_chars": 60_000, "old_max_chars": 100_000,
                                             "check_lines": 50}}, layout)
+    return layout, m
+
+
+def test_tokenizer_stage_carries_the_chat_template_and_sft_keeps_it(extended):
+    from transformers import AutoTokenizer
+
+    from cpt.sft import template
+
+    layout, m = extended
     assert m["chat_template"] is True and m["added"] > 0
     tok = AutoTokenizer.from_pretrained(layout.tokenizer)
     assert tok.chat_template == CHATML
@@ -81,3 +88,31 @@ def test_tokenizer_stage_carries_the_chat_template_and_sft_keeps_it(smol_folder,
     assert template.render(tok, chat).startswith("<|im_start|>user\nxin chào<|im_end|>")
     codec = TextCodec.from_folder(layout.tokenizer)  # what the shards stage reads
     assert codec.eos_id == tok.convert_tokens_to_ids("<|endoftext|>") and codec.bos_id is None
+
+
+def test_tied_embeddings_new_rows_calibration_and_export(smol_folder, extended, tmp_path):
+    """New rows of a tied model: one matrix, old rows untouched, each new row the mean of its byte-level pieces'
+    rows; calibration is skipped (it would move the input rows) and says so; the export reloads still tied."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from cpt.training.embeddings import calibrate_new_logits, extend_embeddings
+
+    layout, m = extended
+    new_tokens = json.loads((layout.tokenizer / "new_tokens.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(smol_folder, dtype=torch.float32)
+    old = model.get_input_embeddings().weight.detach().clone()
+    report = extend_embeddings(model, new_tokens)
+    emb = model.get_input_embeddings().weight
+    assert report["tied"] and model.get_output_embeddings().weight is emb
+    assert emb.shape[0] % 64 == 0 and emb.shape[0] >= new_tokens["vocab"]
+    assert torch.equal(emb[: old.shape[0]], old)
+    for a in new_tokens["added"][:20]:
+        torch.testing.assert_close(emb[a["id"]], old[a["base_ids"]].mean(0))
+    blocks = torch.tensor([[1, 2, 3, 4] * 4])
+    cal = calibrate_new_logits(model, blocks, new_tokens["base_vocab"], 0.01)
+    assert cal["new_logit_shift"] == 0.0 and "tied" in cal["calibration_skipped"]
+    model.save_pretrained(tmp_path / "out")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    assert back.get_output_embeddings().weight is back.get_input_embeddings().weight
+    torch.testing.assert_close(back.get_input_embeddings().weight, emb, rtol=0, atol=0)
