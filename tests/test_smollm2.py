@@ -101,9 +101,11 @@ def test_smollm2_from_its_gguf_trains_and_the_export_reproduces_its_bpb(gguf, tm
         assert mt["old_language_changed_lines"] == 0 and mt["old_language_changed_docs"] == 0
         vi = mt["languages"]["vi"]
         assert vi["tokens_per_word"] < vi["tokens_per_word_base"]
-        ms = shards.run(params, layout)
+        shards.run(params, layout)
         tok = AutoTokenizer.from_pretrained(layout.tokenizer)
-        assert ms["eos_id"] == tok.convert_tokens_to_ids("<|endoftext|>") != tok.eos_token_id  # not <|im_end|>
+        meta = json.loads((layout.shards / "meta.json").read_text())
+        assert meta["bos_id"] is None  # not <|im_start|>
+        assert meta["eos_id"] == tok.convert_tokens_to_ids("<|endoftext|>") != tok.eos_token_id  # not <|im_end|>
         mtr = train.run(params, layout)
         assert mtr["steps"] == 2 and mtr["embeddings"]["tied"] and mtr["embeddings"]["added"] == mt["added"]
 
