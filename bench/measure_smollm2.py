@@ -1,8 +1,9 @@
 """Does a real base load right? WikiText-2 test bits per byte of an HF folder (goal for SmolLM2-135M: 1.0-1.2),
-scored by cpt's own eval path (``cpt.evaluation``: the codec's document prefix, windows of ``--max-length``), and the
-same text conditioned on the chat marker ``<|im_end|>`` instead, to show what the codec's separator rule is worth.
+scored by cpt's own eval path (``cpt.evaluation``: the codec's document prefix, windows of ``--max-length``); and,
+with ``--chat-prefix``, short documents (NTREX English lines, where the prefix matters most) conditioned on the
+codec's prefix vs on the chat marker ``<|im_end|>`` (what the codec used before issue 19).
 
-    python bench/measure_smollm2.py --model data/base --max-bytes 200000 [--out bench/results/x.json]
+    python bench/measure_smollm2.py --model data/base --max-bytes 200000 [--chat-prefix] [--out bench/results/x.json]
 
 Articles are split like the ingest stage's ``unit: wikitext`` (``" = Title = "`` lines) and taken in file order
 until ``--max-bytes``.
@@ -47,7 +48,8 @@ def main() -> int:
     ap.add_argument("--max-bytes", type=int, default=200_000)
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--stride", type=int, default=256)
-    ap.add_argument("--chat-prefix", action="store_true", help="also score conditioned on <|im_end|>")
+    ap.add_argument("--chat-prefix", action="store_true", help="NTREX en lines: codec prefix vs <|im_end|>")
+    ap.add_argument("--ntrex-lines", type=int, default=200)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
 
@@ -68,10 +70,14 @@ def main() -> int:
     result["tokens_per_byte"] = score.tokens / score.bytes
     result["seconds"] = round(time.perf_counter() - t, 1)
     if args.chat_prefix:
-        marker = lm.tokenizer.convert_tokens_to_ids("<|im_end|>")
-        lm.prefix_id = marker
-        chat = BpbScorer(lm, args.max_length, args.stride, 4).score(texts, desc="wikitext2 <|im_end|>")
-        result["bpb_prefix_im_end"] = chat.nll / math.log(2) / chat.bytes
+        lines = (args.corpora / "ntrex128" / "newstest2019-src.eng.txt").read_text(encoding="utf-8").splitlines()
+        lines = [x for x in lines if x.strip()][: args.ntrex_lines]
+        own = BpbScorer(lm, args.max_length, args.stride, 8).score(lines, desc="ntrex_en")
+        lm.prefix_id = lm.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        chat = BpbScorer(lm, args.max_length, args.stride, 8).score(lines, desc="ntrex_en <|im_end|>")
+        result["ntrex_en_lines"] = len(lines)
+        result["ntrex_en_bpb"] = own.nll / math.log(2) / own.bytes
+        result["ntrex_en_bpb_prefix_im_end"] = chat.nll / math.log(2) / chat.bytes
     print(json.dumps(result, indent=2))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
