@@ -90,8 +90,9 @@ def _document_eos(tok, folder: Path, name: str | None, template: str) -> tuple[i
         return tok.token_to_id(name), [name]
     candidates = [c for c in _EOS_FALLBACKS if not is_chat_marker(c, template)]
     found = next((tok.token_to_id(c) for c in candidates if tok.token_to_id(c) is not None), None)
-    if found is None and name:  # a chat model with no other separator: its own EOS is all there is
-        return tok.token_to_id(name), [*candidates, name]
+    if found is None:  # a chat model with no other separator: its own EOS (or a marker) is all there is
+        last = [name] if name else [c for c in _EOS_FALLBACKS if c not in candidates]
+        return next((tok.token_to_id(c) for c in last if tok.token_to_id(c) is not None), None), [*candidates, *last]
     return found, candidates
 
 
