@@ -5,6 +5,7 @@ sources, every section valid for its stage, and the one command in the Makefile 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from pathlib import Path
 
 import yaml
@@ -18,6 +19,13 @@ PARAMS = yaml.safe_load((DEMO / "params.yaml").read_text())
 
 def _paths(entries):
     return [next(iter(e)) if isinstance(e, dict) else e for e in entries or []]
+
+
+def test_the_second_dvc_yaml_is_generated_from_the_root_one():
+    spec = importlib.util.spec_from_file_location("demo_real_dvc", REPO / "scripts" / "demo_real_dvc.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--check", "--root", str(REPO)]) == 0, "run: python scripts/demo_real_dvc.py"
 
 
 def test_same_stages_commands_params_and_outputs_as_the_root_pipeline():
