@@ -100,7 +100,7 @@ def project_copy(dest: Path, params_text: str, corpora: Path | None = None) -> P
                            text=True, check=True).stdout.split()
     for rel in files:
         src = REPO / rel
-        if src.is_file() and not rel.startswith(("data/", "tests/", "bench/")):
+        if src.is_file() and not rel.startswith(("data/", "tests/", "bench/", "demos/")):  # demos/: a second pipeline
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
     (dest / "params.yaml").write_text(params_text, encoding="utf-8")

@@ -18,9 +18,10 @@ def _script():
 
 
 def test_readme_starts_with_the_two_commands_and_stays_short():
+    """make demo, make test, and the real-base demo beside them (issue 19)."""
     text = (REPO / "README.md").read_text(encoding="utf-8")
     first_block = text.split("```bash\n", 1)[1].split("```", 1)[0].strip().splitlines()
-    assert [line.split("#")[0].strip() for line in first_block] == ["make demo", "make test"]
+    assert [line.split("#")[0].strip() for line in first_block] == ["make demo", "make test", "make demo-real"]
     assert len(text.splitlines()) <= 150
 
 
@@ -76,3 +77,21 @@ def test_every_result_number_in_the_readme_comes_from_the_generator():
             found.append(m.group(0))
     assert not found, f"README quotes demo results by hand (put them in scripts/readme_results.py): {found}"
     assert not re.findall(r"(?<![\w.])[+−]\d+\.\d+", hand), "a signed number outside the generated blocks"
+
+
+def test_results_table_gets_a_real_base_column_once_the_second_demo_ran(tmp_path):
+    import shutil
+
+    shutil.copytree(REPO / "metrics", tmp_path / "metrics")
+    mod = _script()
+    three = mod.block(tmp_path)
+    assert "real base" not in three and three.splitlines()[-3].count("|") == 4  # 3 columns until demos/smollm2 runs
+    real = tmp_path / "demos" / "smollm2" / "metrics"
+    shutil.copytree(REPO / "metrics", real)
+    data = json.loads((real / "tokenizer.json").read_text())
+    data["languages"]["vi"]["tokens_per_word"] = 1.23
+    (real / "tokenizer.json").write_text(json.dumps(data))
+    four = mod.block(tmp_path)
+    assert "real base: SmolLM2-135M" in four
+    row = next(line for line in four.splitlines() if line.startswith("| Vietnamese tokens per word"))
+    assert row.count("|") == 5 and "-> 1.23" in row and "-> 2.32" not in row.split("|")[3]

@@ -6,6 +6,8 @@
   with safetensors only (``use_safetensors=True``: no pickle from the internet), remote code only when
   ``base.trust_remote_code: true``, and saved with its tokenizer (plus the SentencePiece ``tokenizer.model`` when the
   source has one: the tokenizer stage extends that file, and transformers 5 no longer writes it); or
+- a GGUF file (``*.gguf``, e.g. SmolLM2 from ``make smollm2``): dequantized to float32 and saved as a plain HF
+  folder (``cpt.training.gguf_base``); or
 - ``builtin:tiny``, the offline demo: a few-million-parameter Llama that this stage pretrains from scratch on the
   ``role: train, domain: old`` cleaned text with its own SentencePiece tokenizer (``cpt.training.tiny``). Old-domain documents
   are held out by the same hash split as the shards stage (``cpt.data.packing.val_ids``); with
@@ -26,6 +28,7 @@ from cpt.io import replace_dir
 from cpt.layout import Layout
 from cpt.params import stage_config, with_defaults
 from cpt.training import tiny
+from cpt.training.gguf_base import is_gguf, load_gguf_base
 from cpt.training.hf_base import load_hf_base
 from cpt.training.tiny import BUILTIN_TINY, build_tiny_base
 
@@ -66,6 +69,8 @@ def run(params: dict[str, Any], layout: Layout) -> dict[str, Any]:
             metrics = build_tiny_base(cfg, seed, layout, tmp)
         elif str(cfg["model"]).startswith("builtin:"):
             raise ConfigError(f"params base.model: unknown builtin {cfg['model']!r}; the builtin is {BUILTIN_TINY}")
+        elif is_gguf(str(cfg["model"])):
+            metrics = load_gguf_base(cfg, layout, tmp)
         else:
             metrics = load_hf_base(cfg, layout, tmp)
     except BaseException:

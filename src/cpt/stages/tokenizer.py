@@ -23,6 +23,7 @@ from typing import Any
 from cpt.errors import ConfigError, DataError
 from cpt.layout import Layout
 from cpt.params import stage_config
+from cpt.tok.hf_export import carry_chat_template
 from cpt.tok.report import evaluate, write_report
 from cpt.tok.sampling import find_base, new_languages, sample_docs, sample_lines
 
@@ -94,11 +95,13 @@ def run(params: dict[str, Any], layout: Layout) -> dict[str, Any]:
         from cpt.tok.bpe_extend import extend_bpe
 
         result = extend_bpe(base, cfg, seed, new_text, old_docs, layout, timings)
+    chat_template = carry_chat_template(base.folder, layout.tokenizer)
 
     t = time.perf_counter()
     metrics, changed_examples = evaluate(result, cfg, langs, layout)
     timings["evaluate"] = time.perf_counter() - t
     metrics["held_out_docs_excluded"] = held.get("held_out_docs", 0)
+    metrics["chat_template"] = chat_template
     metrics["timings"] = {k: round(v, 3) for k, v in timings.items()}
     write_report(metrics, changed_examples, result, layout)
     problems = []

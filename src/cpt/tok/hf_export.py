@@ -128,3 +128,19 @@ def write_folder(proto, out: Path, base_dir: Path | None) -> None:
     write_json(out / "tokenizer_config.json", cfg)
     smap = {k: cfg[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token") if cfg.get(k)}
     write_json(out / "special_tokens_map.json", smap)
+
+
+def carry_chat_template(base_dir: Path | None, out: Path) -> bool:
+    """Copy the base's chat template into the extended tokenizer folder: transformers 5 keeps it in
+    ``chat_template.jinja`` (not tokenizer_config.json), and without it sft would fall back to cpt's default
+    template instead of the base's own, and the codec could no longer tell a chat marker from a document EOS."""
+    if base_dir is None:
+        return False
+    copied = False
+    for name in ("chat_template.jinja", "chat_template.json"):
+        if (base_dir / name).is_file():
+            (out / name).write_bytes((base_dir / name).read_bytes())
+            copied = True
+    cfg = out / "tokenizer_config.json"
+    return copied or (cfg.exists() and bool(read_json(cfg).get("chat_template")))
+
