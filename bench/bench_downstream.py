@@ -56,11 +56,12 @@ def main() -> int:
     if not corpora.is_dir():
         corpora = Path("/work/shared/corpora")
     started = time.perf_counter()
-    res = downstream.run_models({"model": Path(args.model)}, keys, corpora, limit=args.items, num_fewshot=0,
-                                batch_size=args.batch_size, device="cpu", seed=0)["model"]
-    total = time.perf_counter() - started
-    tasks = {}
-    for key in keys:
+    out_path = Path(args.out)
+    data = json.loads(out_path.read_text()) if out_path.exists() else {}
+    tasks = (data.get(args.label) or {}).get("tasks") or {}
+    for key in keys:  # one task at a time, the file rewritten after each (a long CPU run keeps what it finished)
+        res = downstream.run_models({"model": Path(args.model)}, [key], corpora, limit=args.items, num_fewshot=0,
+                                    batch_size=args.batch_size, device="cpu", seed=0)["model"]
         spec, r = downstream.TASKS[key], res[key]
         n = len(r["items"])
         value = sum(v[spec.metric] for v in r["items"].values()) / n
@@ -70,18 +71,18 @@ def main() -> int:
                       "acc_norm": None if r["acc_norm"] is None else round(100 * r["acc_norm"], 1),
                       "chance": round(100 * spec.chance, 1), "seconds": r["seconds"],
                       **({"published": PUBLISHED[key]} if key in PUBLISHED and "smollm2" in args.label else {})}
-    out_path = Path(args.out)
-    data = json.loads(out_path.read_text()) if out_path.exists() else {}
-    data[args.label] = {
-        "model": str(args.model), "items_per_task": args.items, "threads": args.threads, "num_fewshot": 0,
-        "convention": "lm-eval 0.4.13 HFLM, add_bos_token=False, every context conditioned on the model's prefix "
-                      "token (cpt.evaluation.downstream.cpt_lm)",
-        "tasks": tasks, "seconds_total": round(total, 1),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs visible (shared by six sessions), torch "
-                   f"{torch.__version__}",
-    }
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+        print(f"{key:18s} {tasks[key]['value']:5.1f} (n={n}) {r['seconds']:6.1f}s", flush=True)
+        data[args.label] = {
+            "model": str(args.model), "threads": args.threads, "num_fewshot": 0,
+            "convention": "lm-eval 0.4.13 HFLM, add_bos_token=False, every context conditioned on the model's "
+                          "prefix token (cpt.evaluation.downstream.cpt_lm)",
+            "tasks": tasks, "seconds_this_invocation": round(time.perf_counter() - started, 1),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs visible (shared by six sessions; load average "
+                       f"{os.getloadavg()[0]:.1f}), torch {torch.__version__}",
+        }
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    total = time.perf_counter() - started
     for key, t in tasks.items():
         print(f"{key:18s} {t['metric']:8s} {t['value']:5.1f} +-{t['stderr']:4.1f} (n={t['n']}) {t['seconds']:6.1f}s")
     print(f"total {total:.0f}s -> {out_path}")
