@@ -8,7 +8,9 @@
 Runs exactly what ``cpt downstream`` runs for one model (``cpt.evaluation.downstream.run_models``: lm-eval 0.4.13,
 the local task YAMLs, zero-shot, ``add_bos_token=False`` + the model's prefix token), on the first ``--items``
 items of each task, with ``--threads`` torch threads. Writes per task: the metric the stage reports, acc and
-acc_norm, the number of items, a binomial standard error, the seconds, and the published figure where one exists.
+acc_norm, the number of items, a binomial standard error, the wall seconds of lm-eval (on a machine shared with other
+jobs: see ``load_average``) and the process's CPU seconds (model load included: what an idle machine would take),
+and the published figure where one exists.
 An existing output file is updated (one entry per ``--label``), so the real base and the tiny demo share a file.
 """
 
@@ -60,8 +62,10 @@ def main() -> int:
     data = json.loads(out_path.read_text()) if out_path.exists() else {}
     tasks = (data.get(args.label) or {}).get("tasks") or {}
     for key in keys:  # one task at a time, the file rewritten after each (a long CPU run keeps what it finished)
+        cpu0 = time.process_time()
         res = downstream.run_models({"model": Path(args.model)}, [key], corpora, limit=args.items, num_fewshot=0,
                                     batch_size=args.batch_size, device="cpu", seed=0)["model"]
+        cpu = time.process_time() - cpu0  # all threads of this process, model load included: the idle-machine cost
         spec, r = downstream.TASKS[key], res[key]
         n = len(r["items"])
         value = sum(v[spec.metric] for v in r["items"].values()) / n
@@ -70,6 +74,7 @@ def main() -> int:
                       "acc": None if r["acc"] is None else round(100 * r["acc"], 1),
                       "acc_norm": None if r["acc_norm"] is None else round(100 * r["acc_norm"], 1),
                       "chance": round(100 * spec.chance, 1), "seconds": r["seconds"],
+                      "cpu_seconds": round(cpu, 1), "load_average": round(os.getloadavg()[0], 1),
                       **({"published": PUBLISHED[key]} if key in PUBLISHED and "smollm2" in args.label else {})}
         print(f"{key:18s} {tasks[key]['value']:5.1f} (n={n}) {r['seconds']:6.1f}s", flush=True)
         data[args.label] = {

@@ -174,6 +174,14 @@ def markdown(summary: dict[str, Any], gate: dict[str, Any] | None = None, run_li
             ci = cis.get(lang)
             rows.append(f"| {lang} | {_signed(v, 3)} | {f'[{ci[0]:+.3f}, {ci[1]:+.3f}]' if ci else 'n/a'} | {means} |")
     lines = [f"**{headline(summary, gate)}**", "", *([chart[0], ""] if chart else []), *rows, ""]
+    down = summary.get("downstream") or {}
+    if down:
+        shown = [f"{what} {down[key]:+.1f} points" + (f" [{down[key + '_ci95'][0]:+.1f}, {down[key + '_ci95'][1]:+.1f}]"
+                                                     if down.get(key + "_ci95") else "")
+                 for key, what in (("forgetting_en", "English forgetting"), ("gain_new", "new-language gain"))
+                 if key in down]
+        lines += ["Downstream tasks (lm-evaluation-harness, mean accuracy change over tasks, 95% interval): "
+                  + "; ".join(shown) + ".", ""]
     th = gate.get("thresholds") if isinstance(gate.get("thresholds"), dict) else {}
     if th.get("min_gain") is not None:
         lines.append(f"Gate: **{summary.get('decision')}**: on the 95% interval bounds, every new-language source and "

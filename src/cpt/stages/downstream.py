@@ -110,8 +110,13 @@ def run(params: dict, layout: Layout) -> dict:
     report.write_text(stats.markdown(rows, aggregates, gate, info), encoding="utf-8")
     tracker.log_artifact(report, "downstream")
     headline = summary.write(layout, downstream=out)
-    if getattr(tracker, "active", False):
-        tracker.log_metrics(summary.mlflow_metrics(headline))
-        tracker.log_parent_metrics({k: v for k, v in summary.mlflow_metrics(headline).items()
-                                    if k.startswith("summary/downstream")})
+    if getattr(tracker, "active", False):  # the headline, now with the downstream line, where eval put it
+        metrics = summary.mlflow_metrics(headline)
+        tracker.log_metrics(metrics)
+        tracker.log_parent_metrics({k: v for k, v in metrics.items() if k.startswith("summary/downstream")})
+        eval_gate = read_json(gate_file) if gate_file.exists() else {}
+        from cpt.ops.headline import chart_markdown, last_train_trained
+
+        text = summary.markdown(headline, eval_gate, trained=last_train_trained(layout), chart=chart_markdown(tracker))
+        tracker.set_parent_tags({"mlflow.note.content": text, "cpt.gate.decision": headline["decision"]})
     return out
