@@ -160,7 +160,10 @@ def run_models(paths: dict[str, Path], keys: list[str], corpora: Path, *, limit:
                batch_size: int, device: str, seed: int) -> dict[str, dict[str, dict[str, Any]]]:
     """``{model name: evaluate(...)}`` for each model folder (one model in memory at a time)."""
     import gc
+    import os
 
+    # local files only: `datasets` (imported by lm-eval) must not look for a hub (it reads this at import time)
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     results: dict[str, dict[str, dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory(prefix="cpt-downstream-") as tmp:
         folder = write_tasks(keys, corpora, Path(tmp) / "tasks")
