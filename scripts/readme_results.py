@@ -65,6 +65,15 @@ def rows(root: Path) -> list[tuple[str, str, str]]:
         budget = ", ".join(f"{k} {th[k]}" for k in ("min_gain", "max_forgetting") if isinstance(th.get(k), (int, float)))
         out.append(("promotion gate (the worst source decides)",
                     f"**{gate.get('decision', '–')}**" + (f" ({budget})" if budget else ""), "`metrics/gate.json`"))
+    down = _read(root, "downstream")
+    if down.get("forgetting_en") or down.get("gain_new"):
+        parts = [f"{name} {_signed(a.get('value'), a.get('ci95'), 1)} ({len(a.get('tasks') or [])} tasks)"
+                 for name, a in (("English forgetting", down.get("forgetting_en")),
+                                 ("new-language gain", down.get("gain_new"))) if a]
+        rule = (down.get("gate") or {}).get("max_downstream_drop")
+        out.append(("downstream tasks (lm-eval), accuracy points, mean over tasks",
+                    "; ".join(parts) + ("" if rule is None else f"; rule max_downstream_drop {rule:g}: "
+                                        f"**{down['gate'].get('decision')}**"), "`metrics/downstream.json`"))
     if sft:
         out.append(("sft: held-out assistant-token gain vs the cpt model", _per_lang(sft.get("gain"), sft.get("gain_ci95"), 3),
                     "`metrics/sft.json`"))

@@ -1,5 +1,5 @@
 """Stage `eval`: bits per byte is exact, the sliding window scores every token once with the promised context,
-XCOPA scores what lm-eval scores, and the stage turns two model folders into gain/forgetting and a report.
+and the stage turns two model folders into gain/forgetting and a report.
 
 Fixtures are real: a byte-level BPE trained on a slice of the corpora and tiny Llama models saved with
 save_pretrained; the cpt fixture has a different (larger) tokenizer and is trained a few steps on Vietnamese, so the
@@ -21,8 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from cpt.errors import ConfigError, DataError
-from cpt.evaluation import xcopa
+from cpt.errors import ConfigError
 from cpt.evaluation.bpb import BpbScorer, plan_windows
 from cpt.evaluation.models import load_model
 from cpt.io import read_json, write_jsonl
@@ -257,46 +256,8 @@ def test_long_document_each_token_sees_exactly_window_minus_one_tokens_with_stri
     assert n == len(ids) - 1 and nll == pytest.approx(ref, rel=1e-5)
 
 
-# ---------------------------------------------------------------- XCOPA
-def test_xcopa_prompts_follow_lm_eval_for_vi_and_zh(corpora):
-    vi = xcopa.load_items(corpora / "xcopa", "vi", ["val"])
-    zh = xcopa.load_items(corpora / "xcopa", "zh", ["val"], max_items=3)
-    assert len(vi) == 100 and len(zh) == 3
-    ctx, conts = xcopa.prompt(vi[0], "vi")  # "Người đàn ông bật vòi nước." effect
-    assert ctx == "Người đàn ông bật vòi nước nên" and conts[1] == " nước chảy ra từ vòi."
-    ctx, conts = xcopa.prompt(zh[0], "zh")
-    assert ctx == "那人打开水龙头所以" and conts[1] == "水从水龙头喷口流出。"
-    cause = next(i for i in vi if i.question == "cause")
-    assert xcopa.prompt(cause, "vi")[0].endswith(" vì")
-
-
-def test_xcopa_accuracy_matches_an_independent_computation(fixture_models, corpora):
-    lm = load_model("base", fixture_models["base"], device="cpu")
-    items = xcopa.load_items(corpora / "xcopa", "vi", ["val"], max_items=12)
-    got = xcopa.accuracy(BpbScorer(lm, 64, 32, batch_size=5), items, "vi")
-    tok, correct = lm.tokenizer, 0
-    for item in items:
-        ctx, conts = xcopa.prompt(item, "vi")
-        scores = []
-        for cont in conts:
-            c = tok(ctx, add_special_tokens=False)["input_ids"]
-            w = tok(ctx + cont, add_special_tokens=False)["input_ids"]
-            ids = torch.tensor([[lm.prefix_id, *w]])
-            with torch.no_grad():
-                logp = torch.log_softmax(lm.model(input_ids=ids).logits[0].float(), -1)
-            scores.append(sum(float(logp[p - 1, ids[0, p]]) for p in range(1 + len(c), ids.shape[1])))
-        correct += int(int(scores[1] > scores[0]) == item.label)
-    assert got["n"] == 12 and got["acc"] == pytest.approx(correct / 12, abs=1e-4)
-
-
-def test_xcopa_bad_line_is_named(tmp_path):
-    (tmp_path / "val.vi.jsonl").write_text('{"premise": "a", "choice1": "b", "choice2": "c", "question": "why", "label": 0}\n')
-    with pytest.raises(DataError, match=r"val\.vi\.jsonl:1: question"):
-        xcopa.load_items(tmp_path, "vi", ["val"])
-
-
 # ---------------------------------------------------------------- the stage
-def test_stage_reports_gain_forgetting_xcopa_and_samples(tmp_path, corpora):
+def test_stage_reports_gain_forgetting_and_samples(tmp_path, corpora):
     from cpt.cli import run_stage
 
     layout = make_project(tmp_path, corpora)
@@ -305,7 +266,6 @@ def test_stage_reports_gain_forgetting_xcopa_and_samples(tmp_path, corpora):
         "tracking": {"enabled": False},  # MLflow is the ops stage's concern (and its own tests)
         "ingest": {"corpus_dir": str(corpora)},
         "eval": {"max_length": 64, "stride": 32, "max_docs": 30, "max_bytes": 20000, "threads": 1, "unit_bytes": 1000,
-                 "xcopa": {"max_items": 10, "langs": ["vi", "zh"]},
                  "samples": {"max_new_tokens": 8, "prompts": {"vi": ["Hà Nội là"], "en": ["The"]}}},
     }
     m = run_stage("eval", params, layout)
@@ -326,8 +286,7 @@ def test_stage_reports_gain_forgetting_xcopa_and_samples(tmp_path, corpora):
     assert m["forgetting"]["en"] == pytest.approx(pooled("cpt", en) - pooled("base", en), abs=1e-4)
     assert set(m["gain"]) == {"vi"} and set(m["forgetting"]) == {"en"}
     assert m["gain"]["vi"] > 0  # the cpt fixture was trained on Vietnamese
-    assert set(m["xcopa"]) == {"vi", "zh"} and m["xcopa"]["vi"]["n"] == 10
-    assert 0 <= m["xcopa"]["vi"]["cpt"] <= 1
+    assert "xcopa" not in m  # XCOPA is a downstream task now (lm-eval; bench/results/downstream_xcopa_parity.json)
     assert m["overlap"]["shard_docs_checked"] >= 46 and m["overlap"]["eval_docs_in_train_shards"] == 0
     # every number carries its 95% interval: per source and per language, around the measured value
     for name in sources:
@@ -373,8 +332,8 @@ def test_unknown_eval_key_and_bad_stride_are_config_errors(tmp_path):
         config({"eval": {"strid": 3}})
     with pytest.raises(ConfigError, match="stride"):
         config({"eval": {"stride": 512, "max_length": 512}})
-    with pytest.raises(ConfigError, match="xcopa"):
-        config({"eval": {"xcopa": {"lang": ["vi"]}}})
+    with pytest.raises(ConfigError, match="eval: unknown key 'xcopa'"):  # moved to the downstream stage
+        config({"eval": {"xcopa": {"langs": ["vi"]}}})
 
 
 def test_eval_path_imports_without_the_data_and_ops_stack():

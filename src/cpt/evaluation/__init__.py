@@ -2,7 +2,8 @@
 
 - ``models``   load a model folder (base or cpt) with its own tokenizer; the BOS/prefix-token rule
 - ``bpb``      sliding-window log-likelihood of whole documents -> loss, perplexity, bits per UTF-8 byte
-- ``xcopa``    XCOPA by comparing the log-likelihood of the two choices
+- ``downstream`` (+ ``downstream_stats``, ``tasks/``) the ``downstream`` stage's lm-evaluation-harness tasks
+  (XCOPA among them; the hand-written XCOPA scorer it replaced gave the same per-item decisions)
 - ``samples``  greedy and sampled generations from fixed prompts
 - ``overlap``  the role barrier, checked on what training actually saw (decoded shards)
 - ``report``   the one-page markdown report and the loss-curve figure

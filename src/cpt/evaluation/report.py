@@ -19,12 +19,6 @@ from cpt.ops.verdict import END, START
 
 log = logging.getLogger("cpt.stages.eval")
 
-LM_EVAL = (
-    "lm_eval --model hf --model_args pretrained=data/models/cpt,dtype=bfloat16 "
-    "--tasks xcopa_vi,xcopa_zh --batch_size 8"
-)
-
-
 def read_curve(path: Path) -> dict[str, list[float]]:
     """Columns of metrics/train_curve.csv as floats (blank cells -> NaN); {} when the file is absent or empty."""
     if not path.exists():
@@ -55,7 +49,7 @@ def _ci(ci: list[float] | None) -> str:
 
 
 def write_all(
-    out_dir: Path, *, metrics: dict, sources: list, scores: dict, xcopa_items: dict, samples: dict, models: dict,
+    out_dir: Path, *, metrics: dict, sources: list, scores: dict, samples: dict, models: dict,
     curve: Path, cfg: dict,
 ) -> None:
     out_dir = Path(out_dir)
@@ -135,17 +129,8 @@ def report_markdown(metrics: dict, rows: list[dict], models: dict, cfg: dict, fi
             f"{r['tok_base'] / max(1, r['bytes']):.3f} | {r['tok_cpt'] / max(1, r['bytes']):.3f} |"
         )
     L += ["", "Per-token loss and perplexity (each model's own tokenizer) are in `metrics/eval.json`.", ""]
-    if metrics.get("xcopa"):
-        L += ["## XCOPA (zero-shot, likelihood of the two choices; chance 0.50)", "",
-              "| lang | n | base acc | cpt acc | base acc (per byte) | cpt acc (per byte) |", "|---|---:|---:|---:|---:|---:|"]
-        for lang, x in metrics["xcopa"].items():
-            se = math.sqrt(0.25 / x["n"]) if x["n"] else math.nan
-            L.append(f"| {lang} | {x['n']} | {_f(x['base'], 3)} | {_f(x['cpt'], 3)} | {_f(x['base_per_byte'], 3)} | "
-                     f"{_f(x['cpt_per_byte'], 3)} |")
-        L += ["", f"Standard error at chance with n items is sqrt(0.25/n) (n={x['n']}: {se:.3f}); differences smaller "
-              "than about twice that are noise. Headline accuracy compares summed log-probabilities of the "
-              "continuation; 'per byte' divides each by its UTF-8 length.", "",
-              f"The model folder also runs in lm-evaluation-harness: `{LM_EVAL}`.", ""]
+    L += ["Downstream tasks (ARC, PIQA, COPA, WinoGrande, LAMBADA, Belebele, XCOPA; lm-evaluation-harness): the "
+          "`downstream` stage, `reports/downstream.md`.", ""]
     L += ["## Training curves", ""]
     if figure_note:
         L += [f"No figure: {figure_note}.", ""]

@@ -1,4 +1,4 @@
-"""Scoring the models eval compares, one in memory at a time: bits per byte on every source, XCOPA, samples."""
+"""Scoring the models eval compares, one in memory at a time: bits per byte on every source, samples."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from cpt.device import autocast_dtype, pick_device
-from cpt.evaluation import record, samples, xcopa
+from cpt.evaluation import record, samples
 from cpt.evaluation.bpb import BpbScorer, Score
 from cpt.evaluation.models import load_model
 from cpt.evaluation.sources import collect_sources
@@ -17,12 +17,12 @@ from cpt.layout import Layout
 log = logging.getLogger("cpt.stages.eval")
 
 
-def score_models(paths: dict[str, Path], sources: list, xcopa_items: dict[str, list], cfg: dict, seed: int,
-                 layout) -> tuple[dict, dict, dict, dict]:
-    """Each model in turn (one in memory at a time): bits per byte on every source, XCOPA, samples.
-    Returns (scores, xcopa accuracies, generations, model info), each keyed by model name."""
+def score_models(paths: dict[str, Path], sources: list, cfg: dict, seed: int,
+                 layout) -> tuple[dict, dict, dict]:
+    """Each model in turn (one in memory at a time): bits per byte on every source, samples.
+    Returns (scores, generations, model info), each keyed by model name. (Downstream tasks, XCOPA included, are the
+    ``downstream`` stage's: lm-evaluation-harness.)"""
     scores: dict[str, dict[str, Score]] = {}
-    xacc: dict[str, dict[str, dict]] = {}
     gens: dict[str, list[dict[str, str]]] = {}
     info: dict[str, dict[str, Any]] = {}
     for name, path in paths.items():
@@ -34,7 +34,6 @@ def score_models(paths: dict[str, Path], sources: list, xcopa_items: dict[str, l
         for s in sources:
             log.info("%s %-16s bpb %.4f (loss %.4f over %d tokens)", name, s.name, scores[name][s.name].bpb,
                      scores[name][s.name].loss, scores[name][s.name].tokens)
-        xacc[name] = {lang: xcopa.accuracy(scorer, items, lang) for lang, items in xcopa_items.items()}
         scfg = cfg["samples"]
         if scfg.get("enabled", True) and scfg.get("prompts"):
             gens[name] = samples.generate(
@@ -44,7 +43,7 @@ def score_models(paths: dict[str, Path], sources: list, xcopa_items: dict[str, l
         del lm, scorer
         gc.collect()
 
-    return scores, xacc, gens, info
+    return scores, gens, info
 
 
 def shown(path: Path, layout: Layout) -> str:

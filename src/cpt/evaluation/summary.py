@@ -69,7 +69,7 @@ def intervals(scores: dict[str, dict[str, Score]], sources: list[EvalSource], *,
     return out
 
 
-def assemble(scores: dict[str, dict[str, Score]], sources: list[EvalSource], xacc: dict, overlap_result: dict,
+def assemble(scores: dict[str, dict[str, Score]], sources: list[EvalSource], overlap_result: dict,
              *, resamples: int = 1000, seed: int = 0) -> dict:
     meta = {s.name: {"lang": s.lang, "domain": s.domain, "truncated": s.truncated} for s in sources}
     metrics: dict[str, Any] = {
@@ -82,12 +82,5 @@ def assemble(scores: dict[str, dict[str, Score]], sources: list[EvalSource], xac
     metrics["forgetting"] = {lang: round(old_c[lang].bpb - old_b[lang].bpb, 6) for lang in sorted(old_b)}
     metrics["gain"] = {lang: round(new_b[lang].bpb - new_c[lang].bpb, 6) for lang in sorted(new_b)}
     metrics.update(intervals(scores, sources, resamples=resamples, seed=seed))
-    metrics["xcopa"] = {
-        lang: {
-            "base": xacc["base"][lang]["acc"], "cpt": xacc["cpt"][lang]["acc"], "n": xacc["base"][lang]["n"],
-            "base_per_byte": xacc["base"][lang]["acc_per_byte"], "cpt_per_byte": xacc["cpt"][lang]["acc_per_byte"],
-        }
-        for lang in xacc.get("base", {})
-    }
     metrics["overlap"] = overlap_result
     return metrics

@@ -50,6 +50,9 @@ DEFAULTS: dict[str, Any] = {
     "champion_max_forgetting": None,  # vs the current champion; null = max_forgetting
     "min_documents": 5,  # fewer documents behind a gated number: "undecided: too few documents"
     "alias": "champion",
+    # points of accuracy an English downstream task may drop (upper 95% bound, worst task); null = off. Applied by
+    # the downstream stage after eval (cpt.ops.downstream_gate, docs/downstream.md)
+    "max_downstream_drop": None,
 }
 
 DOMAINS = ("new", "old")
@@ -63,6 +66,11 @@ def gate_params(params: dict[str, Any]) -> dict[str, Any]:
     cfg["champion_max_forgetting"] = float(
         cfg["max_forgetting"] if cfg["champion_max_forgetting"] is None else cfg["champion_max_forgetting"]
     )
+    if cfg["max_downstream_drop"] is not None:
+        if isinstance(cfg["max_downstream_drop"], bool) or not isinstance(cfg["max_downstream_drop"], (int, float)):
+            raise ConfigError(f"gate.max_downstream_drop: expected points (a number) or null, "
+                              f"got {cfg['max_downstream_drop']!r}")
+        cfg["max_downstream_drop"] = float(cfg["max_downstream_drop"])
     if isinstance(cfg["min_documents"], bool) or not isinstance(cfg["min_documents"], int) or cfg["min_documents"] < 1:
         raise ConfigError(f"gate.min_documents: expected a positive integer, got {cfg['min_documents']!r}")
     return cfg

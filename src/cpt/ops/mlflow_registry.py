@@ -99,4 +99,9 @@ class RegistryMixin:
         with self._io:
             self._sink.client.set_registered_model_alias(name, alias, version)
 
+    def delete_alias(self, name: str, alias: str) -> None:
+        """The downstream rule's demotion when no earlier champion exists (cpt.ops.downstream_gate)."""
+        with self._io:
+            self._sink.client.delete_registered_model_alias(name, alias)
+
     # -- queue machinery --

@@ -54,8 +54,23 @@ def decision_of(gate: dict[str, Any]) -> str:
     return "undecided"
 
 
-def build(eval_metrics: dict[str, Any], gate: dict[str, Any], timings: dict[str, Any]) -> dict[str, Any]:
-    """The headline dict (<= 12 keys; nested per language so `dvc exp show` columns read ``gain.vi``)."""
+def downstream_block(downstream: dict[str, Any] | None) -> dict[str, Any]:
+    """metrics/downstream.json's two aggregates (accuracy points, > 0 = forgotten / learned) with intervals."""
+    out: dict[str, Any] = {}
+    for key in ("forgetting_en", "gain_new"):
+        agg = (downstream or {}).get(key)
+        if isinstance(agg, dict) and _num(agg.get("value")) is not None:
+            out[key] = _num(agg["value"], 2)
+            if _interval(agg.get("ci95")):
+                out[f"{key}_ci95"] = [round(v, 2) for v in _interval(agg["ci95"])]
+    return out
+
+
+def build(eval_metrics: dict[str, Any], gate: dict[str, Any], timings: dict[str, Any],
+          downstream: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The headline dict (<= 12 keys; nested per language so `dvc exp show` columns read ``gain.vi``).
+    ``downstream``: metrics/downstream.json; its aggregates become ``downstream``, and when its gate rule added
+    checks (``gate.max_downstream_drop`` set) its decision is the pipeline's (cpt.ops.downstream_gate)."""
     out: dict[str, Any] = {}
     for key in ("gain", "forgetting"):
         values = eval_metrics.get(key) if isinstance(eval_metrics.get(key), dict) else {}
@@ -67,20 +82,29 @@ def build(eval_metrics: dict[str, Any], gate: dict[str, Any], timings: dict[str,
                 out[f"{key}_ci95"] = {lang: v for lang, v in ci.items() if v}
     out["passed"] = bool(gate.get("passed")) if gate else None
     out["decision"] = decision_of(gate)
+    rejudged = (downstream or {}).get("gate") if isinstance((downstream or {}).get("gate"), dict) else {}
+    if rejudged.get("checks") and rejudged.get("decision") in ("promote", "refuse", "undecided"):
+        out["decision"] = rejudged["decision"]
+        out["passed"] = rejudged["decision"] == "promote"
+    if downstream_block(downstream):
+        out["downstream"] = downstream_block(downstream)
     out["tokens_per_s"] = _num(timings.get("tokens_per_s"), 1)
     out["mfu"] = _num(timings.get("mfu"))
     assert len(out) <= 12, sorted(out)
     return out
 
 
-def write(layout: Any) -> dict[str, Any]:
+def write(layout: Any, downstream: dict[str, Any] | None = None) -> dict[str, Any]:
     """Build the summary from the files on disk and write ``metrics/summary.json`` (see the module docstring for
-    why an unchanged result keeps its recorded throughput). Returns what was written."""
+    why an unchanged result keeps its recorded throughput). ``downstream``: the downstream stage's results before
+    they are on disk (else metrics/downstream.json is read). Returns what was written."""
     from cpt.io import write_json
     from cpt.ops.timings import timings_file
 
     metrics = Path(layout.metrics)
-    new = build(_read(metrics / "eval.json"), _read(metrics / "gate.json"), _read(timings_file(layout, "train")))
+    downstream = downstream if downstream is not None else _read(metrics / "downstream.json")
+    new = build(_read(metrics / "eval.json"), _read(metrics / "gate.json"), _read(timings_file(layout, "train")),
+                downstream)
     path = metrics / "summary.json"
     old = _read(path)
     results = {k: v for k, v in new.items() if k not in THROUGHPUT}
@@ -150,6 +174,14 @@ def markdown(summary: dict[str, Any], gate: dict[str, Any] | None = None, run_li
             ci = cis.get(lang)
             rows.append(f"| {lang} | {_signed(v, 3)} | {f'[{ci[0]:+.3f}, {ci[1]:+.3f}]' if ci else 'n/a'} | {means} |")
     lines = [f"**{headline(summary, gate)}**", "", *([chart[0], ""] if chart else []), *rows, ""]
+    down = summary.get("downstream") or {}
+    if down:
+        shown = [f"{what} {down[key]:+.1f} points" + (f" [{down[key + '_ci95'][0]:+.1f}, {down[key + '_ci95'][1]:+.1f}]"
+                                                     if down.get(key + "_ci95") else "")
+                 for key, what in (("forgetting_en", "English forgetting"), ("gain_new", "new-language gain"))
+                 if key in down]
+        lines += ["Downstream tasks (lm-evaluation-harness, mean accuracy change over tasks, 95% interval): "
+                  + "; ".join(shown) + ".", ""]
     th = gate.get("thresholds") if isinstance(gate.get("thresholds"), dict) else {}
     if th.get("min_gain") is not None:
         lines.append(f"Gate: **{summary.get('decision')}**: on the 95% interval bounds, every new-language source and "
@@ -186,6 +218,11 @@ def mlflow_metrics(summary: dict[str, Any]) -> dict[str, float]:
             out[f"summary/{key}/{lang}"] = float(v)
         for lang, ci in (summary.get(f"{key}_ci95") or {}).items():
             out[f"summary/{key}/{lang}/ci95_lo"], out[f"summary/{key}/{lang}/ci95_hi"] = float(ci[0]), float(ci[1])
+    for key, v in (summary.get("downstream") or {}).items():
+        if isinstance(v, list):
+            out[f"summary/downstream/{key[:-5]}/ci95_lo"], out[f"summary/downstream/{key[:-5]}/ci95_hi"] = v
+        else:
+            out[f"summary/downstream/{key}"] = float(v)
     if summary.get("passed") is not None:
         out["summary/passed"] = float(bool(summary["passed"]))
     for key in THROUGHPUT:

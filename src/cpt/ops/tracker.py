@@ -78,6 +78,9 @@ class Tracker:
     def set_alias(self, name: str, alias: str, version: str) -> None:  # noqa: D102
         pass
 
+    def delete_alias(self, name: str, alias: str) -> None:  # noqa: D102
+        pass
+
     def download_model(self, champion: dict[str, Any]) -> Path | None:
         """A local copy of a registered version's model folder (``get_alias``'s dict), for re-scoring it."""
         return None

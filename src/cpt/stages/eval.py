@@ -8,8 +8,8 @@ across the vocabulary extension (``cpt.evaluation.bpb``). Per language:
 
 Sources: every ``role: eval`` source in data/clean (WikiText-2 test, NTREX-128 ...), plus the held-out training-
 distribution documents the shards stage split off (data/shards/heldout.jsonl), scored per language as
-``heldout_<lang>``. XCOPA accuracy (likelihood of the two choices), greedy/sampled generations, and a one-page report
-with the training curves go to reports/eval/. Before scoring, the training shards are decoded and checked for
+``heldout_<lang>``. Greedy/sampled generations and a one-page report with the training curves go to reports/eval/;
+downstream tasks (XCOPA among them) are the next stage's, ``downstream`` (lm-evaluation-harness). Before scoring, the training shards are decoded and checked for
 evaluation documents (``cpt.evaluation.overlap``): a leak stops the stage.
 """
 
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from cpt.errors import ConfigError
-from cpt.evaluation import record, report, scoring, xcopa
+from cpt.evaluation import record, report, scoring
 from cpt.evaluation.scoring import score_models
 from cpt.evaluation.overlap import check_overlap
 from cpt.evaluation.sources import collect_sources
@@ -53,7 +53,6 @@ DEFAULTS: dict[str, Any] = {
     "dtype": "auto",
     "threads": None,
     "overlap": {"enabled": True, "shards": "data/shards", "max_tokens": 50_000_000, "fail": True},
-    "xcopa": {"enabled": True, "dir": None, "langs": ["vi", "zh"], "splits": ["val"], "max_items": None},
     "samples": {
         "enabled": True,
         "max_new_tokens": 40,
@@ -117,23 +116,15 @@ def _run(params: dict, layout: Layout, cfg: dict) -> dict:
                  s.available, sum(len(t.encode()) for t in s.texts))
     overlap_result = check_overlap(layout, cfg)
 
-    xcfg = cfg["xcopa"]
-    xcopa_items: dict[str, list[xcopa.Item]] = {}
-    if xcfg["enabled"]:
-        corpus = section(params, "ingest").get("corpus_dir", "../shared/corpora")
-        folder = layout.resolve(xcfg["dir"]) if xcfg["dir"] else layout.resolve(corpus) / "xcopa"
-        for lang in xcfg["langs"]:
-            xcopa_items[lang] = xcopa.load_items(folder, lang, list(xcfg["splits"]), xcfg["max_items"])
-
     paths = {"base": layout.resolve(cfg["base"]), "cpt": layout.resolve(cfg["model"])}
-    scores, xacc, gens, info = score_models(paths, sources, xcopa_items, cfg, seed, layout)
-    metrics = assemble(scores, sources, xacc, overlap_result, resamples=int(cfg["bootstrap_resamples"]), seed=seed)
+    scores, gens, info = score_models(paths, sources, cfg, seed, layout)
+    metrics = assemble(scores, sources, overlap_result, resamples=int(cfg["bootstrap_resamples"]), seed=seed)
     # the candidate's per-unit scores: the gate pairs them with the champion's, and registers them with the version
     write_json(record.path(layout), record.of_scores(sources, scores["cpt"], scoring.scoring_config(cfg)),
                sort_keys=True)
     out_dir = layout.reports / "eval"
     report.write_all(
-        out_dir, metrics=metrics, sources=sources, scores=scores, xcopa_items=xcopa_items, samples=gens,
+        out_dir, metrics=metrics, sources=sources, scores=scores, samples=gens,
         models=info, curve=layout.resolve(cfg["train_curve"]), cfg=cfg,
     )
     tracker = tracking.current()
