@@ -12,8 +12,8 @@ point is no model anyone measured: the base has no row for these tokens, and tra
 meant to be trained away. The merged model reads text with the cpt tokenizer, which spells the new languages with
 these tokens; scaling their rows would change what a token means at each a, on top of how far the shared update
 goes, so a would no longer measure one thing. Old-language text spells no new token (the tokenizer stage's guard
-keeps old text's tokenization unchanged), so what the old language sees moves with a alone. The rows' share of
-probability on old text is train's (``train.new_token_mass``).
+keeps old text's tokenization unchanged), so what the old language reads moves with a alone; the probability the
+new head rows take on old text is part of each point's measured forgetting.
 
 Arithmetic: ``torch.lerp(base, cpt, a)``, which equals (1 - a) base + a cpt up to rounding and is exact at the ends
 (a = 0 gives the base's tensor, a = 1 the cpt's, bit for bit). Weights stay in fp32; the base's and cpt's tensors

@@ -64,6 +64,12 @@ def run(params: dict, layout: Any, cfg: dict, eval_cfg: dict, *, tracker: Any, r
     full = next(p for p in pts if p["alpha"] == 1.0)
     for p in pts:
         p["gain_kept"] = frontier.gain_kept(p, full)
+    for p in pts:  # MLflow: each curve against a (step = 1000 a), so the run's charts draw the frontier per language
+        f_hi = ((p["binding"]["forgetting"] or {}).get("ci95") or [None, None])[1]
+        tracker.log_metrics({**{f"merge/gain/{k}": v for k, v in p["gain"].items()},
+                             **{f"merge/forgetting/{k}": v for k, v in p["forgetting"].items()},
+                             **({"merge/binding_forgetting_upper": f_hi} if f_hi is not None else {}),
+                             "merge/passed": float(p["decision"] == "promote")}, step=int(round(1000 * p["alpha"])))
     chosen, reason = frontier.choose(pts)
     png = frontier.plot(layout.reports / "merge" / "frontier.png", pts, max_forgetting=th["max_forgetting"],
                         min_gain=th["min_gain"], chosen=chosen)
