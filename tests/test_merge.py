@@ -9,7 +9,6 @@ so the interpolation crosses a vocabulary extension the way the pipeline's does.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -86,20 +85,29 @@ def evaluated(tmp_path_factory, corpora, pair_dirs):
     """A project after `cpt eval` (records of base and cpt on the same units), the models swapped for the pair."""
     from cpt.cli import run_stage
 
-    layout = make_project(tmp_path_factory.mktemp("merge"), corpora)
-    for folder, src in ((layout.base, pair_dirs[0]), (layout.model, pair_dirs[1])):
-        shutil.rmtree(folder)
-        shutil.copytree(src, folder)
+    import test_eval
+
+    with pytest.MonkeyPatch.context() as mp:  # make_project copies this pair instead of training eval's own
+        mp.setattr(test_eval, "_fixture_models", lambda corpora: pair_dirs[0].parent)
+        layout = make_project(tmp_path_factory.mktemp("merge"), corpora)
     params = params_for(corpora)
     eval_metrics = run_stage("eval", params, layout)
     return layout, params, eval_metrics
 
 
-def test_stage_reuses_eval_endpoints_and_chooses_the_largest_passing_a(evaluated):
+@pytest.fixture(scope="module")
+def merged(evaluated):
+    """`cpt merge` with lenient budgets (grid [0.5]) after eval."""
     from cpt.cli import run_stage
 
+    layout, params, _ = evaluated
+    return run_stage("merge", params, layout)
+
+
+@pytest.mark.slow  # one tiny eval + merge run shared by the module (~50 s on 2 cores)
+def test_stage_reuses_eval_endpoints_and_chooses_the_largest_passing_a(evaluated, merged):
     layout, params, ev = evaluated
-    m = run_stage("merge", params, layout)
+    m = merged
     assert read_json(layout.metrics_file("merge"))["chosen"] == m["chosen"]
     assert [p["alpha"] for p in m["points"]] == [0.0, 0.5, 1.0]
     zero, half, one = m["points"]
@@ -133,12 +141,12 @@ def test_stage_reuses_eval_endpoints_and_chooses_the_largest_passing_a(evaluated
     assert "timings" not in read_json(layout.metrics_file("merge"))
 
 
-def test_chosen_point_is_written_as_the_interpolation_and_none_passing_says_why(evaluated, corpora):
+@pytest.mark.slow
+def test_chosen_point_is_written_as_the_interpolation_and_none_passing_says_why(evaluated, merged):
     from cpt.cli import run_stage
 
     layout, params, _ = evaluated
-    first = run_stage("merge", params, layout)
-    by_a = {p["alpha"]: p for p in first["points"]}
+    by_a = {p["alpha"]: p for p in merged["points"]}
     hi_1 = max(r["forgetting_ci95"][1] for r in by_a[1.0]["sources"].values() if r["domain"] == "old")
     lo_1 = min(r["forgetting_ci95"][0] for r in by_a[1.0]["sources"].values() if r["domain"] == "old")
     worst_half = by_a[0.5]["binding"]["forgetting"]["ci95"][1]
@@ -172,14 +180,17 @@ def test_chosen_point_is_written_as_the_interpolation_and_none_passing_says_why(
     assert load_model("merged", merged).tokenizer.get_vocab() == AutoTokenizer.from_pretrained(layout.model).get_vocab()
     rec = read_json(layout.root / "data/merge/a0.5000.json")
     assert record.matches(rec, read_json(record.path(layout)))[0]
-    # no a passes: chosen is null, the reason names every point, the folder holds only merge.json saying why
-    none = run_stage("merge", {**params, "gate": {**params["gate"], "min_gain": 1000.0}}, layout)
+    # no a passes (the endpoints only: nothing is scored): chosen is null, the reason names every point, and the
+    # folder holds only merge.json saying why (the earlier merged model does not stay behind looking current)
+    none = run_stage("merge", {**params, "gate": {**params["gate"], "min_gain": 1000.0}, "merge": {"grid": []}},
+                     layout)
     assert none["chosen"] is None and none["reason"].startswith("no a passes the gate: a=1: refuse")
-    assert "a=0.5: refuse" in none["reason"] and "a=0: refuse" in none["reason"]
+    assert "a=0: refuse" in none["reason"] and "min_gain 1000" in none["reason"]
     assert sorted(p.name for p in merged.iterdir()) == ["merge.json"]
     assert read_json(merged / "merge.json")["reason"] == none["reason"]
 
 
+@pytest.mark.slow
 def test_endpoints_scored_through_the_merge_reproduce_eval_records(evaluated):
     """a = 1 written into the model and scored by eval's scorer gives the cpt's record, unit for unit."""
     layout, params, _ = evaluated
@@ -206,6 +217,7 @@ def test_endpoints_scored_through_the_merge_reproduce_eval_records(evaluated):
             assert torch.equal(p[pair.shared:], pair.cpt[name][pair.shared:])
 
 
+@pytest.mark.slow
 def test_without_a_vocabulary_change_a_zero_scores_as_the_base(tmp_path, corpora, evaluated):
     """With the base's own tokenizer, theta(0) is the base: scored through the merge it gives the base's scores."""
     layout, params, _ = evaluated
@@ -223,22 +235,22 @@ def test_without_a_vocabulary_change_a_zero_scores_as_the_base(tmp_path, corpora
         assert merged0[s.name].doc_nll == pytest.approx(base[s.name].doc_nll, abs=1e-6)
 
 
-def test_a_cpt_tokenizer_that_moves_base_tokens_is_refused(tmp_path, pair_dirs):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(pair_dirs[0])
-    vocab = tok.backend_tokenizer.to_str()
-    other = tmp_path / "other"
-    shutil.copytree(pair_dirs[0], other)
+def test_a_cpt_tokenizer_that_moves_base_tokens_is_refused(tmp_path, corpora):
     import json
 
-    spec = json.loads(vocab)
+    tok = train_tokenizer(corpus_slices(corpora)["en"][:4], 300)
+    tok.save_pretrained(tmp_path / "base")
+    tok.add_tokens(NEW_WORDS[:3])
+    tok.save_pretrained(tmp_path / "cpt")
+    assert interpolate.shared_rows(tmp_path / "base", tmp_path / "cpt") == 300
+    spec = json.loads((tmp_path / "cpt" / "tokenizer.json").read_text())
     v = spec["model"]["vocab"]
     a, b = sorted(v, key=v.get)[10:12]
     v[a], v[b] = v[b], v[a]
-    (other / "tokenizer.json").write_text(json.dumps(spec))
-    with pytest.raises(DataError, match="does not extend the base"):
-        interpolate.shared_rows(pair_dirs[0], other)
+    (tmp_path / "cpt" / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(DataError, match="does not extend the base") as exc:
+        interpolate.shared_rows(tmp_path / "base", tmp_path / "cpt")
+    assert f"2 base tokens moved or missing, first {a!r} (id {v[b]} in the base, {v[a]} in the cpt)" in str(exc.value)
 
 
 def test_choose_and_config_rules():
