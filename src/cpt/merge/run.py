@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,8 @@ def run(params: dict, layout: Any, cfg: dict, eval_cfg: dict, *, tracker: Any, r
         timings["load"] = round(time.perf_counter() - t0, 3)
         log.info("loaded base + cpt (%d shared vocabulary rows of %d) in %.1fs", pair.shared,
                  lm.model.get_input_embeddings().weight.shape[0], timings["load"])
-    records_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(records_dir, ignore_errors=True)  # an earlier grid's records must not pass for this one's
+    records_dir.mkdir(parents=True)
     for alpha in cfg["grid"]:
         t0 = time.perf_counter()
         interpolate.apply(lm.model, pair, alpha)
