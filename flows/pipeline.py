@@ -79,7 +79,7 @@ def _run_stage(stage: str, root: str) -> State:
     """``dvc repro --single-item <stage>``; the task's final state says what happened: ``Ran`` or ``Skipped`` (DVC
     found it up to date), both of type COMPLETED, so the flow run page tells them apart at a glance."""
     logger = get_run_logger()
-    with _gpu_slot() if stage in ("train", "eval", "downstream", "sft") else contextlib.nullcontext():
+    with _gpu_slot() if stage in ("train", "eval", "downstream", "merge", "sft") else contextlib.nullcontext():
         result = run_dvc(["repro", "--single-item", stage], root, logger=logger)
     metrics_file = Layout(Path(root)).metrics_file(stage)
     metrics = read_json(metrics_file) if metrics_file.exists() else {}
@@ -241,16 +241,17 @@ def train(root: str = ".", pull: bool = False, push: bool = False, train_retries
 
 @flow(name="evaluate", log_prints=True)
 def evaluate(root: str = ".", pull: bool = False, push: bool = False, track: bool = True) -> list[dict[str, Any]]:
-    """Eval (base vs cpt, bits per byte) and the promotion gate (metrics/gate.json, registry alias), then the
-    downstream tasks (lm-eval; the gate rule gate.max_downstream_drop)."""
+    """Eval (base vs cpt, bits per byte) and the promotion gate (metrics/gate.json, registry alias), the downstream
+    tasks (lm-eval; the gate rule gate.max_downstream_drop) and merge (the gain-forgetting frontier; the largest merge
+    the gate passes, registered)."""
     path = _root(root)
     if pull:
         dvc_pull(str(path), list(EVAL_INPUTS))
     results: list[dict[str, Any]] = []
     with _pipeline_run(path, "evaluate", track, results):
-        results += _run_stages(["eval", "downstream"], path)
+        results += _run_stages(["eval", "downstream", "merge"], path)
     if push:
-        dvc_push(str(path), ["eval", "downstream"])
+        dvc_push(str(path), ["eval", "downstream", "merge"])
     return results
 
 

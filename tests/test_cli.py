@@ -10,7 +10,7 @@ from cpt.stages import STAGES
 
 
 def test_stages_in_pipeline_order():
-    assert STAGES == ("ingest", "clean", "validate", "base", "tokenizer", "shards", "train", "eval", "downstream", "sft")
+    assert STAGES == ("ingest", "clean", "validate", "base", "tokenizer", "shards", "train", "eval", "downstream", "merge", "sft")
 
 
 def test_help_lists_every_stage_in_order(capsys):

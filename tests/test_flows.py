@@ -151,7 +151,7 @@ def test_one_task_per_stage_named_as_the_stage():
 
     assert list(pipeline.STAGE_TASKS) == list(STAGES)
     assert all(t.name == s for s, t in pipeline.STAGE_TASKS.items())
-    assert pipeline.DATA_PREP + ("train", "eval", "downstream", "sft") == STAGES
+    assert pipeline.DATA_PREP + ("train", "eval", "downstream", "merge", "sft") == STAGES
     assert {f.name for f in (pipeline.data_prep, pipeline.train, pipeline.evaluate, pipeline.pipeline)} == {
         "data_prep", "train", "evaluate", "pipeline"}
     with pytest.raises(ValueError, match="unknown stages"):

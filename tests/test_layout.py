@@ -12,7 +12,7 @@ from cpt.stages import STAGES
 
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "src"
-PACKAGES = ("data", "tok", "training", "evaluation", "ops", "sft", "stages")
+PACKAGES = ("data", "tok", "training", "evaluation", "ops", "sft", "merge", "stages")
 MAX_LINES = 400
 STAGE_MAX_LINES = 160  # "about 150": a stage reads its config, calls its package, writes outputs and metrics
 

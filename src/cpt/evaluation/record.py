@@ -34,6 +34,12 @@ def path(layout: Any) -> Path:
     return Path(layout.data) / "eval" / "sources.json"
 
 
+def base_path(layout: Any) -> Path:
+    """data/eval/base.json: the base model's record on the same units (what ``cpt merge`` pairs its points with,
+    so the base is never re-scored)."""
+    return Path(layout.data) / "eval" / "base.json"
+
+
 def scoring_config(cfg: dict[str, Any], device: str, dtype: str | None) -> dict[str, Any]:
     """What, besides the text, decides a unit's NLL: the eval knobs and the resolved device type / autocast dtype
     (``dtype`` None = fp32)."""

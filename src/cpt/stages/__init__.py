@@ -1,7 +1,7 @@
 """The pipeline's stages, in order. One name everywhere: dvc.yaml stage = ``cpt <stage>`` = module ``cpt.<stage>``
 = Prefect task = MLflow step."""
 
-STAGES: tuple[str, ...] = ("ingest", "clean", "validate", "base", "tokenizer", "shards", "train", "eval", "downstream", "sft")
+STAGES: tuple[str, ...] = ("ingest", "clean", "validate", "base", "tokenizer", "shards", "train", "eval", "downstream", "merge", "sft")
 
 DESCRIPTIONS: dict[str, str] = {
     "ingest": "read the configured sources into data/raw (bad records quarantined with file, line and reason)",
@@ -13,5 +13,6 @@ DESCRIPTIONS: dict[str, str] = {
     "train": "continual pretraining with replay into data/models/cpt (checkpoints in data/checkpoints)",
     "eval": "bits per byte, forgetting and gain, XCOPA, samples: base vs cpt",
     "downstream": "lm-evaluation-harness tasks, base vs cpt: English accuracy kept, new-language accuracy gained",
+    "merge": "interpolate base and cpt over a grid of a; frontier; the largest a the gate passes -> data/models/merged",
     "sft": "instruction-tune data/models/cpt into the chat model data/models/sft (assistant-only loss, replay)",
 }

@@ -122,6 +122,9 @@ def _run(params: dict, layout: Layout, cfg: dict) -> dict:
     # the candidate's per-unit scores: the gate pairs them with the champion's, and registers them with the version
     write_json(record.path(layout), record.of_scores(sources, scores["cpt"], scoring.scoring_config(cfg)),
                sort_keys=True)
+    # the base's, on the same units: `cpt merge` pairs its points with it instead of re-scoring the base
+    write_json(record.base_path(layout), record.of_scores(sources, scores["base"], scoring.scoring_config(cfg)),
+               sort_keys=True)
     out_dir = layout.reports / "eval"
     report.write_all(
         out_dir, metrics=metrics, sources=sources, scores=scores, samples=gens,
