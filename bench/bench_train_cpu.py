@@ -20,7 +20,7 @@ warmup step to the end of the last step (for HF: ``on_step_end`` callbacks, so t
 counted, as it is what a user pays). The first-step losses of the two sides must agree (same weights, same batch):
 the JSON records both, so a reader can see both sides did the same work.
 
-    python bench/bench_train_cpu.py                       # SmolLM2, 4 x 512, 1 warmup + 3 timed steps: ~6 min on 2 cores
+    python bench/bench_train_cpu.py                       # SmolLM2, 4 x 512, 1 warmup + 3 timed steps: 6+ min, 2 cores
     python bench/bench_train_cpu.py --seq 256             # less memory (the box is shared)
     python bench/bench_train_cpu.py --smoke               # a tiny random Llama, seq 32: keeps the script from rotting
 
@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import time
@@ -172,12 +173,13 @@ def main(argv=None) -> dict:
                            "smoke": args.smoke, "dtype": "float32", "tokens_per_step": args.batch * args.seq,
                            "data": "uniform random token ids (seeded), one tensor file read by both sides",
                            "lr_schedule": "constant", "optimizer": "torch.optim.AdamW, single-tensor (foreach off)",
-                           "malloc": {k: os.environ[k] for k in os.environ if k.startswith("MALLOC_")} or "glibc default"},
+                           "malloc": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")} or "glibc"},
               "sides": sides}
     if {"cpt", "hf"} <= sides.keys():
         cpt, hf = sides["cpt"], sides["hf"]
         result["ratios"] = {"tokens_per_s": cpt["tokens_per_s"] / hf["tokens_per_s"],
                             "peak_rss": cpt["peak_rss_mb"] / hf["peak_rss_mb"],
+                            "tokens_per_cpu_s": cpt["tokens_per_cpu_s"] / hf["tokens_per_cpu_s"],
                             "first_step_loss_diff": abs(cpt["losses"][0] - hf["losses"][0])}
         result["goals"] = {"tokens_per_s": ">= 1.0", "peak_rss": "<= 0.7",
                            "met": {"tokens_per_s": result["ratios"]["tokens_per_s"] >= 1.0,
@@ -193,19 +195,31 @@ def table(result: dict) -> str:
     s = result["settings"]
     lines = [f"{Path(s['model']).name}: {s['batch']} x {s['seq']} tokens per step, fp32, {s['threads']} threads, "
              f"{s['warmup']} warmup + {s['steps']} timed steps per side",
-             "| side | tokens/s | s/step | peak RSS MB | RSS after load MB | first-step loss |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "| side | tokens/s | s/step | CPU s/step | peak RSS MB | RSS after load MB | first-step loss |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for name, r in result["sides"].items():
-        lines.append(f"| {name} | {r['tokens_per_s']:,.1f} | {r['step_s']:.2f} | {r['peak_rss_mb']:,.0f} "
-                     f"| {r['rss_after_load_mb']:,.0f} | {r['losses'][0]:.5f} |")
+        lines.append(f"| {name} | {r['tokens_per_s']:,.1f} | {r['step_s']:.2f} | {r['cpu_s_per_step']:.2f} "
+                     f"| {r['peak_rss_mb']:,.0f} | {r['rss_after_load_mb']:,.0f} | {r['losses'][0]:.5f} |")
     if "ratios" in result:
         rt = result["ratios"]
         lines.append(f"\ncpt / HF tokens/s: {rt['tokens_per_s']:.2f} (goal >= 1.0); cpt / HF peak RSS: "
-                     f"{rt['peak_rss']:.2f} (goal <= 0.7); first-step losses differ by {rt['first_step_loss_diff']:.2e}")
+                     f"{rt['peak_rss']:.2f} (goal <= 0.7); tokens per CPU second: {rt['tokens_per_cpu_s']:.2f}; "
+                     f"first-step losses differ by {rt['first_step_loss_diff']:.2e}")
     return "\n".join(lines)
 
 
 # ---- a child: one side ----------------------------------------------------------------------------------------------
+
+
+def stamp(stamps: list, losses: list) -> None:
+    """(wall, this process's user + system CPU seconds, all threads): on a shared box the wall clock also counts
+    time the side waited for a core; its CPU seconds do not."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    stamps.append((time.perf_counter(), usage.ru_utime + usage.ru_stime))
+    if len(stamps) > 1:
+        loss = f" loss {losses[len(stamps) - 2]:.4f}" if len(losses) >= len(stamps) - 1 else ""
+        print(f"step {len(stamps) - 1}: {stamps[-1][0] - stamps[-2][0]:.1f} s wall, "
+              f"{stamps[-1][1] - stamps[-2][1]:.1f} s CPU{loss}", flush=True)
 
 
 def rss_mb() -> float:
@@ -227,11 +241,12 @@ def child(side: str, spec: dict) -> dict:
     model.config.use_cache = False
     loaded = rss_mb()
     stamps, losses = (run_cpt if side == "cpt" else run_hf)(model, batches, spec)
-    timed = stamps[spec["warmup"]:]  # stamps[0]: before step 1; stamps[i]: after step i
-    seconds = timed[-1] - timed[0]
+    w = spec["warmup"]  # stamps[0]: before step 1; stamps[i]: (wall, cpu) after step i
+    seconds, cpu_seconds = stamps[-1][0] - stamps[w][0], stamps[-1][1] - stamps[w][1]
     tokens = spec["steps"] * spec["batch"] * spec["seq"]
     out = {"side": side, "tokens_per_s": tokens / seconds, "step_s": seconds / spec["steps"],
-           "step_times_s": [b - a for a, b in zip(stamps, stamps[1:])], "losses": losses,
+           "tokens_per_cpu_s": tokens / cpu_seconds, "cpu_s_per_step": cpu_seconds / spec["steps"],
+           "step_times_s": [b[0] - a[0] for a, b in zip(stamps, stamps[1:])], "losses": losses,
            "rss_after_load_mb": loaded, "threads": torch.get_num_threads()}
     Path(spec["work"], f"{side}.json").write_text(json.dumps(out, indent=2))
     return out
@@ -256,14 +271,16 @@ def run_cpt(model, batches, spec: dict) -> tuple[list[float], list[float]]:
     cfg = {"embed_only_steps": 0, "steps": n, "lr": spec["lr"], "min_lr": spec["lr"], "warmup": 0.0,
            "schedule": "constant", "decay_fraction": 0.2}
     core.train()
-    stamps, losses = [time.perf_counter()], []
+    stamps: list[tuple[float, float]] = []
+    losses: list[float] = []
+    stamp(stamps, losses)
     for step in range(n):
         set_lr(optimizer, lr_for(step, cfg))
         micro = [to_xy(batches[step], device)]
         result = train_step(core, optimizer, micro, device=device, amp_dtype=None, grad_clip=spec["grad_clip"],
                             clip_params=clip_params)
         losses.append(result.loss)
-        stamps.append(time.perf_counter())
+        stamp(stamps, losses)
     return stamps, losses
 
 
@@ -273,15 +290,15 @@ def run_hf(model, batches, spec: dict) -> tuple[list[float], list[float]]:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     rows = [{"input_ids": b[:-1], "labels": b[1:], "shift_labels": b[1:]} for batch in batches for b in batch]
-    stamps: list[float] = []
+    stamps: list[tuple[float, float]] = []
     losses: list[float] = []
 
     class Stamps(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
-            stamps.append(time.perf_counter())
+            stamp(stamps, losses)
 
         def on_step_end(self, args, state, control, **kw):
-            stamps.append(time.perf_counter())
+            stamp(stamps, losses)
 
     class RecordingTrainer(Trainer):
         def compute_loss(self, model, inputs, *a, **kw):
