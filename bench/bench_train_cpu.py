@@ -56,6 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.95))
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--loss-chunk", type=int, default=None, help="cpt's train.loss_chunk (default: the stage's)")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each layer in backward, on both sides (train.activation_checkpointing; HF's "
+                        "gradient_checkpointing), non-reentrant")
     p.add_argument("--sides", default="cpt,hf", help="comma list of cpt, hf (run in this order)")
     p.add_argument("--work", default="/tmp/cpt-bench-train-cpu", help="scratch folder (batches, tiny model, logs)")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "train_cpu.json"))
@@ -158,7 +161,8 @@ def main(argv=None) -> dict:
     spec = {"model": str(model), "batches": str(write_batches(model, args, root)), "work": str(root),
             "seq": args.seq, "batch": args.batch, "warmup": args.warmup, "steps": args.steps, "threads": threads,
             "lr": args.lr, "weight_decay": args.weight_decay, "betas": list(args.betas), "eps": 1e-8,
-            "grad_clip": args.grad_clip, "loss_chunk": args.loss_chunk or LOOP_DEFAULTS["loss_chunk"]}
+            "grad_clip": args.grad_clip, "loss_chunk": args.loss_chunk or LOOP_DEFAULTS["loss_chunk"],
+            "activation_checkpointing": args.activation_checkpointing}
     spec_path = root / "spec.json"
     spec_path.write_text(json.dumps(spec, indent=2))
     sides = {}
@@ -263,6 +267,8 @@ def run_cpt(model, batches, spec: dict) -> tuple[list[float], list[float]]:
     from cpt.training.step import train_step
 
     device = torch.device("cpu")
+    if spec["activation_checkpointing"]:  # as cpt.training.trainer.parallelize does
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     core = CausalLMLoss(model, chunk_size=spec["loss_chunk"])
     optimizer = build_optimizer(model, lr=spec["lr"], weight_decay=spec["weight_decay"], betas=tuple(spec["betas"]),
                                 eps=spec["eps"])
@@ -318,6 +324,7 @@ def run_hf(model, batches, spec: dict) -> tuple[list[float], list[float]]:
         save_strategy="no", logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
         dataloader_pin_memory=False, train_sampling_strategy="sequential", seed=0,
         remove_unused_columns=False,  # else the Trainer drops shift_labels (not a named forward argument)
+        gradient_checkpointing=spec["activation_checkpointing"], gradient_checkpointing_kwargs={"use_reentrant": False},
     )
     trainer = RecordingTrainer(model=model, args=args, train_dataset=rows, data_collator=collate,
                                callbacks=[Stamps()])
