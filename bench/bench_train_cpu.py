@@ -22,6 +22,7 @@ the JSON records both, so a reader can see both sides did the same work.
 
     python bench/bench_train_cpu.py                       # SmolLM2, 4 x 512, 1 warmup + 3 timed steps: 6+ min, 2 cores
     python bench/bench_train_cpu.py --seq 256             # less memory (the box is shared)
+    python bench/bench_train_cpu.py --loss-chunk 512 --activation-checkpointing   # the low-memory settings
     python bench/bench_train_cpu.py --smoke               # a tiny random Llama, seq 32: keeps the script from rotting
 
 Writes bench/results/train_cpu.json (--out) and prints a markdown table.
