@@ -22,9 +22,9 @@ from typing import Any
 
 from cpt.errors import ConfigError, DataError
 from cpt.layout import Layout
-from cpt.params import stage_config
+from cpt.params import section, stage_config
 from cpt.tok.report import evaluate, write_report
-from cpt.tok.sampling import find_base, new_languages, sample_docs, sample_lines
+from cpt.tok.sampling import find_base, heldout_ids, new_languages, sample_docs, sample_lines
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,8 @@ DEFAULTS: dict[str, Any] = {
     "character_coverage": 0.9995,
     "max_train_chars": 5_000_000,
     "old_max_chars": 5_000_000,
-    "guard": "distinct",
+    "guard": "lexicon",
+    "lexicon_size": 100_000,
     "old_alphabet_min_freq": 1.0e-4,
     "foreign_ratio": 1.0,
     "max_added": 0,
@@ -44,7 +45,8 @@ DEFAULTS: dict[str, Any] = {
     "num_threads": 2,
     "strict": True,
 }
-GUARDS = ("native", "distinct", "exact")
+SHARDS_VAL_FRACTION = 0.05  # cpt.stages.shards.DEFAULTS["val_fraction"] (a stage does not import another; tested)
+GUARDS = ("lexicon", "distinct", "native", "exact")
 
 
 def config(params: dict[str, Any]) -> dict[str, Any]:
@@ -53,7 +55,7 @@ def config(params: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"tokenizer.guard: {cfg['guard']!r}; expected one of {GUARDS}")
     if cfg["model_type"] not in ("bpe", "unigram"):
         raise ConfigError(f"tokenizer.model_type: {cfg['model_type']!r}; expected 'bpe' or 'unigram'")
-    for key in ("max_train_chars", "old_max_chars", "check_lines", "num_threads", "max_added"):
+    for key in ("max_train_chars", "old_max_chars", "check_lines", "num_threads", "max_added", "lexicon_size"):
         if not isinstance(cfg[key], int) or cfg[key] < 0:
             raise ConfigError(f"tokenizer.{key}: {cfg[key]!r}; expected a non-negative integer")
     return cfg
@@ -83,7 +85,11 @@ def run(params: dict[str, Any], layout: Layout) -> dict[str, Any]:
             raise DataError(f"{layout.clean}: no non-empty role: train text for language {lang}")
     # the old-language chooser as whole documents, exactly as data/clean holds them (and the shards stage encodes
     # them); the line-level checks use their NFC lines
-    old_docs = sample_docs(layout.clean, seed, cfg["old_max_chars"], role="train", domain="old")
+    # minus the documents the shards stage holds out (shards.val_fraction, same seed): held-out English that eval
+    # scores stays unseen by the choice, so the old-language invariance measured on it is a held-out number
+    val_fraction = float(section(params, "shards").get("val_fraction", SHARDS_VAL_FRACTION))
+    held = heldout_ids(layout.clean, seed, val_fraction, "old")
+    old_docs = sample_docs(layout.clean, seed, cfg["old_max_chars"], exclude=held, role="train", domain="old")
     if not old_docs:
         raise DataError(f"{layout.clean}: no role: train, domain: old text to check the old language against")
     timings["read"] = time.perf_counter() - t0

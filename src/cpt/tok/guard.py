@@ -55,6 +55,12 @@ def old_alphabet(lines: Iterable[str], min_freq: float) -> set[str]:
 _LATIN_BLOCKS = ((0x00, 0x7F), (0x80, 0xFF), (0x100, 0x17F), (0x180, 0x24F), (0x250, 0x2AF), (0x1E00, 0x1EFF))
 
 
+def lower1(c: str) -> str:
+    """``c.lower()`` when that is one character; else ``c`` ("İ".lower() is i + U+0307: two code points)."""
+    low = c.lower()
+    return low if len(low) == 1 else c
+
+
 def block(c: str) -> str:
     o = ord(c)
     for lo, hi in _LATIN_BLOCKS:
@@ -66,14 +72,14 @@ def block(c: str) -> str:
 def in_letters_of(old_lines: list[str]):
     """A test for text written only in letters of the Unicode blocks the old-language text uses ("São" passes for
     English, "Trần" does not): held-out text that fails it quotes a new language, whose pieces may fire there."""
-    blocks = {block(c) for line in old_lines for c in set(line.lower()) if c.isalpha()}
+    blocks = {block(lower1(c)) for line in old_lines for c in set(line) if c.isalpha()}
     memo: dict[str, bool] = {}
 
     def test(text: str) -> bool:
         for c in set(text):
             ok = memo.get(c)
             if ok is None:
-                ok = memo[c] = not c.isalpha() or block(c.lower()) in blocks
+                ok = memo[c] = not c.isalpha() or block(lower1(c)) in blocks
             if not ok:
                 return False
         return True
@@ -105,10 +111,14 @@ class Guard:
     ``in``/``count`` per candidate instead of materialising every substring of every word."""
 
     def __init__(self, old_lines: list[str], new_text: dict[str, list[str]], *, min_freq: float = 1e-4,
-                 foreign_ratio: float = 1.0, script_share: float = 0.01, distinct_only: bool = False):
+                 foreign_ratio: float = 1.0, script_share: float = 0.01, distinct_only: bool = False,
+                 mode: str = ""):
         self.alphabet = alphabet = old_alphabet(old_lines, min_freq)
         self.foreign_ratio = foreign_ratio
-        self.distinct_only = distinct_only  # guard: distinct -- no piece spelled only in letters the old text meets
+        # native | distinct (no piece spelled only in letters the old text meets) | lexicon (such pieces are
+        # admitted here and judged by cpt.tok.lexicon against English word forms)
+        self.mode = mode or ("distinct" if distinct_only else "native")
+        self.lexicon: set[str] = set()  # pieces cpt.tok.lexicon found in English word forms (SentencePiece bases)
         old_scripts = {script(c) for c in alphabet if c.isalpha()}
         # Letters the new languages actually write with: a script that carries >= script_share of a language's
         # letters, and, in a script the old language shares (Latin for vi), only letters frequent in that
@@ -129,9 +139,9 @@ class Guard:
             }
         # Letters the old language can meet: every letter of a block it writes at all. A piece spelled only in
         # those is "old-spelled" and must be vouched for, even with a rare letter ("ão" from bão fires on São).
-        seen = {c for line in old_lines for c in line.lower() if c.isalpha()}
+        seen = {lower1(c) for line in old_lines for c in line if c.isalpha()}
         blocks = {block(c) for c in seen}
-        self.possible = alphabet | {c for c in self.native_letters if block(c.lower()) in blocks}
+        self.possible = alphabet | {c for c in self.native_letters if block(lower1(c)) in blocks}
         self.rare = self.possible - alphabet
         old_words = {w: 1 for line in old_lines for w in line.split()}
         self.old_words = _joined(old_words.items())
@@ -159,12 +169,14 @@ class Guard:
         if not self.old_spelled(piece):
             # a letter the old language does not use: safe, if the new language really writes with it
             return all(c in self.alphabet or c in self.native_letters for c in piece if c.isalpha())
-        if not any(c.isalpha() for c in piece) or self.distinct_only:
+        if not any(c.isalpha() for c in piece) or self.mode == "distinct":
             return False  # punctuation/digits/symbols only: the base decides how those are spelled
-        if any(c.isupper() for c in piece) or piece in self.old_words:
-            return False
         if not piece.startswith(SPACE) and any(c in self.rare for c in piece):
             return False  # a rare letter inside a word: names (Napoléon, São) are where the old language meets it
+        if self.mode == "lexicon":  # refused if it would change an English word form (cpt.tok.lexicon)
+            return piece not in self.lexicon
+        if any(c.isupper() for c in piece) or piece in self.old_words:
+            return False
         native = self.native_words.count(skeleton(piece))
         return native > 0 and self.foreign_words.count(piece) <= self.foreign_ratio * native
 

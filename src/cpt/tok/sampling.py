@@ -60,13 +60,15 @@ def _rank(doc_id: str, seed: int) -> int:
     return int.from_bytes(hashlib.blake2b(f"{seed}:{doc_id}".encode(), digest_size=8).digest(), "little")
 
 
-def sample_docs(folder: Path, seed: int, max_chars: int, **filters: str) -> list[str]:
+def sample_docs(folder: Path, seed: int, max_chars: int, exclude: frozenset[str] = frozenset(),
+                **filters: str) -> list[str]:
     """Whole document texts exactly as data/clean holds them (what the shards stage encodes: newlines, tabs and
     leading spaces included). Over ``max_chars`` (0 = all): documents in the order of a seeded hash of their id until
     the budget is reached, at least one, so a corpus of a few long books still yields text. Deterministic and
-    independent of file order; returned in file order."""
+    independent of file order; returned in file order. ``exclude``: document ids never taken (the shards stage's
+    held-out documents)."""
     sizes = [(_rank(str(d.get("id")), seed), len(d["text"])) for d in iter_docs(folder, **filters)
-             if d["text"].strip()]
+             if d["text"].strip() and str(d.get("id")) not in exclude]
     chosen: set[int] = set()
     if max_chars and sum(n for _, n in sizes) > max_chars:
         total = 0
@@ -76,7 +78,17 @@ def sample_docs(folder: Path, seed: int, max_chars: int, **filters: str) -> list
             chosen.add(rank)
             total += n
     return [d["text"] for d in iter_docs(folder, **filters)
-            if d["text"].strip() and (not chosen or _rank(str(d.get("id")), seed) in chosen)]
+            if d["text"].strip() and str(d.get("id")) not in exclude
+            and (not chosen or _rank(str(d.get("id")), seed) in chosen)]
+
+
+def heldout_ids(folder: Path, seed: int, val_fraction: float, domain: str) -> frozenset[str]:
+    """The ids of the ``role: train`` documents of ``domain`` that the shards stage holds out as val (the same
+    ``cpt.data.packing.val_ids`` split, one seed): text that eval scores as held out is never chosen on."""
+    from cpt.data.packing import val_ids
+
+    ids = [str(d.get("id")) for d in iter_docs(folder, role="train", domain=domain) if d["text"].strip()]
+    return frozenset(val_ids(ids, seed, val_fraction))
 
 
 def lines_of(docs: Iterable[str]) -> list[str]:

@@ -1,0 +1,111 @@
+"""``guard: lexicon``: old-spelled new pieces are admitted unless they would change an English word form.
+
+The pieces ``guard: distinct`` refuses (spelled only in letters English writes: ``▁trong``, ``anh``, ``▁cho``) are
+most of Vietnamese's frequent syllables. Whether such a piece can change English text is decidable per word, by the
+same argument as the analytic pruning: new pieces rank below every base piece/merge, so on any pre-tokenized word
+the base's own segmentation S is reached first, and a new piece can fire only where two ADJACENT tokens of S
+concatenate to it (SentencePiece; byte-level BPE: where they are exactly its merge pair, or, for ``ignore_merges``
+bases, where the whole word is the new token). So this module encodes a large English lexicon with the base and
+collects those adjacent pairs; a candidate equal to one of them is refused.
+
+The lexicon: wordfreq's English list (``top_n_list("en", N)``, ``tokenizer.lexicon_size``; web, news, subtitles,
+books, so it holds names and loanwords English writes: ``nguyen``, ``khan``, ``kearney``) plus the words of the
+old-language chooser text, each as it occurs, lower-cased, Capitalised and UPPER-cased. Each form is encoded the ways
+the shards stage meets a word: after a space (SentencePiece: with the ``▁`` marker; byte-level: with the leading
+space its pre-tokenizer attaches) and without (line start, after a newline or tab), and, where the pre-tokenizer
+attaches one leading punctuation mark to a word (Llama-3, Tekken: ``(word``, ``"word``), after the marks the
+chooser text puts there most.
+
+What is PROVED: no word form of the lexicon, encoded alone in those contexts, is segmented differently by the
+extension (whatever subset of the admitted pieces is kept). Where the tokenizer splits on whitespace (every
+SentencePiece base with ``split_by_whitespace``, every byte-level base), a text's segmentation is the concatenation
+of its pre-tokenized words', so a held-out English text all of whose words are lexicon forms in those contexts
+cannot change. What is MEASURED: text with words outside the lexicon (rare names, typos, ``word,`` where a
+SentencePiece base merges across punctuation, numbers glued to letters): the whole-document fixed point
+(``cpt.tok.exact``) proves the chooser text, and the held-out English lines and documents of ``role: eval`` are
+counted (``strict`` fails the stage on any change).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+from collections import Counter
+from typing import Any, Iterable
+
+log = logging.getLogger(__name__)
+
+_WORD = re.compile(r"[^\W\d_]+(?:['’][^\W\d_]+)*")
+
+
+@functools.lru_cache(maxsize=4)
+def wordfreq_words(n: int, lang: str = "en") -> tuple[str, ...]:
+    """The ``n`` most frequent word forms of wordfreq's list for ``lang`` (lower-cased, as wordfreq stores them)."""
+    if n <= 0:
+        return ()
+    from wordfreq import top_n_list
+
+    return tuple(top_n_list(lang, n))
+
+
+def word_forms(lexicon_size: int, old_lines: Iterable[str]) -> list[str]:
+    """The lexicon's word forms, sorted: wordfreq's top ``lexicon_size`` English words and the chooser's words, as
+    they occur, lower-cased, Capitalised and UPPER-cased (str.lower/upper may change a word's length: "İ".lower() is
+    i + U+0307; each variant is a form of its own)."""
+    words = set(wordfreq_words(lexicon_size))
+    words.update(m for line in old_lines for m in _WORD.findall(line))
+    lower = {w.lower() for w in words}
+    forms = words | lower | {w.upper() for w in lower} | {w[:1].upper() + w[1:] for w in lower}
+    forms.discard("")
+    return sorted(forms)
+
+
+def spm_conflicts(base, forms: list[str], num_threads: int = 2) -> set[str]:
+    """Concatenations of adjacent base tokens (and byte-spelled characters) over every form, encoded with and
+    without the dummy-prefix ``▁``: a new SentencePiece piece in this set would change that form."""
+    from cpt.tok import spm_extend as se
+
+    ids: list[list[int]] = []
+    for prefix in (True, False):
+        sp = se.processor(base, add_dummy_prefix=prefix)
+        ids += sp.encode(forms, num_threads=num_threads)
+    return se.old_conflicts(base, [], encoded=ids)
+
+
+def attached_marks(tok, old_lines: list[str], top: int = 8) -> list[str]:
+    """The leading punctuation marks the byte-level base's pre-tokenizer glues to a following word (``(word`` is one
+    pre-token under the Llama-3/Tekken regex, not under GPT-2's), most frequent in the chooser text first."""
+    pre = tok.pre_tokenizer
+    if pre is None:
+        return []
+    counts: Counter[str] = Counter()
+    for line in old_lines[:20000]:
+        counts.update(m.group(1) for m in re.finditer(r"(?:^|\s)([^\w\s])[^\W\d_]", line))
+    marks = []
+    for mark, _ in counts.most_common():
+        pieces = [p for p, _ in pre.pre_tokenize_str(mark + "word")]
+        if len(pieces) == 1:
+            marks.append(mark)
+        if len(marks) >= top:
+            break
+    return marks
+
+
+def bpe_conflicts(tok, forms: list[str], old_pairs, ignore_merges: bool, marks: Iterable[str] = ()) -> tuple[set, set]:
+    """(merge pairs, whole pre-token words) of the byte-level base's segmentation of every form, alone, after a
+    space and after each attached mark: a new merge among the pairs (or, for ignore_merges bases, a new token equal
+    to a word) would change that form. ``old_pairs``: ``cpt.tok.bpe_extend.old_pairs``."""
+    pairs: set[tuple[str, str]] = set()
+    words: set[str] = set()
+    for prefix in ("", " ", *marks):
+        texts = [prefix + w for w in forms]
+        for i in range(0, len(texts), 50_000):
+            p, w = old_pairs(tok.encode_batch(texts[i:i + 50_000], add_special_tokens=False), ignore_merges)
+            pairs |= p
+            words |= w
+    return pairs, words
+
+
+def summary(forms: list[str], conflicts: Any) -> dict[str, int]:
+    return {"lexicon_forms": len(forms), "lexicon_conflicts": len(conflicts)}
