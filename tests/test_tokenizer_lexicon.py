@@ -30,16 +30,17 @@ def with_fixture(texts: dict) -> dict:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("base_name", ["english_spm", "byte_bpe"])
 def test_lexicon_guard_keeps_held_out_english_and_unlike_books(tmp_path, texts, base_name, request):
     base = request.getfixturevalue(base_name)
     layout = make_clean(tmp_path, with_fixture(texts), langs=("vi",))
-    m = stage.run(params(base, languages=["vi"], vocab_size={"vi": 1500}, max_train_chars=600_000,
-                         old_max_chars=1_000_000, check_lines=100), layout)
+    m = stage.run(params(base, languages=["vi"], vocab_size={"vi": 1000}, max_train_chars=300_000,
+                         old_max_chars=600_000, check_lines=100), layout)
     assert m["lexicon_forms"] > 100_000 and m["lexicon_conflicts"] > 0
     # Nguyễn, Đà Nẵng, bánh mì: lines quoting Vietnamese are counted apart; every other fixture line is held out
     assert m["quoting_new_language_lines"] >= 3
-    assert m["old_language_lines"] >= 300 + 30
+    assert m["old_language_lines"] >= 300 + 25
     assert m["old_language_changed_lines"] == 0 and m["old_language_changed_docs"] == 0, m["old_language_changed_pieces"]
     assert m["roundtrip_failures"] == 0 and m["hf_mismatch_lines"] == 0
     assert m["languages"]["vi"]["tokens_per_word"] < m["languages"]["vi"]["tokens_per_word_base"]

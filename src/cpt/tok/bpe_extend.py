@@ -177,7 +177,7 @@ def extend_bpe(base_ref, cfg: dict[str, Any], seed: int, new_text: dict[str, lis
         from cpt.tok import lexicon
 
         t_lex = time.perf_counter()
-        forms = lexicon.word_forms(int(cfg["lexicon_size"]), old_lines)
+        forms = lexicon.word_forms(int(cfg["lexicon_size"]), old_lines, new_text)
         marks = lexicon.attached_marks(base, old_lines)
         lex_pairs, lex_words = lexicon.bpe_conflicts(base, forms, old_pairs, bool(spec["model"].get("ignore_merges")), marks)
         lex_pairs -= pairs

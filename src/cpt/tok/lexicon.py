@@ -49,14 +49,39 @@ def wordfreq_words(n: int, lang: str = "en") -> tuple[str, ...]:
     return tuple(top_n_list(lang, n))
 
 
-def word_forms(lexicon_size: int, old_lines: Iterable[str]) -> list[str]:
+# A wordfreq word is quoted new-language text, not English, in its lower-case form when the new language uses it
+# more than NEW_RATIO times as often and English less than ENGLISH_COMMON (wordfreq frequency 1e-5 = zipf 4): the
+# "trong", "khi", "thanh" of English web text are Vietnamese spelled without its marks. Their Capitalised and
+# UPPER forms (the way English writes Vietnamese names: "Nguyen Thi Lan", "Tran") stay in the lexicon.
+NEW_RATIO = 10.0
+ENGLISH_COMMON = 1e-5
+
+
+def new_language_words(words: Iterable[str], new_langs: Iterable[str]) -> set[str]:
+    """The lower-case ``words`` that are new-language words quoted in English (see NEW_RATIO)."""
+    from wordfreq import available_languages, get_frequency_dict
+
+    en = get_frequency_dict("en")
+    out: set[str] = set()
+    for lang in new_langs:
+        if lang == "en" or lang not in available_languages():
+            continue
+        freq = get_frequency_dict(lang)
+        out |= {w for w in words
+                if en.get(w, 0.0) < ENGLISH_COMMON and freq.get(w, 0.0) > NEW_RATIO * en.get(w, 0.0)}
+    return out
+
+
+def word_forms(lexicon_size: int, old_lines: Iterable[str], new_langs: Iterable[str] = ()) -> list[str]:
     """The lexicon's word forms, sorted: wordfreq's top ``lexicon_size`` English words and the chooser's words, as
     they occur, lower-cased, Capitalised and UPPER-cased (str.lower/upper may change a word's length: "İ".lower() is
-    i + U+0307; each variant is a form of its own)."""
-    words = set(wordfreq_words(lexicon_size))
-    words.update(m for line in old_lines for m in _WORD.findall(line))
-    lower = {w.lower() for w in words}
-    forms = words | lower | {w.upper() for w in lower} | {w[:1].upper() + w[1:] for w in lower}
+    i + U+0307; each variant is a form of its own); minus the lower-case form of wordfreq words that are a new
+    language's (``new_language_words``) unless the chooser writes it."""
+    listed = set(wordfreq_words(lexicon_size))
+    corpus = {m for line in old_lines for m in _WORD.findall(line)}
+    lower = {w.lower() for w in listed | corpus}
+    forms = corpus | lower | {w.upper() for w in lower} | {w[:1].upper() + w[1:] for w in lower}
+    forms -= new_language_words(listed, new_langs) - corpus
     forms.discard("")
     return sorted(forms)
 

@@ -126,7 +126,7 @@ def extend_spm(base_ref, cfg: dict[str, Any], seed: int, new_text: dict[str, lis
         from cpt.tok import lexicon
 
         t_lex = time.perf_counter()
-        forms = lexicon.word_forms(int(cfg["lexicon_size"]), old_lines)
+        forms = lexicon.word_forms(int(cfg["lexicon_size"]), old_lines, new_text)
         guard.lexicon = lexicon.spm_conflicts(base, forms, num_threads=threads)
         lexicon_info = lexicon.summary(forms, guard.lexicon)
         timings["lexicon"] = time.perf_counter() - t_lex
