@@ -179,7 +179,9 @@ def extend_bpe(base_ref, cfg: dict[str, Any], seed: int, new_text: dict[str, lis
         t_lex = time.perf_counter()
         forms = lexicon.word_forms(int(cfg["lexicon_size"]), old_lines, new_text)
         marks = lexicon.attached_marks(base, old_lines)
-        lex_pairs, lex_words = lexicon.bpe_conflicts(base, forms, old_pairs, bool(spec["model"].get("ignore_merges")), marks)
+        lex_pairs, lex_words = lexicon.bpe_conflicts(
+            base, forms, bool(spec["model"].get("ignore_merges")), marks,
+            spell=(lambda text: "".join(_bytes_to_unicode()[b] for b in text.encode("utf-8"))) if byte_level else str)
         lex_pairs -= pairs
         lexicon_info = {**lexicon.summary(forms, lex_pairs), "lexicon_marks": len(marks)}
         timings["lexicon"] = time.perf_counter() - t_lex

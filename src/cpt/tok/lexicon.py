@@ -117,18 +117,28 @@ def attached_marks(tok, old_lines: list[str], top: int = 8) -> list[str]:
     return marks
 
 
-def bpe_conflicts(tok, forms: list[str], old_pairs, ignore_merges: bool, marks: Iterable[str] = ()) -> tuple[set, set]:
-    """(merge pairs, whole pre-token words) of the byte-level base's segmentation of every form, alone, after a
+def bpe_conflicts(tok, forms: list[str], ignore_merges: bool, marks: Iterable[str] = (),
+                  spell=lambda text: text) -> tuple[set, set]:
+    """(merge pairs, token concatenations) of the byte-level base's segmentation of every form, alone, after a
     space and after each attached mark: a new merge among the pairs (or, for ignore_merges bases, a new token equal
-    to a word) would change that form. ``old_pairs``: ``cpt.tok.bpe_extend.old_pairs``."""
-    pairs: set[tuple[str, str]] = set()
-    words: set[str] = set()
+    to a form's tokens) would change that form. ``spell``: a pre-token word as the model's vocabulary writes it
+    (byte-level: " word" -> "Ġword").
+
+    Fast: the forms go 2,000 to a text, each on its own line (``"\n" + prefix + form``): every byte-level
+    pre-tokenizer splits at the newline, so each form is pre-tokenized as it would be alone, and one Encoding per
+    2,000 forms keeps Python out of the loop. Pairs are taken over the whole id sequence: the extra pairs (across a
+    newline, or inside "don't", which pre-tokenizes into two words) can only refuse more, never less."""
+    inv = {i: t for t, i in tok.get_vocab(with_added_tokens=True).items()}
+    id_pairs: set[tuple[int, int]] = set()
     for prefix in ("", " ", *marks):
-        texts = [prefix + w for w in forms]
-        for i in range(0, len(texts), 50_000):
-            p, w = old_pairs(tok.encode_batch(texts[i:i + 50_000], add_special_tokens=False), ignore_merges)
-            pairs |= p
-            words |= w
+        texts = ["".join("\n" + prefix + w for w in forms[i:i + 2000]) for i in range(0, len(forms), 2000)]
+        for enc in tok.encode_batch_fast(texts, add_special_tokens=False):
+            ids = enc.ids
+            id_pairs.update(zip(ids, ids[1:]))
+    pairs = {(inv[a], inv[b]) for a, b in id_pairs}
+    words: set[str] = set()
+    if ignore_merges:  # a new token equal to a whole pre-token word would be emitted directly
+        words = {spell(prefix + w) for prefix in ("", " ", *marks) for w in forms}
     return pairs, words
 
 
