@@ -181,9 +181,18 @@ class Guard:
         if not piece.startswith(SPACE) and any(c in self.rare for c in piece):
             return False  # a rare letter inside a word: names (Napoléon, São) are where the old language meets it
         if self.mode == "lexicon":  # refused if it would change an English word form (cpt.tok.lexicon)
-            return piece not in self.lexicon
+            if piece in self.lexicon:
+                return False
+            # inside a word, an old-spelled piece must also be the new language's own (measured: with the lexicon
+            # alone, fragments of foreign names in viwiki -- amshire, aeus, edon -- fired in English words outside
+            # it: Hexamshire); word-initial pieces (▁trong, ▁khi) need only the lexicon
+            return piece.startswith(SPACE) or self._vouched(piece)
         if any(c.isupper() for c in piece) or piece in self.old_words:
             return False
+        return self._vouched(piece)
+
+    def _vouched(self, piece: str) -> bool:
+        """Native new-language words vouch for it and foreign ones in the new text do not outweigh them."""
         native = self.native_words.count(skeleton(piece))
         return native > 0 and self.foreign_words.count(piece) <= self.foreign_ratio * native
 
