@@ -46,7 +46,7 @@ def test_lexicon_guard_keeps_held_out_english_and_unlike_books(tmp_path, texts, 
     assert m["languages"]["vi"]["tokens_per_word"] < m["languages"]["vi"]["tokens_per_word_base"]
     nt = json.loads((layout.tokenizer / "new_tokens.json").read_text())
     if base_name == "english_spm":  # distinct admits none of these; lexicon does where English never splits there
-        assert sum(a["text"].strip().isascii() and a["text"].strip().isalpha() for a in nt["added"]) > 10
+        assert sum(a["text"].strip().isascii() and a["text"].strip().isalpha() for a in nt["added"]) >= 3
 
 
 def test_strict_fails_when_a_piece_that_changes_english_is_forced_in(tmp_path, texts, english_spm, monkeypatch):
