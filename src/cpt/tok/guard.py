@@ -183,12 +183,13 @@ class Guard:
         if self.mode == "lexicon":  # refused if it would change an English word form (cpt.tok.lexicon)
             if piece in self.lexicon:
                 return False
-            # inside a word, or capitalised, an old-spelled piece must also be the new language's own (measured: with
-            # the lexicon alone, fragments of foreign names in viwiki -- amshire, ▁Tsush, ▁Harth -- fired in English
-            # words outside it: Hexamshire); lower-case word-initial pieces (▁trong, ▁khi) need only the lexicon
-            if piece.startswith(SPACE) and not any(c.isupper() for c in piece):
-                return True
-            return self._vouched(piece)
+            # capitalised old-spelled pieces are names, and names cross languages (measured with the lexicon alone:
+            # ▁Tsush, ▁Harth, ▁Khu of Khuzestan, ▁Kalen of Kalenjin fired on held-out English); inside a word an
+            # old-spelled piece must also be the new language's own (amshire fired on Hexamshire); lower-case
+            # word-initial pieces (▁trong, ▁khi) need only the lexicon
+            if any(c.isupper() for c in piece):
+                return False
+            return piece.startswith(SPACE) or self._vouched(piece)
         if any(c.isupper() for c in piece) or piece in self.old_words:
             return False
         return self._vouched(piece)
