@@ -300,7 +300,7 @@ def trade_table() -> None:
                                           / r["languages"]["vi"]["tokens_per_unit_base"], 4),
                 "english_changed": {k: [v["changed"], v["n"]] for k, v in eng.items()},
                 "english_changed_total": sum(v["changed"] for v in eng.values()),
-                "english_quoting_new_language_changed": sum(v["quoting_changed"] for v in eng.values()),
+                "english_quoting_new_language_changed": sum(v.get("quoting_changed", 0) for v in eng.values()),
                 "roundtrip_failures": sum(v["roundtrip_failures"] for v in r["languages"].values()),
                 "roundtrip_failures_nfd": sum(v["roundtrip_failures_nfd"] for v in r["languages"].values()),
                 "held_out_fixture": "unlike_books" in {k.split(":")[-1] for k in eng},
