@@ -4,6 +4,8 @@
     .venv/bin/python bench/bench_tokenizer.py --base tekken    # Mistral Tekken (tiktoken -> tokenizer.json, byte-level)
     .venv/bin/python bench/bench_tokenizer.py --base gpt2      # GPT-2-style byte-level BPE trained here on the books
     .venv/bin/python bench/bench_tokenizer.py --base tiny      # the demo's 4k SentencePiece base (cpt.training.tiny)
+    .venv/bin/python bench/bench_tokenizer.py --base smollm2   # SmolLM2's 49k byte-level BPE (/work/cache/smollm2-hf)
+    .venv/bin/python bench/bench_tokenizer.py --table          # bench/results/tokenizer_lexicon.json: the trade table
 
 Runs the real stage (``cpt.stages.tokenizer.run``, strict off so every number is reported) on a data/clean built
 from ../shared/corpora. New pieces train on viwiki, cmrc2018, jsquad + 吾輩は猫である, UD Korean-Kaist + KLUE
@@ -12,8 +14,10 @@ title) plus the WikiText-2 *valid* articles. Held out from every choice, and mea
 
 - whole documents, encoded as the shards stage encodes them (the ``tokenizer.json``, newlines, tabs and leading
   spaces included): the held-out Gutenberg books and the 62 WikiText-2 *test* articles;
-- lines (NFC, one per encode call): those documents' lines, NTREX-128 English (1,997 news sentences) and XQuAD
-  English (240 Wikipedia paragraphs; it quotes Vietnamese names such as Trần Hưng Đạo, i.e. new-language text).
+- lines (NFC, one per encode call): those documents' lines, NTREX-128 English (1,997 news sentences), XQuAD
+  English (240 Wikipedia paragraphs; it quotes Vietnamese names such as Trần Hưng Đạo, i.e. new-language text) and
+  ``tests/fixtures/english_unlike_books.txt`` (written for this check: names and places from many languages quoted in
+  English, ASCII-spelled Vietnamese names, code, URLs, numbers and dates).
 
 Fertility and the round trip (``decode(encode(x)) == x`` through the extended ``tokenizer.json``) are on NTREX-128,
 the same 1,997 sentences in all five languages. Writes ``bench/results/tokenizer_<base>.json``.
@@ -46,6 +50,8 @@ from cpt.tok.guard import in_letters_of  # noqa: E402
 from cpt.tok.sampling import lines_of  # noqa: E402
 
 FIVE = ("en", "vi", "zh", "ja", "ko")
+FIXTURE = REPO / "tests/fixtures/english_unlike_books.txt"
+SMOLLM2 = Path("/work/cache/smollm2-hf")
 NTREX = {"en": "src.eng", "vi": "ref.vie", "zh": "ref.zho-CN", "ja": "ref.jpn", "ko": "ref.kor"}
 
 
@@ -84,6 +90,7 @@ def english(corpora: Path) -> tuple[list[str], dict[str, list[str]], dict[str, l
     lines = {k: lines_of(v) for k, v in docs.items()}
     lines["ntrex_en"] = ntrex(corpora, "en")
     lines["xquad_en"] = [nfc(p["context"]) for art in xq["data"] for p in art["paragraphs"]]
+    lines["unlike_books"] = [nfc(x) for x in FIXTURE.read_text(encoding="utf-8").split("\n") if x.strip()]
     return chooser, docs, lines
 
 
@@ -123,10 +130,10 @@ def build_clean(root: Path, corpora: Path, chooser: list[str]) -> Layout:
 def make_base(kind: str, folder: Path, chooser: list[str]) -> Path:
     """A base tokenizer folder: Mistral v1's .model, Tekken converted by transformers' TikTokenConverter, a GPT-2-style
     byte-level BPE or the demo's 4k SentencePiece BPE (both trained on the chooser books only)."""
+    folder.mkdir(parents=True)
     import mistral_common
 
     data = Path(mistral_common.__file__).parent / "data"
-    folder.mkdir(parents=True)
     if kind == "mistral":
         (folder / "tokenizer.model").write_bytes((data / "tokenizer.model.v1").read_bytes())
     elif kind == "tekken":
@@ -152,6 +159,12 @@ def make_base(kind: str, folder: Path, chooser: list[str]) -> Path:
         tok.train_from_iterator(lines_of(chooser), trainer=trainer)
         tok.save(str(folder / "tokenizer.json"))
         write_json(folder / "tokenizer_config.json", {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"})
+    elif kind == "smollm2":  # the real base of the real-base issue: its tokenizer files only
+        import shutil
+
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if (SMOLLM2 / name).exists():
+                shutil.copy(SMOLLM2 / name, folder / name)
     elif kind == "tiny":
         from cpt.training.tiny import DEFAULTS, train_tokenizer
 
@@ -177,13 +190,17 @@ def ids(tok, texts: list[str]) -> list[list[int]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--base", default="mistral", choices=("mistral", "tekken", "gpt2", "tiny"))
+    ap.add_argument("--base", default="mistral", choices=BASES)
+    ap.add_argument("--lexicon-size", type=int, default=None, help="tokenizer.lexicon_size (default: the stage's)")
+    ap.add_argument("--table", action="store_true", help="only collect the per-base results into the trade table")
     ap.add_argument("--corpora", default=str(REPO.parent / "shared" / "corpora"))
     ap.add_argument("--max-train-chars", type=int, default=5_000_000, help="per new language; 0 = all")
     ap.add_argument("--old-max-chars", type=int, default=5_000_000, help="chooser sample; 0 = all")
-    ap.add_argument("--guard", default="native", choices=("native", "distinct", "exact"))
+    ap.add_argument("--guard", default="lexicon", choices=stage.GUARDS)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.table:
+        return trade_table()
     corpora = Path(args.corpora)
     out_path = Path(args.out or REPO / f"bench/results/tokenizer_{args.base}_{args.guard}.json")
 
@@ -195,6 +212,8 @@ def main() -> None:
         params = {"seed": 1234, "tokenizer": {
             "base": str(base_dir), "max_train_chars": args.max_train_chars, "old_max_chars": args.old_max_chars,
             "check_lines": 0, "strict": False, "guard": args.guard}}
+        if args.lexicon_size is not None:
+            params["tokenizer"]["lexicon_size"] = args.lexicon_size
         t = time.perf_counter()
         metrics = stage.run(params, layout)
         stage_seconds = time.perf_counter() - t
@@ -255,6 +274,44 @@ def main() -> None:
                           "english": {k: (v["changed"], v["n"], v["quoting_changed"], v["quoting_new_language"])
                                       for k, v in english_rows.items()},
                           "partial": partial}, indent=1))
+
+
+BASES = ("mistral", "tekken", "gpt2", "tiny", "smollm2")
+
+
+def trade_table() -> None:
+    """bench/results/tokenizer_lexicon.json: one row per (base, guard) result file present, the columns a user
+    chooses by: pieces added, tokens per word/char per new language (base and extended), changed held-out English
+    lines and documents (text quoting a new language apart), round-trip failures NFC and NFD."""
+    rows = []
+    for base in BASES:
+        for guard in stage.GUARDS:
+            path = REPO / f"bench/results/tokenizer_{base}_{guard}.json"
+            if not path.exists():
+                continue
+            r = json.loads(path.read_text())
+            eng = r["english_heldout"]
+            rows.append({
+                "base": base, "guard": guard, "added": r["stage_metrics"]["added"],
+                "lexicon_size": r["params"].get("lexicon_size"),
+                "stage_seconds": r["stage_seconds"],
+                "tokens_per_unit": {k: [v["tokens_per_unit_base"], v["tokens_per_unit"]] for k, v in r["languages"].items()},
+                "vi_ratio_to_base": round(r["languages"]["vi"]["tokens_per_unit"]
+                                          / r["languages"]["vi"]["tokens_per_unit_base"], 4),
+                "english_changed": {k: [v["changed"], v["n"]] for k, v in eng.items()},
+                "english_changed_total": sum(v["changed"] for v in eng.values()),
+                "english_quoting_new_language_changed": sum(v.get("quoting_changed", 0) for v in eng.values()),
+                "roundtrip_failures": sum(v["roundtrip_failures"] for v in r["languages"].values()),
+                "roundtrip_failures_nfd": sum(v["roundtrip_failures_nfd"] for v in r["languages"].values()),
+                "held_out_fixture": "unlike_books" in {k.split(":")[-1] for k in eng},
+            })
+    out = REPO / "bench/results/tokenizer_lexicon.json"
+    write_json(out, {"what": "guard mode x pieces added x new-language tokens per word (zh/ja: per char) x changed "
+                             "held-out English x round-trip failures, per base (bench/bench_tokenizer.py --table)",
+                     "rows": rows})
+    for r in rows:
+        print(r["base"], r["guard"], r["added"], r["tokens_per_unit"]["vi"], r["vi_ratio_to_base"],
+              r["english_changed_total"], r["roundtrip_failures"], r["roundtrip_failures_nfd"])
 
 
 if __name__ == "__main__":

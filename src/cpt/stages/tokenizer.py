@@ -22,10 +22,10 @@ from typing import Any
 
 from cpt.errors import ConfigError, DataError
 from cpt.layout import Layout
-from cpt.params import stage_config
+from cpt.params import section, stage_config
 from cpt.tok.hf_export import carry_chat_template
 from cpt.tok.report import evaluate, write_report
-from cpt.tok.sampling import find_base, new_languages, sample_docs, sample_lines
+from cpt.tok.sampling import find_base, heldout_ids, new_languages, sample_docs, sample_lines
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,8 @@ DEFAULTS: dict[str, Any] = {
     "character_coverage": 0.9995,
     "max_train_chars": 5_000_000,
     "old_max_chars": 5_000_000,
-    "guard": "distinct",
+    "guard": "lexicon",
+    "lexicon_size": 100_000,
     "old_alphabet_min_freq": 1.0e-4,
     "foreign_ratio": 1.0,
     "max_added": 0,
@@ -45,8 +46,8 @@ DEFAULTS: dict[str, Any] = {
     "num_threads": 2,
     "strict": True,
 }
-GUARDS = ("native", "distinct", "exact")
-HELDOUT_DEFAULT = 0.05  # shards.val_fraction's default: the held-out documents, excluded here too
+SHARDS_VAL_FRACTION = 0.05  # cpt.stages.shards.DEFAULTS["val_fraction"] (a stage does not import another; tested)
+GUARDS = ("lexicon", "distinct", "native", "exact")
 
 
 def config(params: dict[str, Any]) -> dict[str, Any]:
@@ -55,12 +56,19 @@ def config(params: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"tokenizer.guard: {cfg['guard']!r}; expected one of {GUARDS}")
     if cfg["model_type"] not in ("bpe", "unigram"):
         raise ConfigError(f"tokenizer.model_type: {cfg['model_type']!r}; expected 'bpe' or 'unigram'")
-    for key in ("max_train_chars", "old_max_chars", "check_lines", "num_threads", "max_added"):
+    for key in ("max_train_chars", "old_max_chars", "check_lines", "num_threads", "max_added", "lexicon_size"):
         if not isinstance(cfg[key], int) or cfg[key] < 0:
             raise ConfigError(f"tokenizer.{key}: {cfg[key]!r}; expected a non-negative integer")
     return cfg
 
 
+# -- the base tokenizer -------------------------------------------------------------------------------------------
+
+
+# -- text ---------------------------------------------------------------------------------------------------------
+
+
+# -- the stage ------------------------------------------------------------------------------------------------------
 
 
 def run(params: dict[str, Any], layout: Layout) -> dict[str, Any]:
@@ -71,18 +79,20 @@ def run(params: dict[str, Any], layout: Layout) -> dict[str, Any]:
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
 
-    # the documents the shards stage will hold out (eval's heldout_<lang>) stay out of training and the chooser
-    holdout = float(params.get("shards", {}).get("val_fraction", HELDOUT_DEFAULT))
-    held: dict[str, int] = {}
-    new_text = {lang: sample_lines(layout.clean, seed, cfg["max_train_chars"], holdout=holdout, stats=held,
-                                   role="train", domain="new", lang=lang) for lang in langs}
+    # the documents the shards stage holds out (shards.val_fraction, same seed, the same split: eval scores them as
+    # heldout_<lang>) never reach new-piece training or the old-language chooser
+    val_fraction = float(section(params, "shards").get("val_fraction", SHARDS_VAL_FRACTION))
+    held = {d: heldout_ids(layout.clean, seed, val_fraction, d) for d in ("new", "old")}
+    new_text = {lang: sample_lines(layout.clean, seed, cfg["max_train_chars"], exclude=held["new"], role="train",
+                                   domain="new", lang=lang) for lang in langs}
     for lang, lines in new_text.items():
         if not lines:
             raise DataError(f"{layout.clean}: no non-empty role: train text for language {lang}")
     # the old-language chooser as whole documents, exactly as data/clean holds them (and the shards stage encodes
     # them); the line-level checks use their NFC lines
-    old_docs = sample_docs(layout.clean, seed, cfg["old_max_chars"], holdout=holdout, stats=held, role="train",
-                           domain="old")
+    # minus the held-out documents: held-out English that eval scores stays unseen by the choice, so the
+    # old-language invariance measured on it is a held-out number
+    old_docs = sample_docs(layout.clean, seed, cfg["old_max_chars"], exclude=held["old"], role="train", domain="old")
     if not old_docs:
         raise DataError(f"{layout.clean}: no role: train, domain: old text to check the old language against")
     timings["read"] = time.perf_counter() - t0
@@ -100,7 +110,7 @@ def run(params: dict[str, Any], layout: Layout) -> dict[str, Any]:
     t = time.perf_counter()
     metrics, changed_examples = evaluate(result, cfg, langs, layout)
     timings["evaluate"] = time.perf_counter() - t
-    metrics["held_out_docs_excluded"] = held.get("held_out_docs", 0)
+    metrics["held_out_docs_excluded"] = {d: len(ids) for d, ids in held.items()}
     metrics["chat_template"] = chat_template
     metrics["timings"] = {k: round(v, 3) for k, v in timings.items()}
     write_report(metrics, changed_examples, result, layout)

@@ -169,7 +169,22 @@ def extend_bpe(base_ref, cfg: dict[str, Any], seed: int, new_text: dict[str, lis
     guard = None
     if cfg["guard"] != "exact":
         guard = Guard(old_lines, new_text, min_freq=float(cfg["old_alphabet_min_freq"]),
-                      foreign_ratio=float(cfg["foreign_ratio"]), distinct_only=cfg["guard"] == "distinct")
+                      foreign_ratio=float(cfg["foreign_ratio"]), mode=cfg["guard"])
+    lex_pairs: set[tuple[str, str]] = set()
+    lex_words: set[str] = set()
+    lexicon_info: dict[str, int] = {}
+    if cfg["guard"] == "lexicon":
+        from cpt.tok import lexicon
+
+        t_lex = time.perf_counter()
+        forms = lexicon.word_forms(int(cfg["lexicon_size"]), old_lines, new_text)
+        marks = lexicon.attached_marks(base, old_lines)
+        lex_pairs, lex_words = lexicon.bpe_conflicts(
+            base, forms, bool(spec["model"].get("ignore_merges")), marks,
+            spell=(lambda text: "".join(_bytes_to_unicode()[b] for b in text.encode("utf-8"))) if byte_level else str)
+        lex_pairs -= pairs
+        lexicon_info = {**lexicon.summary(forms, lex_pairs), "lexicon_marks": len(marks)}
+        timings["lexicon"] = time.perf_counter() - t_lex
     timings["choose"] = time.perf_counter() - t
     have = set(vocab)
     candidates: set[str] = set()
@@ -184,6 +199,8 @@ def extend_bpe(base_ref, cfg: dict[str, Any], seed: int, new_text: dict[str, lis
             # a token ending inside a multi-byte character (half a Hangul syllable) decodes to U+FFFD on its own:
             # streaming decode and new_tokens.json would show garbage; only whole characters are added
             return "pruned_partial"
+        if ((a, b) in lex_pairs or tok in lex_words) and guard.old_spelled(readable(tok, byte_level)):
+            return "pruned_guard"  # guard: lexicon -- an old-spelled merge that would change an English word form
         # the guard judges the merge even when a+b is already a base token: the new merge (a, b) is what fires
         if guard is not None and not guard.allows(readable(tok, byte_level)):
             return "pruned_guard"
@@ -269,6 +286,6 @@ def extend_bpe(base_ref, cfg: dict[str, Any], seed: int, new_text: dict[str, lis
         exact_rounds=summary["rounds"],
         extra={"chooser_docs": len(old_docs), "chooser_lines": len(old_lines),
                "in_old_letters": in_letters_of(old_lines),
-               "pruned_partial_char": refused["pruned_partial"]},
+               "pruned_partial_char": refused["pruned_partial"], **lexicon_info},
         **counts,
     )

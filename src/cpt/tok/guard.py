@@ -1,5 +1,12 @@
 """Which new pieces are safe for the old language beyond the text we can check exactly.
 
+Modes (``tokenizer.guard``): ``lexicon`` (the default) admits an old-spelled piece unless it would change an English
+word form of a large lexicon, decided by encoding the lexicon with the base (``cpt.tok.lexicon``: proved for every
+lexicon form, measured on other held-out text); ``distinct`` admits only pieces with a letter the old language never
+meets (proved on held-out text written in the old language's letters, at a large fertility cost); ``native`` is the
+heuristic described below (measured only); ``exact`` has no guard. Every mode keeps the pieces with letters the new
+language writes and the old one does not, and refuses pieces of digits/punctuation only.
+
 ``spm_extend.old_conflicts`` is exact for the old-language text it sees. On held-out old text, the pieces that still
 fire are new pieces spelled ONLY in the old alphabet that also happen to be old-language substrings the chooser text
 never showed: loanwords and names in the new-language corpus (``▁NATO``, ``instein``, ``▁neutron``, ``▁sulf`` in
@@ -56,7 +63,7 @@ _LATIN_BLOCKS = ((0x00, 0x7F), (0x80, 0xFF), (0x100, 0x17F), (0x180, 0x24F), (0x
 
 
 def lower1(c: str) -> str:
-    """``c.lower()`` when that is one character; ``c`` otherwise ("İ".lower() is "i" + U+0307, two code points)."""
+    """``c.lower()`` when that is one character; else ``c`` ("İ".lower() is i + U+0307: two code points)."""
     low = c.lower()
     return low if len(low) == 1 else c
 
@@ -72,7 +79,7 @@ def block(c: str) -> str:
 def in_letters_of(old_lines: list[str]):
     """A test for text written only in letters of the Unicode blocks the old-language text uses ("São" passes for
     English, "Trần" does not): held-out text that fails it quotes a new language, whose pieces may fire there."""
-    blocks = {block(c) for line in old_lines for c in set(line.lower()) if c.isalpha()}
+    blocks = {block(lower1(c)) for line in old_lines for c in set(line) if c.isalpha()}
     memo: dict[str, bool] = {}
 
     def test(text: str) -> bool:
@@ -111,10 +118,14 @@ class Guard:
     ``in``/``count`` per candidate instead of materialising every substring of every word."""
 
     def __init__(self, old_lines: list[str], new_text: dict[str, list[str]], *, min_freq: float = 1e-4,
-                 foreign_ratio: float = 1.0, script_share: float = 0.01, distinct_only: bool = False):
+                 foreign_ratio: float = 1.0, script_share: float = 0.01, distinct_only: bool = False,
+                 mode: str = ""):
         self.alphabet = alphabet = old_alphabet(old_lines, min_freq)
         self.foreign_ratio = foreign_ratio
-        self.distinct_only = distinct_only  # guard: distinct -- no piece spelled only in letters the old text meets
+        # native | distinct (no piece spelled only in letters the old text meets) | lexicon (such pieces are
+        # admitted here and judged by cpt.tok.lexicon against English word forms)
+        self.mode = mode or ("distinct" if distinct_only else "native")
+        self.lexicon: set[str] = set()  # pieces cpt.tok.lexicon found in English word forms (SentencePiece bases)
         old_scripts = {script(c) for c in alphabet if c.isalpha()}
         # Letters the new languages actually write with: a script that carries >= script_share of a language's
         # letters, and, in a script the old language shares (Latin for vi), only letters frequent in that
@@ -135,7 +146,7 @@ class Guard:
             }
         # Letters the old language can meet: every letter of a block it writes at all. A piece spelled only in
         # those is "old-spelled" and must be vouched for, even with a rare letter ("ão" from bão fires on São).
-        seen = {c for line in old_lines for c in line.lower() if c.isalpha()}
+        seen = {lower1(c) for line in old_lines for c in line if c.isalpha()}
         blocks = {block(c) for c in seen}
         self.possible = alphabet | {c for c in self.native_letters if block(lower1(c)) in blocks}
         self.rare = self.possible - alphabet
@@ -165,12 +176,26 @@ class Guard:
         if not self.old_spelled(piece):
             # a letter the old language does not use: safe, if the new language really writes with it
             return all(c in self.alphabet or c in self.native_letters for c in piece if c.isalpha())
-        if not any(c.isalpha() for c in piece) or self.distinct_only:
+        if not any(c.isalpha() for c in piece) or self.mode == "distinct":
             return False  # punctuation/digits/symbols only: the base decides how those are spelled
-        if any(c.isupper() for c in piece) or piece in self.old_words:
-            return False
         if not piece.startswith(SPACE) and any(c in self.rare for c in piece):
             return False  # a rare letter inside a word: names (Napoléon, São) are where the old language meets it
+        if self.mode == "lexicon":  # refused if it would change an English word form (cpt.tok.lexicon)
+            if piece in self.lexicon:
+                return False
+            # capitalised old-spelled pieces are names, and names cross languages (measured with the lexicon alone:
+            # ▁Tsush, ▁Harth, ▁Khu of Khuzestan, ▁Kalen of Kalenjin fired on held-out English); inside a word an
+            # old-spelled piece must also be the new language's own (amshire fired on Hexamshire); lower-case
+            # word-initial pieces (▁trong, ▁khi) need only the lexicon
+            if any(c.isupper() for c in piece):
+                return False
+            return piece.startswith(SPACE) or self._vouched(piece)
+        if any(c.isupper() for c in piece) or piece in self.old_words:
+            return False
+        return self._vouched(piece)
+
+    def _vouched(self, piece: str) -> bool:
+        """Native new-language words vouch for it and foreign ones in the new text do not outweigh them."""
         native = self.native_words.count(skeleton(piece))
         return native > 0 and self.foreign_words.count(piece) <= self.foreign_ratio * native
 

@@ -77,6 +77,7 @@ def evaluate(result: Any, cfg: dict[str, Any], langs: list[str], layout: Layout)
         "quoting_new_language_docs": len(all_docs) - len(docs),
         "chooser_docs": result.extra.get("chooser_docs", 0),
         "chooser_lines": result.extra.get("chooser_lines", 0),
+        **{k: result.extra[k] for k in ("lexicon_forms", "lexicon_conflicts") if k in result.extra},
         "pruned_verified": result.pruned_verified,
         "exact_rounds": result.exact_rounds,
         "guarantee": guarantee(result, len(changed), len(changed_docs)),

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from cpt.data.packing import is_val
 from cpt.data.records import iter_docs, select_sources
 from cpt.errors import ConfigError, DataError
 from cpt.layout import Layout
@@ -61,31 +60,15 @@ def _rank(doc_id: str, seed: int) -> int:
     return int.from_bytes(hashlib.blake2b(f"{seed}:{doc_id}".encode(), digest_size=8).digest(), "little")
 
 
-def sample_docs(folder: Path, seed: int, max_chars: int, *, holdout: float = 0.0, stats: dict | None = None,
+def sample_docs(folder: Path, seed: int, max_chars: int, exclude: frozenset[str] = frozenset(),
                 **filters: str) -> list[str]:
     """Whole document texts exactly as data/clean holds them (what the shards stage encodes: newlines, tabs and
     leading spaces included). Over ``max_chars`` (0 = all): documents in the order of a seeded hash of their id until
     the budget is reached, at least one, so a corpus of a few long books still yields text. Deterministic and
-    independent of file order; returned in file order.
-
-    ``holdout``: the shards stage's ``val_fraction``. Documents its hash split holds out (``cpt.data.packing.is_val``,
-    same seed) are scored by eval as ``heldout_<lang>``; they never reach tokenizer training or the old-language
-    chooser, or eval would measure pieces fitted to its own text. (The split's one corner case, a domain where no
-    document hashes into val, moves a train document there: too small a corpus to matter, and it is logged by
-    shards.) ``stats["held_out_docs"]`` counts what was left out."""
-    def held(d: dict) -> bool:
-        return holdout > 0 and is_val(str(d.get("id")), seed, holdout)
-
-    sizes, n_held = [], 0
-    for d in iter_docs(folder, **filters):
-        if not d["text"].strip():
-            continue
-        if held(d):
-            n_held += 1
-            continue
-        sizes.append((_rank(str(d.get("id")), seed), len(d["text"])))
-    if stats is not None:
-        stats["held_out_docs"] = stats.get("held_out_docs", 0) + n_held
+    independent of file order; returned in file order. ``exclude``: document ids never taken (the shards stage's
+    held-out documents)."""
+    sizes = [(_rank(str(d.get("id")), seed), len(d["text"])) for d in iter_docs(folder, **filters)
+             if d["text"].strip() and str(d.get("id")) not in exclude]
     chosen: set[int] = set()
     if max_chars and sum(n for _, n in sizes) > max_chars:
         total = 0
@@ -95,7 +78,17 @@ def sample_docs(folder: Path, seed: int, max_chars: int, *, holdout: float = 0.0
             chosen.add(rank)
             total += n
     return [d["text"] for d in iter_docs(folder, **filters)
-            if d["text"].strip() and not held(d) and (not chosen or _rank(str(d.get("id")), seed) in chosen)]
+            if d["text"].strip() and str(d.get("id")) not in exclude
+            and (not chosen or _rank(str(d.get("id")), seed) in chosen)]
+
+
+def heldout_ids(folder: Path, seed: int, val_fraction: float, domain: str) -> frozenset[str]:
+    """The ids of the ``role: train`` documents of ``domain`` that the shards stage holds out as val (the same
+    ``cpt.data.packing.val_ids`` split, one seed): text that eval scores as held out is never chosen on."""
+    from cpt.data.packing import val_ids
+
+    ids = [str(d.get("id")) for d in iter_docs(folder, role="train", domain=domain) if d["text"].strip()]
+    return frozenset(val_ids(ids, seed, val_fraction))
 
 
 def lines_of(docs: Iterable[str]) -> list[str]:
@@ -103,10 +96,9 @@ def lines_of(docs: Iterable[str]) -> list[str]:
     return list(_lines({"text": d} for d in docs))
 
 
-def sample_lines(folder: Path, seed: int, max_chars: int, *, holdout: float = 0.0, stats: dict | None = None,
-                 **filters: str) -> list[str]:
+def sample_lines(folder: Path, seed: int, max_chars: int, **filters: str) -> list[str]:
     """The lines of ``sample_docs``."""
-    return lines_of(sample_docs(folder, seed, max_chars, holdout=holdout, stats=stats, **filters))
+    return lines_of(sample_docs(folder, seed, max_chars, **filters))
 
 
 def eval_lines(folder: Path, lang: str, limit: int) -> list[str]:

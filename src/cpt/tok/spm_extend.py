@@ -190,16 +190,18 @@ def old_conflicts(base: pb.ModelProto, lines: Iterable[str], *, batch: int = 204
     is_byte = np.zeros(sp.get_piece_size(), dtype=bool)
     for i, p in enumerate(base.pieces):
         is_byte[i] = p.type == BYTE
+    byte_ids = set(np.flatnonzero(is_byte).tolist())
     pieces = [p.piece for p in base.pieces]
     vocab = set(pieces)
     conflicts: set[str] = set()
+    id_pairs: set[tuple[int, int]] = set()  # adjacent id pairs of byte-free lists: concatenated once, at the end
 
     def add(ids: list[int]) -> None:
-        if len(ids) and is_byte[ids].any():
-            syms = list(_symbols(ids, sp, is_byte))
-            conflicts.update(s for s in syms if len(s) == 1 and s not in vocab)
-        else:
-            syms = [pieces[t] for t in ids]
+        if byte_ids.isdisjoint(ids):
+            id_pairs.update(zip(ids, ids[1:]))
+            return
+        syms = list(_symbols(list(ids), sp, is_byte))
+        conflicts.update(s for s in syms if len(s) == 1 and s not in vocab)
         conflicts.update(a + b for a, b in zip(syms, syms[1:]))
 
     chunk: list[str] = []
@@ -213,7 +215,8 @@ def old_conflicts(base: pb.ModelProto, lines: Iterable[str], *, batch: int = 204
         for ids in sp.encode(chunk, num_threads=num_threads):
             add(ids)
     for ids in encoded:
-        add(list(ids))
+        add(ids)
+    conflicts.update(pieces[a] + pieces[b] for a, b in id_pairs)
     return conflicts
 
 

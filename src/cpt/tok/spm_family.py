@@ -120,7 +120,16 @@ def extend_spm(base_ref, cfg: dict[str, Any], seed: int, new_text: dict[str, lis
     guard = None
     if cfg["guard"] != "exact":
         guard = Guard(old_lines, new_text, min_freq=float(cfg["old_alphabet_min_freq"]),
-                      foreign_ratio=float(cfg["foreign_ratio"]), distinct_only=cfg["guard"] == "distinct")
+                      foreign_ratio=float(cfg["foreign_ratio"]), mode=cfg["guard"])
+    lexicon_info: dict[str, int] = {}
+    if cfg["guard"] == "lexicon":
+        from cpt.tok import lexicon
+
+        t_lex = time.perf_counter()
+        forms = lexicon.word_forms(int(cfg["lexicon_size"]), old_lines, new_text)
+        guard.lexicon = lexicon.spm_conflicts(base, forms, num_threads=threads)
+        lexicon_info = lexicon.summary(forms, guard.lexicon)
+        timings["lexicon"] = time.perf_counter() - t_lex
     base_pieces = {p.piece for p in base.pieces}
     base_normal = {p.piece for p in base.pieces if p.type == se.NORMAL}
     kept, counts = choose(interleave(ranked), base_pieces, base_normal, conflicts, guard, cfg["max_added"])
@@ -172,6 +181,6 @@ def extend_spm(base_ref, cfg: dict[str, Any], seed: int, new_text: dict[str, lis
         pruned_verified=n_before - len(kept),
         exact_rounds=summary["rounds"],
         extra={"chooser_docs": len(old_docs), "chooser_lines": len(old_lines),
-               "in_old_letters": in_letters_of(old_lines)},
+               "in_old_letters": in_letters_of(old_lines), **lexicon_info},
         **counts,
     )
