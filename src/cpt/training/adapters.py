@@ -69,7 +69,10 @@ def check_method(stage: str, cfg: dict, device_type: str | None = None) -> None:
         raise ConfigError(f"params.yaml: {stage}.method={method} with {stage}.parallel=fsdp is not supported: "
                           "LoRA's point is a model that fits one GPU; use parallel: ddp")
     if method == "qlora":
-        if device_type is not None and device_type != "cuda":
+        if device_type is None:  # before the run picks it: what train.device will resolve to
+            wanted = str(cfg.get("device", "auto"))
+            device_type = ("cuda" if torch.cuda.is_available() else "cpu") if wanted == "auto" else wanted.split(":")[0]
+        if device_type != "cuda":
             raise ConfigError(f"params.yaml: {stage}.method=qlora needs a CUDA GPU (bitsandbytes' 4-bit kernels are "
                               f"CUDA-only) and this run is on {device_type}; use method: lora on {device_type}")
         try:
