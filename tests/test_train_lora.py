@@ -134,3 +134,22 @@ def test_method_params_checked():
     with pytest.raises(ConfigError, match="train.lora_rank"):
         cpt.stages.train.config(tiny_params(method="lora", lora_rank=0))
     assert cpt.stages.train.config(tiny_params())["method"] == "full"
+
+
+def test_plan_counts_peft_lora_params_and_fits_mistral_qlora_on_24gb():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from cpt.training import adapters
+    from cpt.training.plan import PRESETS, GIB, estimate, lora_params, shape_from_config
+
+    cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg)
+    adapters.apply_lora(model, {**adapters.DEFAULTS, "method": "lora", "lora_rank": 8}, n_old=200)
+    peft_count = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    assert lora_params(shape_from_config(cfg.to_dict()), 8) == peft_count
+
+    shape = shape_from_config(PRESETS["mistral-7b"], 40000)
+    kw = {"micro_batch": 1, "seq": 4096, "activation_checkpointing": True, "parallel": "ddp"}
+    peaks = {m: estimate(shape, method=m, **kw)["peak"] / GIB for m in ("full", "lora", "qlora")}
+    assert peaks["qlora"] < 24 < peaks["full"] and peaks["qlora"] < peaks["lora"] < peaks["full"], peaks

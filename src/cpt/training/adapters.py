@@ -51,8 +51,9 @@ DEFAULTS: dict[str, Any] = {
 
 
 def check_method(stage: str, cfg: dict, device_type: str | None = None) -> None:
-    """Raise a ConfigError naming ``<stage>.<key>`` for a method or LoRA param out of its domain; qlora needs CUDA
-    and bitsandbytes (``device_type``: the device the run will use, checked when known)."""
+    """Raise a ConfigError naming ``<stage>.<key>`` for a method or LoRA param out of its domain; with
+    ``device_type`` (the device the run uses; the loop passes it before loading anything) qlora also needs CUDA and
+    bitsandbytes. The params check leaves the device out, so ``cpt train --plan`` can plan a qlora run anywhere."""
     method = cfg.get("method", "full")
     if method not in METHODS:
         raise ConfigError(f"params.yaml: {stage}.method={method!r}: expected one of {METHODS}")
@@ -68,10 +69,7 @@ def check_method(stage: str, cfg: dict, device_type: str | None = None) -> None:
     if cfg.get("parallel") == "fsdp":
         raise ConfigError(f"params.yaml: {stage}.method={method} with {stage}.parallel=fsdp is not supported: "
                           "LoRA's point is a model that fits one GPU; use parallel: ddp")
-    if method == "qlora":
-        if device_type is None:  # before the run picks it: what train.device will resolve to
-            wanted = str(cfg.get("device", "auto"))
-            device_type = ("cuda" if torch.cuda.is_available() else "cpu") if wanted == "auto" else wanted.split(":")[0]
+    if method == "qlora" and device_type is not None:  # at the start of the run (not for `cpt train --plan`)
         if device_type != "cuda":
             raise ConfigError(f"params.yaml: {stage}.method=qlora needs a CUDA GPU (bitsandbytes' 4-bit kernels are "
                               f"CUDA-only) and this run is on {device_type}; use method: lora on {device_type}")
