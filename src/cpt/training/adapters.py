@@ -126,7 +126,8 @@ def apply_lora(model: nn.Module, cfg: dict, n_old: int, frozen_dtype: torch.dtyp
     peft_model = get_peft_model(model, lcfg)
     assert peft_model.base_model.model is model  # injected in place: the loop's references stay valid
     for p in vocab_params(model):
-        freeze_old_rows(p, n_old)
+        if n_old < p.shape[0]:  # sft adds no rows: its vocabulary matrices stay frozen
+            freeze_old_rows(p, n_old)
     if frozen_dtype is not None and frozen_dtype != torch.float32 and cfg["method"] == "lora":
         with torch.no_grad():
             for p in model.parameters():
@@ -138,7 +139,7 @@ def apply_lora(model: nn.Module, cfg: dict, n_old: int, frozen_dtype: torch.dtyp
 def trainable_report(model: nn.Module, n_old: int) -> dict[str, int]:
     """Parameters that change: LoRA's, plus the new rows of the vocabulary matrices (not their frozen old rows)."""
     lora = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "lora_" in n)
-    rows = sum((p.shape[0] - n_old) * p.shape[1] for p in vocab_params(model))
+    rows = sum(max(0, p.shape[0] - n_old) * p.shape[1] for p in vocab_params(model))
     total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     return {"lora_params": lora, "new_row_params": rows, "trainable_params": lora + rows, "total_params": total}
 
@@ -150,6 +151,7 @@ def save_adapter(peft_model, model: nn.Module, n_old: int, out: Path) -> None:
     out = Path(out)
     peft_model.save_pretrained(out, save_embedding_layers=False)
     rows = {"embed_tokens": model.get_input_embeddings().weight.detach()[n_old:].float().cpu().contiguous()}
+    # (empty for sft, which adds no rows: the file still says where they would start)
     head = model.get_output_embeddings()
     if head is not None and head.weight is not model.get_input_embeddings().weight:
         rows["lm_head"] = head.weight.detach()[n_old:].float().cpu().contiguous()
@@ -192,9 +194,9 @@ def merge(peft_model) -> None:
     peft_model.merge_and_unload(safe_merge=True)
 
 
-def export(core: nn.Module, model: nn.Module, peft_model, cfg: dict, layout, n_old: int, save_dtype: torch.dtype,
-           info) -> None:
-    """The model folder ``layout.model``: for ``full`` the plain export; for lora / qlora the merged HF folder (a
+def export(core: nn.Module, model: nn.Module, peft_model, cfg: dict, base_dir: Path, tokenizer_dir: Path, out: Path,
+           n_old: int, save_dtype: torch.dtype, info) -> None:
+    """The model folder ``out`` (train: data/models/cpt; sft: data/models/sft, ``base_dir`` its input model): for ``full`` the plain export; for lora / qlora the merged HF folder (a
     plain model: eval, sft and serving need nothing else) with ``adapter/`` (adapter + new rows) inside it.
 
     lora merges in place (after the final checkpoint, so nothing is lost); qlora merges into the base re-read in
@@ -204,21 +206,21 @@ def export(core: nn.Module, model: nn.Module, peft_model, cfg: dict, layout, n_o
     from cpt.training.export import export_model
 
     if peft_model is None:
-        export_model(core, model, layout.tokenizer, layout.model, save_dtype, info)
+        export_model(core, model, tokenizer_dir, out, save_dtype, info)
         return
-    out = Path(layout.model)
+    out = Path(out)
     staged = out.parent / f".tmp-{out.name}-{ADAPTER_DIR}"
     shutil.rmtree(staged, ignore_errors=True)
     save_adapter(peft_model, model, n_old, staged)
     (staged / "cpt_adapter.json").write_text(json.dumps(
-        {"method": cfg["method"], "base": str(layout.base), **trainable_report(model, n_old)}, indent=2) + "\n")
+        {"method": cfg["method"], "base": str(base_dir), **trainable_report(model, n_old)}, indent=2) + "\n")
     if cfg["method"] == "qlora":
         from cpt.training.loss import CausalLMLoss
 
-        merged = load_unmerged(layout.base, staged).merge_and_unload()
-        export_model(CausalLMLoss(merged), merged, layout.tokenizer, out, save_dtype, info)
+        merged = load_unmerged(base_dir, staged).merge_and_unload()
+        export_model(CausalLMLoss(merged), merged, tokenizer_dir, out, save_dtype, info)
     else:
         merge(peft_model)
-        export_model(core, model, layout.tokenizer, out, save_dtype, info)
+        export_model(core, model, tokenizer_dir, out, save_dtype, info)
     shutil.rmtree(out / ADAPTER_DIR, ignore_errors=True)
     staged.rename(out / ADAPTER_DIR)

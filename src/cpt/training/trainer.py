@@ -246,7 +246,8 @@ def train(cfg: dict, seed: int, layout: Layout, info: distributed.DistInfo, devi
     peft_model = adapters.apply_lora(hf_model, cfg, n_old, amp_dtype) if cfg.get("method", "full") != "full" else None
 
     def export() -> None:
-        adapters.export(core, hf_model, peft_model, cfg, layout, n_old, save_dtype, info)
+        adapters.export(core, hf_model, peft_model, cfg, layout.base, layout.tokenizer, layout.model, n_old,
+                        save_dtype, info)
 
     n_params = flops.count_params(hf_model)
     layers, width = flops.model_shape(hf_model.config)
