@@ -119,6 +119,13 @@ def test_merged_folder_scores_as_unmerged(untied, tmp_path):
     got = [split_bpb(CausalLMLoss(m), split, rows, 4, torch.device("cpu"), None, (2,))["bpb"]
            for m in (merged, unmerged.base_model.model)]
     assert math.isfinite(got[0]) and abs(got[0] - got[1]) < 1e-5, got
+    # `cpt export` of a lora checkpoint says why it does not apply
+    from cpt.errors import DataError
+    from cpt.training import checkpoint
+    from cpt.training.export import export_checkpoint
+
+    with pytest.raises(DataError, match="lora"):
+        export_checkpoint(checkpoint.latest(layout.checkpoints), layout.base, layout.tokenizer, tmp_path / "x")
 
 
 def test_qlora_refused_off_cuda_with_the_reason(untied, tmp_path):
