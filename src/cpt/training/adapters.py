@@ -209,11 +209,13 @@ def export(core: nn.Module, model: nn.Module, peft_model, cfg: dict, base_dir: P
         export_model(core, model, tokenizer_dir, out, save_dtype, info)
         return
     out = Path(out)
+    main = info is None or info.main  # DDP: every rank merges and takes part in the export, rank 0 writes
     staged = out.parent / f".tmp-{out.name}-{ADAPTER_DIR}"
-    shutil.rmtree(staged, ignore_errors=True)
-    save_adapter(peft_model, model, n_old, staged)
-    (staged / "cpt_adapter.json").write_text(json.dumps(
-        {"method": cfg["method"], "base": str(base_dir), **trainable_report(model, n_old)}, indent=2) + "\n")
+    if main:
+        shutil.rmtree(staged, ignore_errors=True)
+        save_adapter(peft_model, model, n_old, staged)
+        (staged / "cpt_adapter.json").write_text(json.dumps(
+            {"method": cfg["method"], "base": str(base_dir), **trainable_report(model, n_old)}, indent=2) + "\n")
     if cfg["method"] == "qlora":
         from cpt.training.loss import CausalLMLoss
 
@@ -222,5 +224,6 @@ def export(core: nn.Module, model: nn.Module, peft_model, cfg: dict, base_dir: P
     else:
         merge(peft_model)
         export_model(core, model, tokenizer_dir, out, save_dtype, info)
-    shutil.rmtree(out / ADAPTER_DIR, ignore_errors=True)
-    staged.rename(out / ADAPTER_DIR)
+    if main:
+        shutil.rmtree(out / ADAPTER_DIR, ignore_errors=True)
+        staged.rename(out / ADAPTER_DIR)
