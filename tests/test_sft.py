@@ -427,3 +427,31 @@ def test_two_gloo_processes_train_like_one(trained, tmp_path):
     b = load_file(proj / "data" / "models" / "sft" / "model.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_sft_lora_trains_only_the_adapter_and_exports_merged(trained, tmp_path):
+    """sft.method=lora: only LoRA trains (sft adds no tokens, so the vocabulary matrices stay the CPT model's, bit
+    for bit); data/models/sft is a merged plain HF folder with adapter/ inside; the gate still decides."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from cpt.cli import run_stage
+    from cpt.layout import Layout
+
+    root, _ = trained
+    proj = tmp_path / "p"
+    for sub in ("data/models", "data/clean", "instr"):
+        shutil.copytree(root / sub, proj / sub)
+    shutil.rmtree(proj / "data" / "models" / "sft", ignore_errors=True)
+    m = run_stage("sft", params(root, method="lora", lora_rank=4), Layout(proj))
+    cpt = load_file(proj / "data" / "models" / "cpt" / "model.safetensors")
+    sft = load_file(proj / "data" / "models" / "sft" / "model.safetensors")
+    assert cpt.keys() == sft.keys()
+    vocab = [k for k in cpt if "embed_tokens" in k or k.startswith("lm_head")]
+    assert vocab and all(torch.equal(cpt[k], sft[k]) for k in vocab)
+    assert not torch.equal(cpt["model.layers.0.mlp.down_proj.weight"], sft["model.layers.0.mlp.down_proj.weight"])
+    adapter = load_file(proj / "data" / "models" / "sft" / "adapter" / "adapter_model.safetensors")
+    assert adapter and all("lora_" in k for k in adapter)
+    assert m["assistant"]["vi"]["sft_loss"] < m["assistant"]["vi"]["cpt_loss"]
+    assert m["gate"]["decision"] in ("promote", "refuse")

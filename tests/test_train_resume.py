@@ -12,6 +12,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from cpt.layout import Layout
@@ -53,10 +54,12 @@ CHILD = textwrap.dedent(
 )
 
 
-def test_sigkill_then_resume_is_bit_identical(project, tmp_path):
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_sigkill_then_resume_is_bit_identical(project, tmp_path, method):
+    """lora: the adapter, the new rows, AdamW's state, LoRA dropout's RNG and the sampler come back exactly."""
     import cpt.stages.train
 
-    params = tiny_params()
+    params = tiny_params(method=method, embed_only_steps=2 if method == "lora" else 0)
     # 1. the uninterrupted run, in-process
     ref = _copy(project, tmp_path / "ref")
     ref_metrics = cpt.stages.train.run(params, ref)
@@ -96,5 +99,9 @@ def test_sigkill_then_resume_is_bit_identical(project, tmp_path):
     a = load_file(ref.model / "model.safetensors")
     b = load_file(killed.model / "model.safetensors")
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    if method == "lora":
+        for name in ("adapter_model.safetensors", "new_rows.safetensors"):
+            a, b = (load_file(m / "adapter" / name) for m in (ref.model, killed.model))
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     # the curve file holds the eval rows of both halves, same as the reference
     assert (killed.metrics / "train_curve.csv").read_text() == (ref.metrics / "train_curve.csv").read_text()

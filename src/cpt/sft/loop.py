@@ -29,9 +29,9 @@ from cpt.io import read_json
 from cpt.ops import tracking
 from cpt.progress import progress
 from cpt.sft.packing import PackedSplit, to_device
-from cpt.training import checkpoint, distributed
+from cpt.training import adapters, checkpoint, distributed
 from cpt.training.data import ReplaySampler
-from cpt.training.export import config_dtype, export_model
+from cpt.training.export import config_dtype
 from cpt.training.loss import CausalLMLoss
 from cpt.training.optim import build_optimizer, set_lr
 from cpt.training.schedule import lr_for
@@ -97,8 +97,18 @@ def train(cfg: dict, seed: int, *, model_dir: Path, tokenizer_dir: Path, train_s
     fp.update(seed=seed, model=model_digest(model_dir), data=data_digest({**train_splits, **eval_splits}))
     resume_from = resume_point(cfg, fp, ckdir, info)
     seed_everything(seed)
-    hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    adapters.check_method("sft", cfg, device.type)
+    if cfg["method"] == "qlora":
+        hf_model = adapters.load_quantized(model_dir)
+    else:
+        hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     core = CausalLMLoss(hf_model, chunk_size=cfg["loss_chunk"]).to(device)
+    n_rows = hf_model.get_input_embeddings().weight.shape[0]  # sft adds no tokens: LoRA alone trains
+    peft_model = None if cfg["method"] == "full" else adapters.apply_lora(hf_model, cfg, n_rows, amp_dtype)
+
+    def export() -> None:
+        adapters.export(core, hf_model, peft_model, cfg, model_dir, tokenizer_dir, out, n_rows, save_dtype, info)
+
     model = parallelize(cfg, core, hf_model, info, device, amp_dtype)
     optimizer = build_optimizer(hf_model, lr=float(cfg["lr"]), weight_decay=float(cfg["weight_decay"]),
                                 betas=tuple(cfg["betas"]), embed_lr_mult=float(cfg["embed_lr_mult"]))
@@ -110,7 +120,7 @@ def train(cfg: dict, seed: int, *, model_dir: Path, tokenizer_dir: Path, train_s
     save_dtype = config_dtype(model_config)
     if state.get("finished") and state["step"] == cfg["steps"]:
         log.info("%s is this run's final checkpoint: re-exporting %s without training", resume_from, out)
-        export_model(core, hf_model, tokenizer_dir, out, save_dtype, info)
+        export()
         kept = {k: v for k, v in state["metrics"].items() if k not in ("tokens_per_s", "mfu", "train_seconds")}
         return {**kept, "retrained": False}  # nothing trained here: no throughput
 
@@ -183,5 +193,5 @@ def train(cfg: dict, seed: int, *, model_dir: Path, tokenizer_dir: Path, train_s
                "epochs": sampler.epochs(samples), "curve": curve, "resumed_from": start_step or None,
                "retrained": True}
     save(cfg["steps"], finished=True, metrics=metrics)
-    export_model(core, hf_model, tokenizer_dir, out, save_dtype, info)
+    export()
     return metrics

@@ -19,6 +19,7 @@ from typing import Any
 from cpt.errors import ConfigError
 from cpt.layout import Layout
 from cpt.params import section, stage_config, with_defaults
+from cpt.training import adapters
 from cpt.training.loop_config import LOOP_DEFAULTS, check_loop
 
 DEFAULTS: dict[str, Any] = {
@@ -53,6 +54,7 @@ DEFAULTS: dict[str, Any] = {
     "gate": {"min_gain": 0.02, "max_forgetting": 0.05, "champion_min_gain": None, "champion_max_forgetting": None,
              "min_documents": 5, "alias": "champion"},
     **LOOP_DEFAULTS,
+    **adapters.DEFAULTS,  # method: full | lora | qlora, as train (cpt.training.adapters)
 }
 
 
@@ -61,6 +63,7 @@ def config(params: dict) -> dict[str, Any]:
     for sub in ("decontam", "plain_eval", "samples", "gate"):
         cfg[sub] = with_defaults(f"sft.{sub}", cfg[sub], DEFAULTS[sub])
     check_loop("sft", cfg, ints=("max_length", "bootstrap_resamples"))
+    adapters.check_method("sft", cfg)
     for key, lo, hi in (("replay_ratio", 0.0, 1.0), ("eval_fraction", 0.0, 0.9), ("warmup", 0.0, 0.99)):
         if not lo <= float(cfg[key]) <= hi:
             raise ConfigError(f"params.yaml: sft.{key}={cfg[key]} must be in [{lo}, {hi}]")

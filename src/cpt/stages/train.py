@@ -44,7 +44,7 @@ from typing import Any
 from cpt.errors import ConfigError
 from cpt.layout import Layout
 from cpt.params import section, stage_config
-from cpt.training import distributed
+from cpt.training import adapters, distributed
 from cpt.training.loop_config import LOOP_DEFAULTS, check_loop
 from cpt.training.trainer import TrainingDiverged, train
 
@@ -75,12 +75,14 @@ DEFAULTS: dict[str, Any] = {
     "peak_tflops": None,
     "trust_remote_code": False,
     **LOOP_DEFAULTS,
+    **adapters.DEFAULTS,
 }
 
 
 def config(params: dict) -> dict[str, Any]:
     cfg = stage_config(params, "train", DEFAULTS)
     check_loop("train", cfg)
+    adapters.check_method("train", cfg)
     if not 0.0 <= float(cfg["replay_ratio"]) <= 1.0:
         raise ConfigError(f"params.yaml: train.replay_ratio={cfg['replay_ratio']} must be in [0, 1]")
     if not 0.0 <= float(cfg["warmup"]) < 1.0:

@@ -48,7 +48,11 @@ def run_plan(args: argparse.Namespace, cfg: dict, layout: Layout) -> dict:
                          grad_accum=cfg["grad_accum"], parallel=cfg["parallel"], gpu_gib=args.gpu_gib,
                          activation_checkpointing=bool(cfg["activation_checkpointing"]),
                          loss_chunk=cfg["loss_chunk"], mfu=args.mfu,
-                         peak_tflops=args.peak_tflops or cfg["peak_tflops"] or 989.0)
+                         peak_tflops=args.peak_tflops or cfg["peak_tflops"] or 989.0,
+                         method=cfg.get("method", "full"), lora_rank=cfg.get("lora_rank", 16),
+                         lora_dropout=cfg.get("lora_dropout", 0.05),
+                         lora_targets=cfg.get("lora_targets", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                                "up_proj", "down_proj"]))
     print(text)
     return numbers
 

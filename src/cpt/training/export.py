@@ -133,6 +133,9 @@ def export_checkpoint(checkpoint: Path, base_dir: Path, tokenizer_dir: Path, out
     embed = [k for k in saved if k.endswith("embed_tokens.weight") or k.endswith("wte.weight")]
     if not saved or not embed:
         raise DataError(f"{checkpoint}: no model tensors in this DCP checkpoint (not a cpt train checkpoint?)")
+    if any(".lora_A." in k for k in saved):
+        raise DataError(f"{checkpoint}: a train.method=lora/qlora checkpoint (LoRA tensors): `cpt export` writes full "
+                        "checkpoints only; the run's end exports the merged model and adapter/ (docs/train.md)")
     if save_dtype is None:
         save_dtype = config_dtype(read_json(Path(base_dir) / "config.json"))
     hf_model = build_on_meta(base_dir, int(saved[embed[0]].size[0]), trust_remote_code)

@@ -22,6 +22,13 @@ Memory per rank, in bytes, for AdamW with fp32 master weights (what ``cpt train`
 
 Step time = FLOPs per token (6N + 12·L·d·T, cpt.training.flops) x tokens per rank per step / (peak FLOP/s x MFU).
 
+``train.method: lora | qlora`` (cpt.training.adapters): the body is frozen and stored in the compute dtype (lora,
+2 bytes per parameter) or in 4-bit NF4 with double quantization (qlora, 4.127 bits per parameter as in the QLoRA
+paper, plus one layer dequantized at a time); gradients and AdamW state exist only for the LoRA matrices and the
+vocabulary matrices (kept whole: the old rows' gradients are masked, cpt.training.adapters says why); LoRA adds,
+with dropout on, a dropped copy of each target's input (6d + f values per token per layer) and its mask. FLOPs per
+token drop from 6N to 4N + 2N_trainable (no weight gradients for frozen matrices).
+
 The estimate is checked against a measured CPU run (torch's ``MemTracker``, which counts every live tensor by
 category during real train steps) within 20% (tests/test_train_plan.py).
 """
@@ -106,9 +113,46 @@ def load_shape(model: str, root: Path, vocab_rows: int | None = None) -> Shape:
     return shape_from_config(json.loads(path.read_text(encoding="utf-8")), vocab_rows, str(path))
 
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+NF4_BYTES = 4.127 / 8  # QLoRA: NF4 + double-quantized absmax constants, per parameter
+
+
+def lora_params(shape: Shape, rank: int, targets=LORA_TARGETS) -> int:
+    """LoRA's A and B matrices: r x (in + out) per target module per layer."""
+    dims = {"q_proj": (shape.d, shape.d), "k_proj": (shape.d, shape.kv), "v_proj": (shape.d, shape.kv),
+            "o_proj": (shape.d, shape.d), "gate_proj": (shape.d, shape.ffn), "up_proj": (shape.d, shape.ffn),
+            "down_proj": (shape.ffn, shape.d)}
+    return shape.layers * sum(rank * sum(dims[t]) for t in targets if t in dims)
+
+
+def trainable_params(shape: Shape, method: str = "full", lora_rank: int = 16, targets=LORA_TARGETS) -> int:
+    return shape.n_params if method == "full" else lora_params(shape, lora_rank, targets) + shape.root_params
+
+
+def estimate_adapter(shape: Shape, *, method: str, lora_rank: int, lora_dropout: float, targets, tokens: int,
+                     compute_bytes: int, activations: float, loss: float, cuda: bool, overhead_gib: float,
+                     checkpointed: bool = False) -> dict:
+    """lora / qlora, one GPU (or DDP: each rank the same)."""
+    body = shape.layers * shape.layer_params
+    trainable = lora_params(shape, lora_rank, targets) + shape.root_params
+    frozen = body * (NF4_BYTES if method == "qlora" else compute_bytes)
+    if lora_dropout > 0:
+        layers = 1 if checkpointed else shape.layers  # recomputed one layer at a time under checkpointing
+        activations += layers * tokens * (6 * shape.d + shape.ffn) * (compute_bytes + 1)
+    # autocast's copy of the fp32 vocabulary matrices; qlora: one layer dequantized at a time
+    working = shape.root_params * compute_bytes + (shape.layer_params * compute_bytes if method == "qlora" else 0)
+    out = {"parameters": 4 * trainable + frozen, "gradients": 4 * trainable, "optimizer": 8 * trainable,
+           "fsdp_or_autocast_copies": working, "activations": activations, "loss": loss,
+           "overhead": overhead_gib * GIB if cuda else 0.0}
+    out["peak"] = (out["parameters"] + out["optimizer"] + max(activations + loss + working, out["gradients"])
+                   + out["overhead"])
+    return out
+
+
 def estimate(shape: Shape, *, world_size: int = 1, micro_batch: int = 1, seq: int = 2048, grad_accum: int = 1,
              parallel: str = "fsdp", compute_bytes: int = 2, activation_checkpointing: bool = False,
-             loss_chunk: int = 4096, cuda: bool = True, overhead_gib: float = 2.0) -> dict[str, float]:
+             loss_chunk: int = 4096, cuda: bool = True, overhead_gib: float = 2.0, method: str = "full",
+             lora_rank: int = 16, lora_dropout: float = 0.05, lora_targets=LORA_TARGETS) -> dict[str, float]:
     """Per-rank memory in bytes by category, and ``peak``. ``compute_bytes``: 2 for bf16 compute, 4 for fp32."""
     n = shape.n_params
     shard = world_size if parallel == "fsdp" and world_size > 1 else 1
@@ -129,6 +173,11 @@ def estimate(shape: Shape, *, world_size: int = 1, micro_batch: int = 1, seq: in
         fp32_values = 2 * shape.d if shard > 1 else 8 * shape.d
         activations += (1 if activation_checkpointing else shape.layers) * tokens * fp32_values * 4
     loss = shape.vocab * shape.d * 4 + min(loss_chunk, tokens) * shape.vocab * 4
+    if method != "full":
+        return estimate_adapter(shape, method=method, lora_rank=lora_rank, lora_dropout=lora_dropout,
+                                targets=lora_targets, tokens=tokens, compute_bytes=compute_bytes,
+                                activations=activations, loss=loss, cuda=cuda, overhead_gib=overhead_gib,
+                                checkpointed=activation_checkpointing)
     working = 0.0
     if shard > 1:
         working = (shape.root_params + 2 * shape.layer_params) * compute_bytes + shape.layer_params * 4
@@ -146,10 +195,12 @@ def estimate(shape: Shape, *, world_size: int = 1, micro_batch: int = 1, seq: in
 
 
 def step_time(shape: Shape, *, world_size: int, micro_batch: int, seq: int, grad_accum: int, mfu: float,
-              peak_tflops: float) -> dict[str, float]:
+              peak_tflops: float, trainable: int | None = None) -> dict[str, float]:
     from cpt.training.flops import flops_per_token
 
     per_token = flops_per_token(shape.n_params, shape.layers, shape.d, seq)
+    if trainable is not None:  # frozen matrices: no weight gradient (2 FLOPs per parameter per token fewer)
+        per_token -= 2 * (shape.n_params - trainable)
     tokens_rank = micro_batch * seq * grad_accum
     seconds = per_token * tokens_rank / (peak_tflops * 1e12 * mfu)
     return {"flops_per_token": per_token, "tokens_per_step": tokens_rank * world_size, "step_seconds": seconds,
@@ -157,15 +208,19 @@ def step_time(shape: Shape, *, world_size: int, micro_batch: int, seq: int, grad
 
 
 def render(shape: Shape, mem: dict[str, float], time: dict[str, float], *, world_size: int, micro_batch: int,
-           seq: int, grad_accum: int, parallel: str, gpu_gib: float, activation_checkpointing: bool) -> str:
+           seq: int, grad_accum: int, parallel: str, gpu_gib: float, activation_checkpointing: bool,
+           method: str = "full", trainable: int | None = None) -> str:
     mode = f"FSDP2 over {world_size} ranks" if parallel == "fsdp" and world_size > 1 else (
         f"DDP over {world_size} ranks" if world_size > 1 else "one GPU")
     lines = [
         f"{shape.name}: {shape.n_params / 1e9:.2f}B parameters ({shape.layers} layers, d {shape.d}, FFN "
         f"{shape.ffn}, GQA {shape.heads}/{shape.kv_heads}, vocab {shape.vocab}{', tied' if shape.tied else ''})",
         f"{mode}, {gpu_gib:g} GiB per GPU; micro_batch {micro_batch} x seq {seq} x grad_accum {grad_accum} x "
-        f"{world_size} ranks = {time['tokens_per_step']:,} tokens per step; fp32 master weights, AdamW, bf16 "
-        f"compute{', activation checkpointing' if activation_checkpointing else ''}",
+        f"{world_size} ranks = {time['tokens_per_step']:,} tokens per step; "
+        + ("fp32 master weights, AdamW" if method == "full" else
+           f"{method}: body frozen in {'4-bit NF4' if method == 'qlora' else 'bf16'}, {trainable / 1e6:.0f}M "
+           "trainable (LoRA + vocabulary matrices) in fp32 with AdamW")
+        + f", bf16 compute{', activation checkpointing' if activation_checkpointing else ''}",
         "",
         "| per GPU | GiB |",
         "|---|---:|",
@@ -179,7 +234,7 @@ def render(shape: Shape, mem: dict[str, float], time: dict[str, float], *, world
               f"TFLOP/s per GPU ({time['flops_per_token'] / 1e9:.1f} GFLOP per token), "
               f"{time['tokens_per_s']:,.0f} tokens/s in all"]
     if not fits:
-        lines.append("to fit: train.activation_checkpointing: true, a smaller train.micro_batch (raise "
+        lines.append("to fit: train.method: lora or qlora (one GPU), train.activation_checkpointing: true, a smaller train.micro_batch (raise "
                      "train.grad_accum to keep the batch), or more GPUs with train.parallel: fsdp")
     return "\n".join(lines)
 
@@ -188,10 +243,17 @@ def plan(shape: Shape, **kw: Any) -> tuple[str, dict]:
     """The printed plan and its numbers. Keywords: world_size, micro_batch, seq, grad_accum, parallel, gpu_gib,
     activation_checkpointing, loss_chunk, mfu, peak_tflops."""
     common = {k: kw[k] for k in ("world_size", "micro_batch", "seq", "grad_accum")}
+    method = kw.get("method", "full")
+    lora = {"lora_rank": int(kw.get("lora_rank", 16)), "lora_dropout": float(kw.get("lora_dropout", 0.05)),
+            "lora_targets": tuple(kw.get("lora_targets", LORA_TARGETS))}
+    trainable = trainable_params(shape, method, lora["lora_rank"], lora["lora_targets"])
     mem = estimate(shape, parallel=kw["parallel"], activation_checkpointing=kw["activation_checkpointing"],
-                   loss_chunk=kw["loss_chunk"], **common)
-    time = step_time(shape, mfu=kw["mfu"], peak_tflops=kw["peak_tflops"], **common)
+                   loss_chunk=kw["loss_chunk"], method=method, **lora, **common)
+    time = step_time(shape, mfu=kw["mfu"], peak_tflops=kw["peak_tflops"],
+                     trainable=None if method == "full" else trainable, **common)
     text = render(shape, mem, time, parallel=kw["parallel"], gpu_gib=kw["gpu_gib"],
-                  activation_checkpointing=kw["activation_checkpointing"], **common)
-    return text, {"shape": asdict(shape), "n_params": shape.n_params, "memory_bytes": mem, "time": time,
+                  activation_checkpointing=kw["activation_checkpointing"], method=method, trainable=trainable,
+                  **common)
+    return text, {"shape": asdict(shape), "n_params": shape.n_params, "method": method,
+                  "trainable_params": trainable, "memory_bytes": mem, "time": time,
                   "fits": mem["peak"] <= kw["gpu_gib"] * GIB}

@@ -25,10 +25,11 @@ from cpt.io import read_json
 from cpt.layout import Layout
 from cpt.ops import tracking
 from cpt.progress import progress
-from cpt.training import checkpoint, distributed, flops, sharded
+from cpt.training import adapters, checkpoint, distributed, flops, sharded
 from cpt.training.curve import truncate_step_log, write_curve
 from cpt.training.data import ReplaySampler, ShardSplit, open_shards
-from cpt.training.export import config_dtype, export_model
+from cpt.training.embeddings import extend_embeddings
+from cpt.training.export import config_dtype
 from cpt.training.loss import CausalLMLoss
 from cpt.training.measure import (LN2, bpb, calibration_blocks, domain_losses, lang_rows, mean_loss,
     resize_probe_rows, split_bpb, to_xy)
@@ -37,6 +38,7 @@ from cpt.training.resume import (changed_items, check_forceable, describe_change
     world_size_grad_accum)
 from cpt.training.schedule import lr_for
 from cpt.training.step import NonFiniteLoss, train_step
+from cpt.training.summary import final_metrics, per_language  # noqa: F401  (per_language: re-exported)
 
 log = logging.getLogger("cpt.stages.train")
 
@@ -140,17 +142,24 @@ def build_model(cfg: dict, layout: Layout, inputs: Inputs, device: torch.device,
     initialises and calibrates the new rows and measures the old-domain loss before and after the extension; a
     resumed run gets every weight from its checkpoint and reads nothing here."""
     rows_before = sharded.base_rows(layout.base)
-    hf_model = sharded.build_on_meta(layout.base, sharded.vocab_rows(inputs.new_tokens, rows_before),
-                                     trust_remote_code=bool(cfg["trust_remote_code"]))
-    core = CausalLMLoss(hf_model, chunk_size=cfg["loss_chunk"])
-    if cfg["parallel"] == "fsdp" and info is not None and info.enabled:
-        distributed.shard(core, hf_model, amp_dtype)
-    sharded.materialize(hf_model, device)
-    if not fresh:
-        return hf_model, core, RunState()
-    base_vocab = sharded.load_base(hf_model, layout.base)
-    embed_report = sharded.init_vocab_rows(hf_model, base_vocab, inputs.new_tokens, cfg["embed_init"], seed)
-    del base_vocab
+    if cfg.get("method") == "qlora":  # the 4-bit base comes from bitsandbytes' loader, resized in place, one process
+        hf_model = adapters.load_quantized(layout.base, bool(cfg["trust_remote_code"]))
+        embed_report = extend_embeddings(hf_model, inputs.new_tokens, cfg["embed_init"], seed)
+        core = CausalLMLoss(hf_model, chunk_size=cfg["loss_chunk"])
+        if not fresh:
+            return hf_model, core, RunState()
+    else:
+        hf_model = sharded.build_on_meta(layout.base, sharded.vocab_rows(inputs.new_tokens, rows_before),
+                                         trust_remote_code=bool(cfg["trust_remote_code"]))
+        core = CausalLMLoss(hf_model, chunk_size=cfg["loss_chunk"])
+        if cfg["parallel"] == "fsdp" and info is not None and info.enabled:
+            distributed.shard(core, hf_model, amp_dtype)
+        sharded.materialize(hf_model, device)
+        if not fresh:
+            return hf_model, core, RunState()
+        base_vocab = sharded.load_base(hf_model, layout.base)
+        embed_report = sharded.init_vocab_rows(hf_model, base_vocab, inputs.new_tokens, cfg["embed_init"], seed)
+        del base_vocab
     old_rows = resize_probe_rows(inputs.val["old"], cfg["eval_blocks"], rows_before)
     core.vocab_limit = rows_before  # scored as the base model: the new rows are not in the softmax
     old_before = mean_loss(core, inputs.val["old"], old_rows, cfg["micro_batch"], device, amp_dtype)
@@ -219,6 +228,7 @@ def evaluate_val(model, core, inputs: Inputs, eval_sets: dict[str, dict[str, np.
 def train(cfg: dict, seed: int, layout: Layout, info: distributed.DistInfo, device: torch.device,
           given: set[str] = frozenset()) -> dict:
     inputs = setup(layout)
+    adapters.check_method("train", cfg, device.type)
     amp_dtype = autocast_dtype(device, cfg["dtype"])
     ckdir = layout.checkpoints
     fp = fingerprint_items(cfg, seed, inputs.shards.meta, layout.base, layout.tokenizer, info.world_size,
@@ -233,6 +243,13 @@ def train(cfg: dict, seed: int, layout: Layout, info: distributed.DistInfo, devi
     hf_model, core, state = build_model(cfg, layout, inputs, device, amp_dtype, seed, fresh=resume_from is None,
                                         info=info)
     save_dtype = config_dtype(inputs.base_config)
+    n_old = int(inputs.new_tokens["base_vocab"])  # lora / qlora: LoRA on the body, rows n_old.. of the vocab train
+    peft_model = adapters.apply_lora(hf_model, cfg, n_old, amp_dtype) if cfg.get("method", "full") != "full" else None
+
+    def export() -> None:
+        adapters.export(core, hf_model, peft_model, cfg, layout.base, layout.tokenizer, layout.model, n_old,
+                        save_dtype, info)
+
     n_params = flops.count_params(hf_model)
     layers, width = flops.model_shape(hf_model.config)
     per_token = flops.flops_per_token(flops.matmul_params(hf_model), layers, width, inputs.block - 1)  # PaLM N
@@ -257,7 +274,7 @@ def train(cfg: dict, seed: int, layout: Layout, info: distributed.DistInfo, devi
                  "(set train.resume=false to retrain)", resume_from, state.step, layout.model)
         if info.main:  # dvc repro deletes the stage's outputs first: the curve comes back with the model
             write_curve(layout.metrics / "train_curve.csv", state.curve)
-        export_model(core, hf_model, layout.tokenizer, layout.model, save_dtype, info)
+        export()
         # the results of the run that trained it, not its timings: nothing was trained here, so no throughput
         kept = {k: v for k, v in state.metrics.items() if k not in ("tokens_per_s", "mfu", "train_seconds")}
         return {**kept, "retrained": False, "resumed_from": state.step}
@@ -352,39 +369,11 @@ def train(cfg: dict, seed: int, layout: Layout, info: distributed.DistInfo, devi
     bar.close()
 
     metrics = final_metrics(cfg, state, start_step, train_loss, sampler, per_token, peak, n_params, info, device)
+    if peft_model is not None:
+        metrics["adapter"] = {"method": cfg["method"], **adapters.trainable_report(hf_model, n_old)}
     if info.main:
         write_curve(layout.metrics / "train_curve.csv", state.curve)
     save_checkpoint(cfg["steps"], finished=True, metrics=metrics)
     saver.wait()  # the final checkpoint is complete before the model is exported
-    export_model(core, hf_model, layout.tokenizer, layout.model, save_dtype, info)
+    export()
     return metrics
-
-
-def per_language(row: dict[str, Any]) -> dict[str, float]:
-    """``{lang: bpb}`` from an eval row's ``bpb_<domain>_<lang>`` (``<lang>_<domain>`` if a language is in both)."""
-    out: dict[str, float] = {}
-    for k, v in row.items():
-        if k[:8] in ("bpb_new_", "bpb_old_"):
-            out[k[8:] if k[8:] not in out else f"{k[8:]}_{k[4:7]}"] = v
-    return out
-
-
-def final_metrics(cfg: dict, state: RunState, start_step: int, train_loss: float, sampler: ReplaySampler,
-                  per_token: float, peak: float | None, n_params: int, info, device: torch.device) -> dict[str, Any]:
-    final, resize = state.curve[-1], state.resize
-    tokens_per_s = state.tokens / state.train_seconds if state.train_seconds else 0.0
-    return {
-        "steps": cfg["steps"], "tokens": state.tokens, "tokens_per_s": tokens_per_s,
-        "mfu": flops.mfu(tokens_per_s, per_token, peak, info.world_size),
-        "train_seconds": state.train_seconds, "loss_new": final["loss_new"], "loss_old": final["loss_old"],
-        "bpb_new": final["bpb_new"], "bpb_old": final["bpb_old"], "train_loss": train_loss,
-        # exact bits per byte per language on val blocks spread over the split (compare eval's heldout_<lang>)
-        "final_bpb": per_language(final),
-        "old_loss_before_resize": resize["old_loss_before"], "old_loss_after_resize": resize["old_loss_after"],
-        "old_loss_resize_change": resize["old_loss_change"], "embeddings": {k: resize.get(k) for k in
-        ("vocab", "base_vocab", "rows_before", "rows_after", "added", "init", "init_fallback", "tied",
-         "new_logit_shift", "new_mass_before", "new_mass_after", "calibration_skipped")},
-        "params": n_params, "flops_per_token": per_token, "world_size": info.world_size, "device": device.type,
-        "replay_ratio": float(cfg["replay_ratio"]), "epochs": sampler.epochs(state.samples),
-        "resumed_from": start_step or None, "retrained": True,
-    }
