@@ -131,7 +131,7 @@ def trainable_params(shape: Shape, method: str = "full", lora_rank: int = 16, ta
 
 def estimate_adapter(shape: Shape, *, method: str, lora_rank: int, lora_dropout: float, targets, tokens: int,
                      compute_bytes: int, activations: float, loss: float, cuda: bool, overhead_gib: float,
-                     checkpointed: bool = False) -> dict:
+                     checkpointed: bool = False, grad_accum: int = 1) -> dict:
     """lora / qlora, one GPU (or DDP: each rank the same)."""
     body = shape.layers * shape.layer_params
     trainable = lora_params(shape, lora_rank, targets) + shape.root_params
@@ -144,8 +144,9 @@ def estimate_adapter(shape: Shape, *, method: str, lora_rank: int, lora_dropout:
     out = {"parameters": 4 * trainable + frozen, "gradients": 4 * trainable, "optimizer": 8 * trainable,
            "fsdp_or_autocast_copies": working, "activations": activations, "loss": loss,
            "overhead": overhead_gib * GIB if cuda else 0.0}
-    out["peak"] = (out["parameters"] + out["optimizer"] + max(activations + loss + working, out["gradients"])
-                   + out["overhead"])
+    live_grads = out["gradients"] if grad_accum > 1 else 0.0  # accumulated beside later micro-batches (as full)
+    out["peak"] = (out["parameters"] + out["optimizer"] + max(activations + loss + working + live_grads,
+                                                              out["gradients"]) + out["overhead"])
     return out
 
 
@@ -177,7 +178,7 @@ def estimate(shape: Shape, *, world_size: int = 1, micro_batch: int = 1, seq: in
         return estimate_adapter(shape, method=method, lora_rank=lora_rank, lora_dropout=lora_dropout,
                                 targets=lora_targets, tokens=tokens, compute_bytes=compute_bytes,
                                 activations=activations, loss=loss, cuda=cuda, overhead_gib=overhead_gib,
-                                checkpointed=activation_checkpointing)
+                                checkpointed=activation_checkpointing, grad_accum=grad_accum)
     working = 0.0
     if shard > 1:
         working = (shape.root_params + 2 * shape.layer_params) * compute_bytes + shape.layer_params * 4
