@@ -75,7 +75,7 @@ def params_for(corpora: Path, **gate) -> dict:
     return {"seed": 7, "tracking": {"enabled": False}, "ingest": {"corpus_dir": str(corpora)},
             "eval": {"max_length": 64, "stride": 32, "max_docs": 30, "max_bytes": 20000, "threads": 1,
                      "unit_bytes": 1000, "bootstrap_resamples": 200, "overlap": {"enabled": False},
-                     "xcopa": {"enabled": False}, "samples": {"enabled": False}},
+                     "samples": {"enabled": False}},
             "gate": {"min_gain": 0.0, "max_forgetting": 5.0, "min_documents": 2, **gate},
             "merge": {"grid": [0.5]}}
 
