@@ -30,6 +30,19 @@ from cpt.data.records import SourceInfo, write_manifest
 
 
 # ---------------------------------------------------------------- fixtures (also imported by test_eval_overlap.py)
+def train_tiny(model, tok, texts: list[str], steps: int, seed: int) -> None:
+    """A few AdamW steps on random 64-token windows of ``texts`` (BOS before each): the fixtures' tiny models."""
+    ids = [i for t in texts for i in [tok.bos_token_id, *tok(t, add_special_tokens=False)["input_ids"]]]
+    data = torch.tensor(ids[: (len(ids) // 64) * 64]).view(-1, 64)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        batch = data[torch.randint(len(data), (8,), generator=gen)]
+        model(input_ids=batch, labels=batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
 def corpus_slices(corpora: Path) -> dict[str, list[str]]:
     with gzip.open(corpora / "viwiki" / "viwiki.jsonl.gz", "rt", encoding="utf-8") as fh:
         vi = [json.loads(line)["text"][:3000] for line in itertools.islice(fh, 40)]
@@ -76,15 +89,7 @@ def build_model_dir(path: Path, tok_texts: list[str], vocab_size: int, seed: int
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny model: one thread is faster than two fighting the rest of the suite
     if steps:
-        ids = [i for t in train_texts for i in [tok.bos_token_id, *tok(t, add_special_tokens=False)["input_ids"]]]
-        data = torch.tensor(ids[: (len(ids) // 64) * 64]).view(-1, 64)
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-        gen = torch.Generator().manual_seed(seed)
-        for _ in range(steps):
-            batch = data[torch.randint(len(data), (8,), generator=gen)]
-            model(input_ids=batch, labels=batch).loss.backward()
-            opt.step()
-            opt.zero_grad()
+        train_tiny(model, tok, train_texts, steps, seed)
     torch.set_num_threads(threads)
     model.save_pretrained(path)
     tok.save_pretrained(path)

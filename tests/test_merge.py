@@ -21,23 +21,11 @@ from cpt.io import read_json
 from cpt.layout import Layout
 from cpt.merge import frontier, interpolate, points
 from cpt.stages.merge import config
-from test_eval import corpus_slices, make_project, train_tokenizer
+from test_eval import corpus_slices, make_project, train_tiny, train_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 NEW_WORDS = ["của", "là", "và", "các", "những", "được", "trong", "một", "người", "không", "năm", "này", "với", "có"]
-
-
-def _train(model, tok, texts: list[str], steps: int, seed: int) -> None:
-    ids = [i for t in texts for i in [tok.bos_token_id, *tok(t, add_special_tokens=False)["input_ids"]]]
-    data = torch.tensor(ids[: (len(ids) // 64) * 64]).view(-1, 64)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        batch = data[torch.randint(len(data), (8,), generator=gen)]
-        model(input_ids=batch, labels=batch).loss.backward()
-        opt.step()
-        opt.zero_grad()
 
 
 def build_pair(out: Path, corpora: Path, *, extend: bool = True) -> tuple[Path, Path]:
@@ -51,7 +39,7 @@ def build_pair(out: Path, corpora: Path, *, extend: bool = True) -> tuple[Path, 
         vocab_size=len(tok), hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=128, bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False))
-    _train(model, tok, s["en"][:16], 15, seed=1)
+    train_tiny(model, tok, s["en"][:16], 15, seed=1)
     model.save_pretrained(out / "base")
     tok.save_pretrained(out / "base")
     if extend:
@@ -60,7 +48,7 @@ def build_pair(out: Path, corpora: Path, *, extend: bool = True) -> tuple[Path, 
         with torch.no_grad():  # new rows: the mean of the old rows (train's `mean` init)
             for w in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
                 w[-len(NEW_WORDS):] = w[: -len(NEW_WORDS)].mean(0)
-    _train(model, tok, s["vi"][:30] + s["en"][:4], 25, seed=2)
+    train_tiny(model, tok, s["vi"][:30] + s["en"][:4], 25, seed=2)
     model.save_pretrained(out / "cpt")
     tok.save_pretrained(out / "cpt")
     return out / "base", out / "cpt"
